@@ -1,0 +1,209 @@
+"""MetaMathQA data: hub / local JSON(L) / offline generator, tokenizer, prompt formatting, label masking, loaders."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+
+from .synthetic import generate_records
+
+HUB_DATASET = "meta-math/MetaMathQA"
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+# MetaMath's Alpaca-style training prompt; the loss is on the response only.
+PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
+          "\n\n### Instruction:\n{query}\n\n### Response:\n")
+REQUIRED = ("query", "response")
+
+
+def format_prompt(query: str) -> str:
+    return PROMPT.format(query=query)
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records from a MetaMathQA-schema JSON list or JSONL file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
+        numbered = list(enumerate(rows, 1))
+        where = "record"
+    else:
+        numbered, where = [], "line"
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {i} is not valid JSON: {e.msg}") from e
+    records = []
+    for i, row in numbered:
+        missing = [k for k in REQUIRED if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}: {where} {i} lacks field(s) {missing} (MetaMathQA schema: query, response)")
+        records.append({k: row.get(k, "") or "" for k in ("query", "response", "type", "original_question")})
+    return records
+
+
+def load_metamathqa(source: str = "synthetic", max_examples: int | None = None, seed: int = 0,
+                    val_fraction: float = 0.1) -> DatasetDict:
+    """MetaMathQA as a ``DatasetDict`` with ``train`` and ``validation``.
+
+    ``source``: ``"synthetic"`` (offline generator), ``"hub"`` (``meta-math/MetaMathQA``), or a JSON/JSONL path.
+    """
+    if source == "synthetic":
+        records = generate_records(max_examples or 2000, seed=seed)
+        ds = Dataset.from_list([{k: r[k] for k in ("query", "response", "type", "original_question")}
+                                for r in records])
+    elif source == "hub":
+        ds = load_dataset(HUB_DATASET, split="train")
+    else:
+        ds = Dataset.from_list(read_records(source))
+    ds = ds.filter(lambda r: bool(r["query"].strip()) and bool(r["response"].strip()))
+    if max_examples is not None and len(ds) > max_examples:
+        ds = ds.shuffle(seed=seed).select(range(max_examples))
+    if len(ds) < 2:
+        raise ValueError(f"dataset from {source!r} has {len(ds)} usable records after filtering; need at least 2")
+    n_val = max(1, int(round(len(ds) * val_fraction)))
+    split = ds.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def build_tokenizer(train_texts=None, name: str | None = None, vocab_size: int = 4096,
+                    save_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """The hub/local pretrained tokenizer ``name`` (e.g. ``"gpt2"``), or a byte-level BPE trained on ``train_texts``.
+
+    Either way the tokenizer has an EOS and a *separate* pad token, so padding never hides the end of a response.
+    """
+    if name:
+        tok = AutoTokenizer.from_pretrained(name)
+        if tok.eos_token is None:
+            tok.add_special_tokens({"eos_token": EOS})
+    else:
+        if train_texts is None:
+            raise ValueError("build_tokenizer needs train_texts to train a BPE tokenizer (or a pretrained name)")
+        from tokenizers import ByteLevelBPETokenizer
+
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(train_texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD],
+                                show_progress=False)
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": PAD})
+    tok.padding_side = "right"
+    if save_dir is not None:
+        tok.save_pretrained(save_dir)
+    return tok
+
+
+def tokenize_dataset(ds: Dataset | DatasetDict, tokenizer, max_seq_len: int = 512):
+    """Prompt + response + EOS, truncated to ``max_seq_len``; labels are -100 on the prompt."""
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        prompts = tokenizer([format_prompt(q) for q in batch["query"]], add_special_tokens=False)["input_ids"]
+        answers = tokenizer(batch["response"], add_special_tokens=False)["input_ids"]
+        out = {"input_ids": [], "labels": [], "prompt_len": []}
+        for p, a in zip(prompts, answers):
+            ids = (p + a + [eos])[:max_seq_len]
+            labels = ([-100] * len(p) + a + [eos])[:max_seq_len]
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["prompt_len"].append(min(len(p), max_seq_len))
+        return out
+
+    cols = ds["train"].column_names if isinstance(ds, DatasetDict) else ds.column_names
+    return ds.map(encode, batched=True, remove_columns=cols, desc="tokenize")
+
+
+class Collator:
+    """Right-pads a batch; labels are -100 on padding (built from lengths, not from the pad id)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features):
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def check_max_seq_len(max_seq_len: int, n_positions: int):
+    if max_seq_len > n_positions:
+        raise ValueError(f"max_seq_len={max_seq_len} is above the model's context n_positions={n_positions}")
+
+
+def make_dataloader(tokenized: Dataset, tokenizer, batch_size: int, shuffle: bool = False, seed: int = 0):
+    keep = tokenized.remove_columns([c for c in tokenized.column_names if c not in ("input_ids", "labels")])
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(keep, batch_size=batch_size, shuffle=shuffle, collate_fn=Collator(tokenizer.pad_token_id),
+                      generator=gen)
+
+
+def preprocess_data(model_name: str | None = "gpt2", max_seq_len: int = 512, train_batch_size: int = 4,
+                    val_batch_size: int = 4, max_examples: int | None = 500, source: str = "hub", seed: int = 0,
+                    vocab_size: int = 4096, tokenizer=None, n_positions: int | None = None):
+    """The thesis' entry point: ``(train_dataloader, val_dataloader, tokenizer)``.
+
+    ``model_name`` names the pretrained tokenizer/config (hub name or local directory); ``None`` trains a BPE.
+    """
+    if n_positions is None and model_name:
+        n_positions = AutoConfig.from_pretrained(model_name).n_positions
+    if n_positions is not None:
+        check_max_seq_len(max_seq_len, n_positions)
+    ds = load_metamathqa(source, max_examples=max_examples, seed=seed)
+    if tokenizer is None:
+        texts = (format_prompt(q) + r for q, r in zip(ds["train"]["query"], ds["train"]["response"]))
+        tokenizer = build_tokenizer(texts, name=model_name, vocab_size=vocab_size)
+    tok = tokenize_dataset(ds, tokenizer, max_seq_len)
+    return (make_dataloader(tok["train"], tokenizer, train_batch_size, shuffle=True, seed=seed),
+            make_dataloader(tok["validation"], tokenizer, val_batch_size), tokenizer)
+
+
+def create_custom_dataloader(dataset_path, tokenizer, max_seq_len: int = 512, batch_size: int = 4):
+    """A loader over your own MetaMathQA-schema JSON/JSONL file (all records, in file order)."""
+    ds = Dataset.from_list(read_records(dataset_path))
+    return make_dataloader(tokenize_dataset(ds, tokenizer, max_seq_len), tokenizer, batch_size)
+
+
+# --- prepared data on disk (what 00_data writes and later notebooks read) ------------------------------------------
+
+def prepare(run_dir: str | Path, source: str = "synthetic", max_examples: int | None = 2000, seed: int = 0,
+            tokenizer_name: str | None = None, vocab_size: int = 4096, max_seq_len: int = 256) -> dict:
+    """Load the data, build the tokenizer, tokenize, and save all three under ``run_dir/data``."""
+    out = Path(run_dir) / "data"
+    ds = load_metamathqa(source, max_examples=max_examples, seed=seed)
+    texts = (format_prompt(q) + r for q, r in zip(ds["train"]["query"], ds["train"]["response"]))
+    tokenizer = build_tokenizer(texts, name=tokenizer_name, vocab_size=vocab_size, save_dir=out / "tokenizer")
+    tokenized = tokenize_dataset(ds, tokenizer, max_seq_len)
+    ds.save_to_disk(str(out / "raw"))
+    tokenized.save_to_disk(str(out / "tokenized"))
+    return {"raw": ds, "tokenized": tokenized, "tokenizer": tokenizer}
+
+
+def load_prepared(run_dir: str | Path) -> dict:
+    """What :func:`prepare` saved; a clear error if 00_data has not run for this profile."""
+    from datasets import load_from_disk
+
+    out = Path(run_dir) / "data"
+    for sub in ("raw", "tokenized", "tokenizer"):
+        if not (out / sub).exists():
+            raise FileNotFoundError(f"{out / sub} is missing: run notebooks/00_data.ipynb for this profile first")
+    return {"raw": load_from_disk(str(out / "raw")), "tokenized": load_from_disk(str(out / "tokenized")),
+            "tokenizer": AutoTokenizer.from_pretrained(str(out / "tokenizer"))}

@@ -1,0 +1,200 @@
+"""One decoding engine for MTP and Medusa heads: KV-cached greedy, chain and tree speculation, lossless sampling.
+
+Each step feeds ``[x0, drafts...]`` through the model once: ``x0`` is the token the model already chose, the drafts
+are tree nodes proposed by the heads. Tree attention = causal over the cached prefix + each node sees only its
+ancestors; position id = prefix length + depth. Greedy keeps the longest root-to-leaf path whose tokens equal the
+model's own argmax at each parent, so the output is token-for-token what plain greedy decoding returns. Sampling
+uses recursive rejection across siblings (drafts are deterministic, q(x) = 1), which keeps the target distribution
+exactly. Then only the accepted path's KV entries are kept (cropped when contiguous, gathered otherwise).
+
+Batches run row by row (each row's prompt stripped of padding): exact, but without batching's throughput.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .trees import Tree, parse_tree
+
+
+def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Sampling distribution (..., V): softmax(logits / T) restricted to the top-p nucleus (as HF's TopP warper)."""
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    return logits.softmax(-1)
+
+
+def _context_size(model) -> int:
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or model.model.config.max_position_embeddings
+
+
+def _eos_set(model, eos_token_id):
+    eos = eos_token_id if eos_token_id is not None else getattr(model.generation_config if hasattr(
+        model, "generation_config") else model.model.generation_config, "eos_token_id", None)
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+def _compact(caches, L: int, keep: list[int]):
+    """Keep the prefix (L entries) and the step-local positions ``keep`` in every layer of every cache."""
+    contiguous = keep == list(range(len(keep)))
+    idx = None if contiguous else torch.tensor(keep) + L
+    for cache in caches:
+        for layer in cache.layers:
+            if contiguous:
+                layer.keys, layer.values = layer.keys[..., : L + len(keep), :], layer.values[..., : L + len(keep), :]
+            else:
+                layer.keys = torch.cat([layer.keys[..., :L, :], layer.keys.index_select(-2, idx)], -2)
+                layer.values = torch.cat([layer.values[..., :L, :], layer.values.index_select(-2, idx)], -2)
+
+
+def _greedy_accept(tree: Tree, cand: torch.Tensor, pred: torch.Tensor):
+    """Deepest node whose whole path matches the model's argmax; returns the accepted node indices (1-based)."""
+    parents = torch.tensor(tree.parents[1:])
+    bad = (cand != pred[parents]).float()                                  # (N,)
+    ok = (tree.ancestors[1:, 1:].float() @ bad) == 0                       # every ancestor (and itself) matches
+    if not ok.any():
+        return []
+    best = int(torch.where(ok, tree.depths_t, 0).argmax()) + 1
+    path = []
+    while best:
+        path.append(best)
+        best = tree.parents[best]
+    return path[::-1]
+
+
+def _sample_accept(tree: Tree, cand: torch.Tensor, probs: torch.Tensor, gen):
+    """Recursive rejection over siblings; returns (accepted node indices, next token)."""
+    children = tree.__dict__.setdefault("_children", _children(tree))
+    node, path = 0, []
+    while True:
+        p = probs[node].clone()
+        nxt = None
+        for c in children[node]:
+            tok = int(cand[c - 1])
+            if torch.rand((), generator=gen) < p[tok] / p.sum():
+                nxt = c
+                break
+            p[tok] = 0.0
+        if nxt is None:
+            return path, int(torch.multinomial(p / p.sum(), 1, generator=gen))
+        path.append(nxt)
+        node = nxt
+
+
+def _children(tree: Tree):
+    ch = [[] for _ in range(len(tree) + 1)]
+    for i, par in enumerate(tree.parents[1:], 1):
+        ch[par].append(i)
+    return ch
+
+
+@torch.inference_mode()
+def _generate_row(model, ids, max_new_tokens, temperature, top_p, tree, eos, n_pos, gen, stats):
+    caches = model.spec_new_cache()
+    L = ids.numel()
+    logits, ctx = model.spec_forward(ids.view(1, -1), caches)              # prefill
+    stats["forward_passes"] += 1
+    greedy = temperature == 0
+    last = logits[0, -1]
+    x0 = int(last.argmax()) if greedy else int(torch.multinomial(target_probs(last, temperature, top_p), 1,
+                                                                  generator=gen))
+    j, out = L - 1, []
+    while True:
+        out.append(x0)
+        if x0 in eos or len(out) >= max_new_tokens:
+            break
+        t = tree.truncate(min(max_new_tokens - len(out), n_pos - L - 1))
+        if len(t):
+            cand = model.spec_propose(ctx, j, x0, t)                         # (N,) a token per node
+            step = torch.cat([torch.tensor([x0]), cand]).view(1, -1)
+            pos = (L + torch.cat([torch.zeros(1, dtype=torch.long), t.depths_t])).view(1, -1)
+            mask = torch.cat([torch.ones(len(t) + 1, L, dtype=torch.bool), t.ancestors], 1)[None, None]
+        else:
+            cand, step, pos, mask = None, torch.tensor([[x0]]), torch.tensor([[L]]), None
+        logits, ctx = model.spec_forward(step, caches, pos, mask)           # (1, N+1, V)
+        stats["forward_passes"] += 1
+        if greedy:
+            pred = logits[0].argmax(-1)
+            path = _greedy_accept(t, cand, pred) if len(t) else []
+            x_next = int(pred[path[-1] if path else 0])
+        else:
+            probs = target_probs(logits[0], temperature, top_p)
+            path, x_next = _sample_accept(t, cand, probs, gen) if len(t) else (
+                [], int(torch.multinomial(probs[0], 1, generator=gen)))
+        for d in range(t.depth):
+            stats["head_tries"][d] += 1
+            stats["head_hits"][d] += int(d < len(path))
+        done = False
+        for node in path:
+            out.append(int(cand[node - 1]))
+            if out[-1] in eos or len(out) >= max_new_tokens:
+                done = True
+                break
+        if done:
+            break
+        keep = [0] + path
+        _compact(caches, L, keep)
+        L, j, x0 = L + len(keep), path[-1] if path else 0, x_next
+    return out
+
+
+def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, tree=None,
+                         attention_mask=None, eos_token_id=None, pad_token_id=None, generator=None):
+    """Generate with the model's heads as drafters; returns ``(sequences, stats)``.
+
+    With ``temperature=0`` the sequences equal ``model.generate(do_sample=False)`` token for token (EOS and
+    ``max_new_tokens`` included); with ``temperature>0`` every token follows softmax(logits/T) within the top-p
+    nucleus exactly. ``tree``: None (chain over all heads), "chain:N", "medusa[:N]", "none", paths, or a Tree.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a (batch, length) LongTensor")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    tree = parse_tree(tree, model.num_heads)
+    n_pos, eos = _context_size(model), _eos_set(model, eos_token_id)
+    rows = [r[m.bool()] if attention_mask is not None else r
+            for r, m in zip(input_ids, attention_mask if attention_mask is not None else input_ids)]
+    for r in rows:
+        if r.numel() == 0:
+            raise ValueError("empty prompt")
+        if r.numel() > n_pos:
+            raise ValueError(f"prompt of {r.numel()} tokens is longer than the context ({n_pos})")
+        if r.numel() + max_new_tokens > n_pos:
+            raise ValueError(f"prompt ({r.numel()}) + max_new_tokens ({max_new_tokens}) overflows the context ({n_pos})")
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+    stats = {"forward_passes": 0, "head_tries": [0] * tree.depth, "head_hits": [0] * tree.depth}
+    was_training = getattr(model, "training", False)
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        outs = [_generate_row(model, r, max_new_tokens, temperature, top_p, tree, eos, n_pos, generator, stats)
+                for r in rows]
+    finally:
+        model.train(was_training)
+    wall = time.perf_counter() - t0
+    width = max(len(o) for o in outs)
+    new = torch.full((len(outs), width), pad_token_id, dtype=input_ids.dtype)
+    for i, o in enumerate(outs):
+        new[i, : len(o)] = torch.tensor(o, dtype=input_ids.dtype)
+    n_new = sum(len(o) for o in outs)
+    stats.update(new_tokens=n_new, wall_time_s=wall, mean_accepted_length=n_new / stats["forward_passes"],
+                 per_head_acceptance=[h / t if t else 0.0 for h, t in zip(stats["head_hits"], stats["head_tries"])],
+                 tree=tree.name, tree_nodes=len(tree), tokens_per_s=n_new / wall if wall > 0 else 0.0)
+    return torch.cat([input_ids, new], 1), stats
+
+
+def greedy_generate(model, input_ids, max_new_tokens, **kw):
+    """This engine without drafts: KV-cached greedy, one token per forward."""
+    return speculative_generate(model, input_ids, max_new_tokens, tree="none", **kw)

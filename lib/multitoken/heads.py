@@ -1,0 +1,253 @@
+"""What MTP and Medusa heads share: loss weighting, the head-wise (memory-efficient) loss, and the
+speculative-decoding hooks the decoding engine calls.
+
+A model with extra heads implements three small methods (see ``HeadsMixin``):
+
+- ``_head_step(k, h_prev, h0, input_ids)``   state of head k (1-based) at every position, ``(B, T, d)``;
+- ``_head_logits(k, h_k)``                     its logits, ``(B, T, V)``; head k predicts the token at t+k+1;
+- ``num_heads``                                the number of extra heads.
+
+Parallel heads ignore ``h_prev``; chained heads (sequential / shared-recursive) use it (``h_prev = h0`` for k=1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+WEIGHTINGS = ("uniform", "linear", "exponential", "primary_aux")
+
+
+def loss_weights(scheme: str, n: int, beta: float = 0.8, lam: float = 1.0, normalize: bool = False) -> list[float]:
+    """Weights of the n per-offset losses, index 0 = next token (t+1), index k = t+k+1.
+
+    uniform: 1 each (Meta's sum of losses); linear: (n-k)/n decay; exponential: beta**k;
+    primary_aux: 1 for the next token, lam * beta**(k-1) for each auxiliary. ``normalize`` divides by the sum.
+    """
+    if scheme not in WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {scheme!r}; choose one of {WEIGHTINGS}")
+    if n < 1:
+        raise ValueError(f"need at least one loss term, got n={n}")
+    if scheme == "uniform":
+        w = [1.0] * n
+    elif scheme == "linear":
+        w = [(n - k) / n for k in range(n)]
+    elif scheme == "exponential":
+        w = [beta ** k for k in range(n)]
+    else:
+        w = [1.0] + [lam * beta ** (k - 1) for k in range(1, n)]
+    if normalize:
+        s = sum(w)
+        w = [x / s for x in w]
+    return w
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up of the auxiliary (multi-token) loss weights over ``warmup_steps`` optimizer steps."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, max(0, step) / warmup_steps)
+
+
+def shifted_ce(logits: torch.Tensor, labels: torch.Tensor, offset: int):
+    """Cross-entropy of logits at t against labels at t+offset; also the top-1 accuracy. ``-100`` is ignored."""
+    T = labels.shape[1]
+    if T <= offset:
+        z = logits.sum() * 0.0
+        return z, z.detach()
+    lg = logits[:, : T - offset].float()                     # (B, T-o, V)
+    tg = labels[:, offset:]                                   # (B, T-o)
+    loss = F.cross_entropy(lg.reshape(-1, lg.size(-1)), tg.reshape(-1), ignore_index=-100)
+    with torch.no_grad():
+        valid = tg != -100
+        acc = ((lg.argmax(-1) == tg) & valid).sum() / valid.sum().clamp(min=1)
+    if not torch.isfinite(loss):  # every target masked
+        loss = lg.sum() * 0.0
+    return loss, acc
+
+
+class _RngState:
+    """Saves/restores CPU (and CUDA) RNG so a recomputed head sees the same dropout masks."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def restore(self):
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+class HeadwiseLoss(torch.autograd.Function):
+    """Meta's memory-efficient multi-token loss.
+
+    Forward runs each head's forward *and* backward alone (one vocabulary-sized logits tensor alive at a time),
+    accumulating d(loss)/d(trunk output) and the heads' parameter gradients; backward hands them on, scaled by the
+    incoming gradient (so gradient accumulation and loss scaling behave as with the straightforward loss).
+    Chained heads are handled in reverse order, carrying d(loss)/d(h_k) back to head k.
+    """
+
+    @staticmethod
+    def forward(ctx, model, weights, input_ids, labels, h0, *params):
+        S = model.num_heads
+        h0d = h0.detach()
+        states, rng = [h0d], []
+        with torch.no_grad():
+            for k in range(1, S + 1):
+                rng.append(_RngState())
+                states.append(model._head_step(k, states[-1], h0d, input_ids))
+        g_h0 = torch.zeros_like(h0d)
+        grads = [None] * len(params)
+        losses, accs = torch.zeros(S), torch.zeros(S)
+        g_next = None
+        with torch.enable_grad():
+            for k in range(S, 0, -1):
+                hp = states[k - 1].detach().requires_grad_(True)
+                h0l = h0d.detach().requires_grad_(True)
+                rng[k - 1].restore()
+                hk = model._head_step(k, hp, h0l, input_ids)
+                loss, acc = shifted_ce(model._head_logits(k, hk), labels, k + 1)
+                obj = weights[k - 1] * loss
+                if g_next is not None:
+                    obj = obj + (hk * g_next).sum()
+                gs = torch.autograd.grad(obj, [hp, h0l, *params], allow_unused=True)
+                g_next = gs[0] if k > 1 else None
+                if k == 1 and gs[0] is not None:
+                    g_h0 += gs[0]
+                if gs[1] is not None:
+                    g_h0 += gs[1]
+                for i, g in enumerate(gs[2:]):
+                    if g is not None:
+                        grads[i] = g if grads[i] is None else grads[i] + g
+                losses[k - 1], accs[k - 1] = loss.detach().float(), acc.float()
+        ctx.save_for_backward(g_h0, *[g if g is not None else torch.empty(0) for g in grads])
+        ctx.has = [g is not None for g in grads]
+        total = sum(w * l for w, l in zip(weights, losses.tolist()))
+        ctx.mark_non_differentiable(losses, accs)
+        return h0.new_tensor(total, dtype=torch.float32), losses, accs
+
+    @staticmethod
+    def backward(ctx, g_total, _g_losses, _g_accs):
+        g_h0, *grads = ctx.saved_tensors
+        out = [g_total * g if has else None for g, has in zip(grads, ctx.has)]
+        return (None, None, None, None, (g_total * g_h0).to(g_h0.dtype), *out)
+
+
+@dataclass
+class MultiTokenOutput(ModelOutput):
+    """Like ``CausalLMOutputWithPast`` plus the per-head losses/accuracies (index 0 = next token)."""
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    mtp_step_losses: torch.Tensor | None = None
+    mtp_step_accuracy: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    head_logits: tuple | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+class HeadsMixin:
+    """Loss over the extra heads and the hooks used by :mod:`multitoken.decoding`."""
+
+    num_heads: int = 0
+    memory_efficient_loss: bool = True
+
+    # -- training ---------------------------------------------------------------------------------------------------
+    def heads_loss(self, h0, input_ids, labels, weights):
+        """(weighted sum, per-head losses, per-head top-1 accuracies) of heads 1..S."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.memory_efficient_loss and torch.is_grad_enabled() and (h0.requires_grad or params):
+            return HeadwiseLoss.apply(self, list(weights), input_ids, labels, h0, *params)
+        states, total, losses, accs = [h0], 0.0, [], []
+        for k in range(1, self.num_heads + 1):
+            states.append(self._head_step(k, states[-1], h0, input_ids))
+            loss, acc = shifted_ce(self._head_logits(k, states[-1]), labels, k + 1)
+            total = total + weights[k - 1] * loss
+            losses.append(loss.detach().float())
+            accs.append(acc.float())
+        return total, torch.stack(losses), torch.stack(accs)
+
+    def all_head_logits(self, h0, input_ids):
+        """Every head's logits at every position (teacher-forced for sequential heads)."""
+        states, out = [h0], []
+        for k in range(1, self.num_heads + 1):
+            states.append(self._head_step(k, states[-1], h0, input_ids))
+            out.append(self._head_logits(k, states[-1]))
+        return tuple(out)
+
+    # -- decoding hooks -------------------------------------------------------------------------------------------
+    def spec_new_cache(self):
+        from transformers import DynamicCache
+
+        return [DynamicCache()]
+
+    def spec_forward(self, input_ids, caches, position_ids=None, attention_mask=None):
+        """One cached forward; returns next-token logits ``(1, T, V)`` and a context the heads draft from."""
+        h0, hidden = self._trunk(input_ids, caches[0], position_ids, attention_mask)
+        return self.lm_head(hidden), {"h0": h0}
+
+    def spec_head_topk(self, ctx, j: int, k: int):
+        """Top-k tokens of every head at step-local position j: ``(S, k)``."""
+        h0 = ctx["h0"][:, j: j + 1]
+        rows, h = [], h0
+        for s in range(1, self.num_heads + 1):
+            h = self._head_step(s, h, h0, None)
+            rows.append(self._head_logits(s, h)[0, -1].topk(k).indices)
+        return torch.stack(rows)
+
+    def spec_propose(self, ctx, j: int, x0: int, tree):
+        """Candidate token of every tree node (parallel heads: head d's top-(path[-1]) token at depth d)."""
+        top = self.spec_head_topk(ctx, j, tree.max_topk)
+        return top[tree.depths_t - 1, tree.last_idx_t]
+
+    def speculative_generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, tree=None,
+                             attention_mask=None, **kw):
+        """Lossless speculative decoding with this model's heads; see :func:`multitoken.decoding.speculative_generate`."""
+        from .decoding import speculative_generate
+
+        return speculative_generate(self, input_ids, max_new_tokens, temperature=temperature, top_p=top_p, tree=tree,
+                                    attention_mask=attention_mask, **kw)
+
+    enhanced_speculative_generate = speculative_generate  # the thesis' name
+
+
+class ZeroLinear(nn.Linear):
+    """A Linear whose weight and bias start at zero (see ``init_special``)."""
+
+
+class EyeLinear(nn.Linear):
+    """A Linear that starts as the identity (or ``[I, 0]`` when wider than tall)."""
+
+
+def init_special(module) -> None:
+    """Initialise the marker modules; called from each model's ``_init_weights`` after the default init."""
+    from transformers import initialization as init
+
+    if isinstance(module, ZeroLinear):
+        init.zeros_(module.weight)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    if isinstance(module, EyeLinear):
+        out_f, in_f = module.weight.shape
+        init.copy_(module.weight, torch.eye(out_f, in_f))
+        if module.bias is not None:
+            init.zeros_(module.bias)
+
+
+class ResBlock(nn.Module):
+    """Medusa's residual block ``x + SiLU(W x + b)``; W is zero-initialised so a fresh block is the identity."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.linear = ZeroLinear(d, d)
+        self.act = nn.SiLU()
+
+    def forward(self, x):  # (B, T, d)
+        return x + self.act(self.linear(x))

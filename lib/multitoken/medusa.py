@@ -1,0 +1,122 @@
+"""MEDUSA-1: extra decoding heads on a frozen GPT-2 backbone (Cai et al., 2024).
+
+Head i (0-based) = ``medusa_num_layers`` residual blocks ``x + SiLU(W x)`` (W zero-initialised, distinct weights per
+layer) then its own unembedding initialised from the LM head; it reads the backbone's last hidden state at t and
+predicts token t+i+2. Head losses are weighted ``medusa_decay ** i`` (0.8 in the paper). With the backbone frozen the
+model's next-token logits are exactly the base model's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import initialization as init
+
+from .heads import HeadsMixin, MultiTokenOutput, ResBlock, init_special, shifted_ce
+
+
+@strict
+class MedusaConfig(GPT2Config):
+    model_type = "medusa_gpt2"
+    num_medusa_heads: int = 4
+    medusa_num_layers: int = 1
+    medusa_decay: float = 0.8
+    memory_efficient_loss: bool = True
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        if self.num_medusa_heads < 1:
+            raise ValueError(f"num_medusa_heads must be >= 1, got {self.num_medusa_heads}")
+        if self.medusa_num_layers < 1:
+            raise ValueError(f"medusa_num_layers must be >= 1, got {self.medusa_num_layers}")
+
+
+class MedusaUnembed(nn.Linear):
+    """A head's own unembedding; initialised from the LM head."""
+
+
+class MedusaHead(nn.Module):
+    def __init__(self, config: MedusaConfig):
+        super().__init__()
+        d = config.n_embd
+        self.blocks = nn.Sequential(*[ResBlock(d) for _ in range(config.medusa_num_layers)])  # distinct weights
+        self.unembed = MedusaUnembed(d, config.vocab_size, bias=False)
+
+
+class MedusaGPT2(HeadsMixin, GPT2LMHeadModel):
+    config_class = MedusaConfig
+
+    def __init__(self, config: MedusaConfig):
+        super().__init__(config)
+        self.num_heads = config.num_medusa_heads
+        self.memory_efficient_loss = config.memory_efficient_loss
+        self.medusa_heads = nn.ModuleList([MedusaHead(config) for _ in range(config.num_medusa_heads)])
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        init_special(module)
+        if isinstance(module, MedusaUnembed):
+            init.copy_(module.weight, self.lm_head.weight)
+
+    @classmethod
+    def from_base(cls, base, num_medusa_heads: int = 4, medusa_num_layers: int = 1, **kw) -> "MedusaGPT2":
+        """Medusa heads on a base GPT-2: a model object, a hub name or a local ``save_pretrained`` directory."""
+        if isinstance(base, (str, Path)):
+            if Path(base).is_dir():
+                missing = [f for f in ("config.json",) if not (Path(base) / f).exists()]
+                weights = list(Path(base).glob("*.safetensors")) + list(Path(base).glob("*.bin"))
+                if missing or not weights:
+                    raise FileNotFoundError(f"base checkpoint {base} is missing {missing or ['model weights']}")
+            base = GPT2LMHeadModel.from_pretrained(str(base))
+        cfg = MedusaConfig(**{**base.config.to_dict(), "num_medusa_heads": num_medusa_heads,
+                              "medusa_num_layers": medusa_num_layers, **kw})
+        cfg.architectures = ["MedusaGPT2"]
+        model = cls(cfg)
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("medusa_heads") for k in missing), (missing, unexpected)
+        with torch.no_grad():  # re-initialise heads from the now-loaded LM head
+            for head in model.medusa_heads:
+                head.unembed.weight.copy_(model.lm_head.weight)
+        return model
+
+    def freeze_backbone(self):
+        """Train the heads only: every backbone parameter stops requiring grad."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith("medusa_heads"))
+        return self
+
+    def _head_step(self, k, h_prev, h0, input_ids, **_):
+        return self.medusa_heads[k - 1].blocks(h0)
+
+    def _head_logits(self, k, h):
+        return self.medusa_heads[k - 1].unembed(h)
+
+    def _trunk(self, input_ids, cache, position_ids=None, attention_mask=None):
+        out = self.transformer(input_ids, past_key_values=cache, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=cache is not None)
+        return out.last_hidden_state, out.last_hidden_state
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, labels=None,
+                use_cache=None, output_head_logits=False, logits_to_keep=0, **kwargs):
+        out = self.transformer(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=use_cache, **kwargs)
+        hidden = out.last_hidden_state                                       # (B, T, d)
+        logits = self.lm_head(hidden if not logits_to_keep else hidden[:, -logits_to_keep:])
+        loss = lm_loss = step_losses = step_acc = None
+        if labels is not None:
+            lm_loss, lm_acc = shifted_ce(logits, labels, 1)
+            weights = [self.config.medusa_decay ** i for i in range(self.num_heads)]
+            loss, hl, ha = self.heads_loss(hidden, input_ids, labels, weights)
+            step_losses = torch.cat([lm_loss.detach().float().view(1).cpu(), hl.cpu()])
+            step_acc = torch.cat([lm_acc.float().view(1).cpu(), ha.cpu()])
+            if any(p.requires_grad for p in self.transformer.parameters()):
+                loss = loss + lm_loss  # backbone trained too (Medusa-2-like); Medusa-1 keeps it frozen
+        head_logits = self.all_head_logits(hidden, input_ids) if output_head_logits else None
+        return MultiTokenOutput(loss=loss, lm_loss=lm_loss, mtp_loss=loss, mtp_step_losses=step_losses,
+                                mtp_step_accuracy=step_acc, logits=logits, head_logits=head_logits,
+                                past_key_values=out.past_key_values)

@@ -1,0 +1,254 @@
+"""Training on Hugging Face ``Trainer``: NTP baseline, MTP, and MEDUSA-1, with the thesis' entry points.
+
+Every run writes a CSV log (step, train loss, eval loss, elapsed seconds, tokens/s, and per-head loss / top-1
+accuracy for multi-head models) atomically after each log event, and safetensors checkpoints under ``output_dir``.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments)
+
+from .medusa import MedusaGPT2
+from .models import MTPConfig, MultiTokenGPT2
+from .utils import write_csv
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors")
+
+
+def check_checkpoint_dir(path) -> Path:
+    """A ``save_pretrained`` directory with config and weights, or a clear error naming what is missing."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {p}")
+    missing = [f for f in CHECKPOINT_FILES if not (p / f).exists()]
+    if missing and not list(p.glob("model*.safetensors")) + list(p.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(f"checkpoint directory {p} is missing {missing}")
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"checkpoint directory {p} is missing ['config.json']")
+    return p
+
+
+def _is_local(name) -> bool:
+    return isinstance(name, (str, Path)) and (Path(name).exists() or str(name).startswith((".", "/")))
+
+
+class CSVLogCallback(TrainerCallback):
+    """Appends one row per log event to a CSV (rewritten atomically each time)."""
+
+    def __init__(self, path):
+        self.path, self.rows = Path(path), []
+        self.t0 = self.last_t = None
+        self.last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = self.last_t = time.perf_counter()
+        self.last_tokens = state.num_input_tokens_seen
+        if state.global_step and self.path.exists():  # resumed: keep the earlier rows
+            import pandas as pd
+
+            self.rows = pd.read_csv(self.path).to_dict("records")
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs, now = logs or {}, time.perf_counter()
+        elapsed = now - (self.t0 or now)
+        dt, dtok = now - (self.last_t or now), state.num_input_tokens_seen - self.last_tokens
+        row = {"step": state.global_step, "epoch": state.epoch, "train_loss": logs.get("loss"),
+               "eval_loss": logs.get("eval_loss"), "elapsed_s": round(elapsed, 3),
+               "tokens_per_s": round(dtok / dt, 1) if "loss" in logs and dt > 0 else None}
+        row.update({k: v for k, v in logs.items() if k.startswith(("head", "eval_head"))})
+        if "loss" in logs:
+            self.last_t, self.last_tokens = now, state.num_input_tokens_seen
+        if "loss" in logs or "eval_loss" in logs:
+            self.rows.append(row)
+            write_csv(self.path, self.rows)
+
+
+class WarmupCallback(TrainerCallback):
+    """Feeds the optimizer step to the model so the auxiliary-loss weights warm up."""
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        if hasattr(model, "set_training_step"):
+            model.set_training_step(state.global_step)
+
+
+class MultiHeadTrainer(Trainer):
+    """Trainer that logs per-head loss and top-1 accuracy (index 0 = next token, k = token t+k+1)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let Trainer scale for accumulation
+        self._acc = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        split = "train" if model.training else "eval"
+        if getattr(outputs, "mtp_step_losses", None) is not None:
+            for k, (l, a) in enumerate(zip(outputs.mtp_step_losses.tolist(), outputs.mtp_step_accuracy.tolist())):
+                self._acc[split][f"head{k}_loss"].append(l)
+                self._acc[split][f"head{k}_acc"].append(a)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs, *args, **kwargs):
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for k, v in self._acc[split].items():
+            if v:
+                logs[prefix + k] = round(sum(v) / len(v), 4)
+        self._acc[split].clear()
+        super().log(logs, *args, **kwargs)
+
+
+def training_args(output_dir, num_train_epochs=1.0, learning_rate=5e-5, batch_size=4, gradient_accumulation_steps=1,
+                  eval_steps=50, logging_steps=10, warmup_steps=0, max_steps=-1, seed=0, save_steps=None,
+                  gradient_checkpointing=None, weight_decay=0.0, **extra) -> TrainingArguments:
+    """TrainingArguments for this workbook: bf16/fp16 and gradient checkpointing on a GPU, none of it on a CPU."""
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=str(output_dir), num_train_epochs=num_train_epochs, max_steps=max_steps,
+        learning_rate=learning_rate, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, warmup_steps=warmup_steps,
+        lr_scheduler_type="cosine", weight_decay=weight_decay, eval_strategy="steps", eval_steps=eval_steps,
+        logging_steps=logging_steps, save_strategy="steps", save_steps=save_steps or eval_steps, save_total_limit=2,
+        report_to="none", seed=seed, bf16=bf16, fp16=cuda and not bf16, use_cpu=not cuda,
+        activation_checkpointing=cuda if gradient_checkpointing is None else gradient_checkpointing,
+        include_num_input_tokens_seen="non_padding", remove_unused_columns=False, dataloader_num_workers=0,
+        **extra)
+
+
+def _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv, resume_from_checkpoint, trainer_cls,
+         args_kw):
+    output_dir = Path(output_dir)
+    args = training_args(output_dir, batch_size=train_dataloader.batch_size,
+                         **{k: v for k, v in args_kw.items() if v is not None})
+    callbacks = [WarmupCallback()] + ([CSVLogCallback(log_csv)] if log_csv else [])
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_dataloader.dataset,
+                          eval_dataset=val_dataloader.dataset, data_collator=train_dataloader.collate_fn,
+                          processing_class=tokenizer, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    final = output_dir / "final"
+    trainer.save_model(str(final))  # safetensors + config (+ tokenizer via processing_class)
+    return trainer
+
+
+def _fresh_config(tokenizer, model_config: dict | None, cls=GPT2Config, **fields):
+    cfg = dict(n_layer=4, n_embd=256, n_head=4, n_positions=512)
+    cfg.update(model_config or {})
+    return cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, **cfg, **fields)
+
+
+def _sync_vocab(model, tokenizer):
+    if len(tokenizer) > model.config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def train_standard_gpt2(train_dataloader, val_dataloader, tokenizer, output_dir, num_train_epochs=1,
+                        learning_rate=5e-5, gradient_accumulation_steps=1, model_name=None, model_config=None,
+                        log_csv=None, resume_from_checkpoint=None, **args_kw):
+    """Next-token-prediction baseline. ``model_name``: hub name or local directory (``from_pretrained``);
+    ``None`` builds a fresh GPT-2 from ``model_config`` (n_layer, n_embd, n_head, n_positions)."""
+    if model_name:
+        if _is_local(model_name):
+            check_checkpoint_dir(model_name)
+        model = GPT2LMHeadModel.from_pretrained(str(model_name))
+    else:
+        model = GPT2LMHeadModel(_fresh_config(tokenizer, model_config))
+    _sync_vocab(model, tokenizer)
+    trainer = _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv, resume_from_checkpoint,
+                   MultiHeadTrainer, dict(num_train_epochs=num_train_epochs, learning_rate=learning_rate,
+                                          gradient_accumulation_steps=gradient_accumulation_steps, **args_kw))
+    return trainer.model, trainer
+
+
+MTP_FIELDS = ("head_type", "sequential", "share_weights_across_steps", "num_trunk_layers", "head_own_unembedding",
+              "loss_weighting", "loss_beta", "loss_lambda", "loss_normalize", "mtp_warmup_steps",
+              "memory_efficient_loss")
+
+
+def build_mtp_model(tokenizer, num_tokens_to_predict=4, base_model=None, model_config=None, **mtp) -> MultiTokenGPT2:
+    """A MultiTokenGPT2: fresh (``model_config``) or on a pretrained GPT-2 (hub name / local dir / model)."""
+    fields = {k: v for k, v in mtp.items() if k in MTP_FIELDS and v is not None}
+    if base_model is None:
+        model = MultiTokenGPT2(_fresh_config(tokenizer, model_config, MTPConfig,
+                                             num_predict_tokens=num_tokens_to_predict, **fields))
+    else:
+        if isinstance(base_model, GPT2LMHeadModel):
+            import tempfile
+
+            tmp = tempfile.mkdtemp()
+            base_model.save_pretrained(tmp)
+            base_model = tmp
+        if _is_local(base_model):
+            check_checkpoint_dir(base_model)
+        base_cfg = GPT2Config.from_pretrained(str(base_model)).to_dict()
+        for k in ("model_type", "architectures", "transformers_version"):
+            base_cfg.pop(k, None)
+        cfg = MTPConfig(**{k: v for k, v in base_cfg.items() if k in MTPConfig.__dataclass_fields__},
+                        num_predict_tokens=num_tokens_to_predict, **fields)
+        cfg.architectures = ["MultiTokenGPT2"]
+        model = MultiTokenGPT2.from_pretrained(str(base_model), config=cfg)
+    return _sync_vocab(model, tokenizer)
+
+
+def train_multi_token_gpt2(train_dataloader, val_dataloader, tokenizer, output_dir, num_tokens_to_predict=4,
+                           num_train_epochs=1, learning_rate=5e-5, gradient_accumulation_steps=8, base_model=None,
+                           model_config=None, log_csv=None, resume_from_checkpoint=None, mtp=None, **args_kw):
+    """MTP training: ``mtp`` holds the head design (head_type, sequential, weighting, warm-up, ...)."""
+    model = build_mtp_model(tokenizer, num_tokens_to_predict, base_model, model_config, **(mtp or {}))
+    trainer = _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv, resume_from_checkpoint,
+                   MultiHeadTrainer, dict(num_train_epochs=num_train_epochs, learning_rate=learning_rate,
+                                          gradient_accumulation_steps=gradient_accumulation_steps, **args_kw))
+    return trainer.model, trainer
+
+
+def train_medusa(base_model, train_dataloader, val_dataloader, tokenizer, output_dir, num_medusa_heads=5,
+                 medusa_num_layers=1, freeze_backbone=True, num_train_epochs=1, learning_rate=1e-3,
+                 gradient_accumulation_steps=1, log_csv=None, resume_from_checkpoint=None, **args_kw):
+    """MEDUSA-1: heads on a frozen base (hub name, local ``save_pretrained`` dir, or a GPT2LMHeadModel)."""
+    if _is_local(base_model):
+        check_checkpoint_dir(base_model)
+    model = MedusaGPT2.from_base(base_model, num_medusa_heads=num_medusa_heads, medusa_num_layers=medusa_num_layers)
+    _sync_vocab(model, tokenizer)
+    if freeze_backbone:
+        model.freeze_backbone()
+    trainer = _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv, resume_from_checkpoint,
+                   MultiHeadTrainer, dict(num_train_epochs=num_train_epochs, learning_rate=learning_rate,
+                                          gradient_accumulation_steps=gradient_accumulation_steps, **args_kw))
+    return trainer.model, trainer
+
+
+def self_distill(model, tokenizer, dataset, max_new_tokens=256, batch_size=16):
+    """Medusa's self-distillation: replace each ``response`` by the frozen base model's greedy continuation."""
+    from tqdm.auto import tqdm
+
+    from .data import format_prompt
+
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    responses = []
+    try:
+        for i in tqdm(range(0, len(dataset), batch_size), desc="self-distill"):
+            prompts = [format_prompt(q) for q in dataset[i: i + batch_size]["query"]]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True)
+            room = model.config.n_positions - enc.input_ids.shape[1]
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max(1, min(max_new_tokens, room)), do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            responses += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return dataset.map(lambda r, idx: {"response": responses[idx].strip() or r["response"]}, with_indices=True)
