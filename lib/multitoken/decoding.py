@@ -29,6 +29,35 @@ def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torc
     return logits.softmax(-1)
 
 
+class PlainLM:
+    """Adapter so the engine runs any HF causal LM without heads (KV-cached greedy / sampling, no drafts)."""
+
+    num_heads = 0
+
+    def __init__(self, model):
+        self.model, self.config, self.generation_config = model, model.config, model.generation_config
+
+    def spec_new_cache(self):
+        from transformers import DynamicCache
+
+        return [DynamicCache()]
+
+    def spec_forward(self, input_ids, caches, position_ids=None, attention_mask=None):
+        out = self.model(input_ids, past_key_values=caches[0], position_ids=position_ids,
+                         attention_mask=attention_mask, use_cache=True)
+        return out.logits, None
+
+    @property
+    def training(self):
+        return self.model.training
+
+    def eval(self):
+        self.model.eval()
+
+    def train(self, mode=True):
+        self.model.train(mode)
+
+
 def _context_size(model) -> int:
     cfg = model.config
     return getattr(cfg, "n_positions", None) or model.model.config.max_position_embeddings
@@ -152,6 +181,8 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     ``max_new_tokens`` included); with ``temperature>0`` every token follows softmax(logits/T) within the top-p
     nucleus exactly. ``tree``: None (chain over all heads), "chain:N", "medusa[:N]", "none", paths, or a Tree.
     """
+    if not hasattr(model, "spec_forward"):
+        model = PlainLM(model)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, length) LongTensor")
     if temperature < 0:

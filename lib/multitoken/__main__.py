@@ -1,0 +1,42 @@
+"""``python -m multitoken {train,bench,bench-train} -f params.yaml`` (also under ``accelerate launch`` / ``torchrun``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import pipeline
+from .utils import load_params
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m multitoken")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train one variant with a profile's parameters")
+    tr.add_argument("--variant", choices=["ntp", "mtp", "medusa"], required=True)
+    for name in ("train", "bench", "bench-train", "data"):
+        p = tr if name == "train" else sub.add_parser(name)
+        p.add_argument("-f", "--params", default=None, help="papermill parameter YAML (a profile)")
+        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
+    args = ap.parse_args(argv)
+    import yaml
+
+    overrides = load_params(args.params) if args.params else {}
+    overrides.update({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
+    cfg = pipeline.config(**overrides)
+    if args.cmd == "data":
+        pipeline.run_data(cfg)
+    elif args.cmd == "train":
+        pipeline.train_variant(cfg, args.variant)
+    elif args.cmd == "bench":
+        from .bench import decoding_bench
+
+        decoding_bench(cfg)
+    else:
+        from .bench import training_bench
+
+        training_bench(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The workbook's steps, one function each; notebooks and ``python -m multitoken`` call these.
+
+``DEFAULTS`` is the smoke profile (the notebooks' own defaults, what nbval runs); ``notebooks/params/*.yaml`` override.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import data as D
+from . import evaluation as E
+from . import training as T
+from .medusa import MedusaGPT2
+from .models import MultiTokenGPT2
+from .trees import fitted_tree, medusa_tree
+from .utils import repo_root, write_csv, write_json
+
+DEFAULTS = dict(
+    profile="smoke", source="synthetic", max_examples=240, seed=0, tokenizer_name=None, vocab_size=512,
+    max_seq_len=192, model_name=None, n_layer=2, n_embd=64, n_head=2, n_positions=256,
+    batch_size=8, eval_steps=20, logging_steps=5, max_steps=-1,
+    ntp_epochs=1, ntp_lr=3e-3, ntp_grad_accum=1,
+    mtp_n=3, mtp_head_type="mlp", mtp_sequential=False, mtp_share=False, mtp_weighting="uniform", mtp_beta=0.8,
+    mtp_lambda=1.0, mtp_warmup_steps=0, mtp_epochs=1, mtp_lr=3e-3, mtp_grad_accum=1, mtp_memory_efficient=True,
+    medusa_heads=3, medusa_layers=1, medusa_epochs=1, medusa_lr=3e-3, medusa_self_distill=False,
+    eval_examples=8, max_new_tokens=48, bench_prompts=4, bench_warmup=1, tree_budgets=[4, 8, 16], tree_budget=8,
+    ablation_n=[2, 3], ablation_lrs=[3e-3], ablation_head_types=["linear", "mlp"],
+    ablation_weightings=["uniform", "exponential"], ablation_steps=8,
+)
+
+
+def config(**overrides) -> dict:
+    cfg = dict(DEFAULTS)
+    cfg.update({k: v for k, v in overrides.items() if k in DEFAULTS})
+    return cfg
+
+
+def paths(cfg) -> dict:
+    root = repo_root()
+    run = root / "runs" / cfg["profile"]
+    fig = run / "figures" if cfg["profile"] == "smoke" else root / "figures" / cfg["profile"]
+    for d in (run / "results", fig):
+        d.mkdir(parents=True, exist_ok=True)
+    return {"run": run, "results": run / "results", "models": run / "models", "figures": fig}
+
+
+# --- 00 data -------------------------------------------------------------------------------------------------------
+
+def run_data(cfg) -> dict:
+    p = paths(cfg)
+    return D.prepare(p["run"], source=cfg["source"], max_examples=cfg["max_examples"], seed=cfg["seed"],
+                     tokenizer_name=cfg["tokenizer_name"], vocab_size=cfg["vocab_size"],
+                     max_seq_len=cfg["max_seq_len"])
+
+
+def loaders(cfg):
+    prep = D.load_prepared(paths(cfg)["run"])
+    tok = prep["tokenizer"]
+    D.check_max_seq_len(cfg["max_seq_len"], cfg["n_positions"])
+    t = prep["tokenized"]
+    return (D.make_dataloader(t["train"], tok, cfg["batch_size"], shuffle=True, seed=cfg["seed"]),
+            D.make_dataloader(t["validation"], tok, cfg["batch_size"]), tok, prep)
+
+
+# --- 01-03 training ------------------------------------------------------------------------------------------------
+
+def _common(cfg, prefix):
+    return dict(num_train_epochs=cfg[f"{prefix}_epochs"], learning_rate=cfg[f"{prefix}_lr"],
+                gradient_accumulation_steps=cfg[f"{prefix}_grad_accum"] if f"{prefix}_grad_accum" in cfg else 1,
+                eval_steps=cfg["eval_steps"], logging_steps=cfg["logging_steps"], max_steps=cfg["max_steps"],
+                seed=cfg["seed"])
+
+
+def model_config(cfg):
+    return dict(n_layer=cfg["n_layer"], n_embd=cfg["n_embd"], n_head=cfg["n_head"], n_positions=cfg["n_positions"])
+
+
+def mtp_fields(cfg) -> dict:
+    return dict(head_type=cfg["mtp_head_type"], sequential=cfg["mtp_sequential"],
+                share_weights_across_steps=cfg["mtp_share"], loss_weighting=cfg["mtp_weighting"],
+                loss_beta=cfg["mtp_beta"], loss_lambda=cfg["mtp_lambda"], mtp_warmup_steps=cfg["mtp_warmup_steps"],
+                memory_efficient_loss=cfg["mtp_memory_efficient"])
+
+
+def train_variant(cfg, variant: str):
+    """Train ``ntp``, ``mtp`` or ``medusa``; the model lands in ``runs/<profile>/models/<variant>/final``."""
+    p = paths(cfg)
+    tr, va, tok, prep = loaders(cfg)
+    out, log = p["models"] / variant, p["results"] / f"{variant}_train_log.csv"
+    if variant == "ntp":
+        model, _ = T.train_standard_gpt2(tr, va, tok, out, model_name=cfg["model_name"], model_config=model_config(cfg),
+                                         log_csv=log, **_common(cfg, "ntp"))
+    elif variant == "mtp":
+        model, _ = T.train_multi_token_gpt2(tr, va, tok, out, num_tokens_to_predict=cfg["mtp_n"],
+                                            base_model=cfg["model_name"], model_config=model_config(cfg),
+                                            log_csv=log, mtp=mtp_fields(cfg), **_common(cfg, "mtp"))
+    elif variant == "medusa":
+        base = p["models"] / "ntp" / "final"
+        if not base.exists():
+            raise FileNotFoundError(f"{base} is missing: train the NTP baseline first (notebooks/01_train_ntp.ipynb)")
+        if cfg["medusa_self_distill"]:
+            base_model = T.GPT2LMHeadModel.from_pretrained(str(base))
+            raw = T.self_distill(base_model, tok, prep["raw"]["train"], max_new_tokens=cfg["max_seq_len"])
+            tr = D.make_dataloader(D.tokenize_dataset(raw, tok, cfg["max_seq_len"]), tok, cfg["batch_size"], True)
+        model, _ = T.train_medusa(base, tr, va, tok, out, num_medusa_heads=cfg["medusa_heads"],
+                                  medusa_num_layers=cfg["medusa_layers"], log_csv=log, **_common(cfg, "medusa"))
+    else:
+        raise ValueError(f"unknown variant {variant!r}: ntp, mtp or medusa")
+    return model
+
+
+def load_variant(cfg, variant: str):
+    d = paths(cfg)["models"] / variant / "final"
+    nb = {"ntp": "01_train_ntp", "mtp": "02_train_mtp", "medusa": "03_train_medusa"}[variant]
+    if not d.exists():
+        raise FileNotFoundError(f"{d} is missing: run notebooks/{nb}.ipynb (profile {cfg['profile']}) first")
+    T.check_checkpoint_dir(d)
+    cls = {"ntp": T.GPT2LMHeadModel, "mtp": MultiTokenGPT2, "medusa": MedusaGPT2}[variant]
+    return cls.from_pretrained(str(d)).eval()
+
+
+def head_accuracy(model, loader, max_batches=20) -> list:
+    """Validation top-1 accuracy per offset (index 0 = next token)."""
+    model.eval()
+    accs = []
+    with torch.no_grad():
+        for i, b in enumerate(loader):
+            if i >= max_batches:
+                break
+            accs.append(model(**b).mtp_step_accuracy.tolist())
+    return pd.DataFrame(accs).mean().tolist()
+
+
+@torch.no_grad()
+def head_topk_accuracy(model, loader, k=8, max_batches=10):
+    """acc[d][j] = P(head d+1's (j+1)-th ranked token is the right one) on validation responses."""
+    model.eval()
+    hits, n = torch.zeros(model.num_heads, k), 0
+    for i, b in enumerate(loader):
+        if i >= max_batches:
+            break
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_head_logits=True)
+        for d, lg in enumerate(out.head_logits, 1):
+            T = b["labels"].shape[1]
+            tgt = b["labels"][:, d + 1:]
+            top = lg[:, : T - d - 1].topk(k, -1).indices
+            valid = tgt != -100
+            hits[d - 1] += ((top == tgt.unsqueeze(-1)) & valid.unsqueeze(-1)).sum((0, 1)).float()
+            if d == 1:
+                n += int(valid.sum())
+    return (hits / max(n, 1)).tolist()
+
+
+# --- 04 evaluation -------------------------------------------------------------------------------------------------
+
+def decoding_methods(cfg, models: dict, trees: dict):
+    m = cfg["max_new_tokens"]
+    meths = {}
+    meths["hf_greedy"] = (E.hf_method(models["ntp"], m), "hf_greedy")
+    for v in ("mtp", "medusa"):
+        meths[f"hf_greedy_{v}"] = (E.hf_method(models[v], m), f"hf_greedy_{v}")
+    meths["hf_prompt_lookup"] = (E.hf_method(models["ntp"], m, prompt_lookup_num_tokens=10), "hf_greedy")
+    meths["greedy_kv"] = (E.engine_method(models["ntp"], m, "none"), "hf_greedy")
+    for v in ("mtp", "medusa"):
+        meths[f"{v}_chain"] = (E.engine_method(models[v], m, "chain"), f"hf_greedy_{v}")
+        meths[f"{v}_tree"] = (E.engine_method(models[v], m, trees[v]), f"hf_greedy_{v}")
+    return meths
+
+
+def fitted_trees(cfg, models, loader, budget):
+    return {v: fitted_tree(head_topk_accuracy(models[v], loader), budget) for v in ("mtp", "medusa")}
+
+
+def bench_prompts(cfg, loader, n):
+    pairs = E.prompts_and_references(loader, None)
+    room = cfg["n_positions"] - cfg["max_new_tokens"]
+    prompts = [pr for pr, _ in pairs if len(pr) <= room]
+    return prompts[:n]
+
+
+def run_decoding_benchmark(cfg, models=None, loader=None, write=True):
+    """The decoding benchmark table (see ``make bench``); writes ``results/decoding_benchmark.json``."""
+    if models is None:
+        models = {v: load_variant(cfg, v) for v in ("ntp", "mtp", "medusa")}
+    if loader is None:
+        loader = loaders(cfg)[1]
+    trees = fitted_trees(cfg, models, loader, cfg["tree_budget"])
+    meths = decoding_methods(cfg, models, trees)
+    prompts = bench_prompts(cfg, loader, cfg["bench_prompts"])
+    rows, per = E.benchmark_decoding(meths, prompts, {}, warmup=cfg["bench_warmup"])
+    rows = [dict(r, tree=str(trees[r["method"].split("_")[0]].name) if r["method"].endswith("_tree") else None)
+            for r in rows]
+    if write:
+        res = paths(cfg)["results"]
+        write_json(res / "decoding_benchmark.json", rows)
+        write_csv(res / "decoding_per_prompt.csv", per)
+    return rows, per
+
+
+def run_tree_sweep(cfg, models, loader):
+    """Speedup vs tree node budget (fitted trees and Medusa's sparse tree) for both head families."""
+    prompts = bench_prompts(cfg, loader, max(2, cfg["bench_prompts"] // 2))
+    out = []
+    for v in ("mtp", "medusa"):
+        acc = head_topk_accuracy(models[v], loader)
+        meths = {"hf": (E.hf_method(models[v], cfg["max_new_tokens"]), "hf")}
+        for b in cfg["tree_budgets"]:
+            meths[f"fitted_{b}"] = (E.engine_method(models[v], cfg["max_new_tokens"], fitted_tree(acc, b)), "hf")
+            meths[f"medusa_{b}"] = (E.engine_method(models[v], cfg["max_new_tokens"],
+                                                    medusa_tree(b, models[v].num_heads)), "hf")
+        rows, _ = E.benchmark_decoding(meths, prompts, {}, warmup=1, desc=f"tree sweep {v}")
+        for r in rows[1:]:
+            kind, b = r["method"].split("_")
+            out.append(dict(variant=v, tree=kind, budget=int(b), speedup=r["speedup_vs_hf_greedy"],
+                            mean_accepted_length=r["mean_accepted_length"], identical=r["identical_to_greedy"]))
+    write_csv(paths(cfg)["results"] / "tree_sweep.csv", out)
+    return pd.DataFrame(out)
+
+
+def run_quality(cfg, models, loader, tok):
+    """Perplexity, answer accuracy, BLEU per variant, plus qualitative samples; writes results/quality.json."""
+    pairs = E.prompts_and_references(loader, cfg["eval_examples"])
+    refs = [tok.decode(r, skip_special_tokens=True) for _, r in pairs]
+    quality, samples = {}, []
+    for v, model in models.items():
+        texts, stats = E.generate_responses(model, tok, [p for p, _ in pairs], cfg["max_new_tokens"], desc=v)
+        quality[v] = {"perplexity": E.perplexity(model, loader), "accuracy": E.answer_accuracy(texts, refs),
+                      "bleu": E.bleu(texts, refs), "n_eval": len(refs),
+                      "train_s_per_epoch": E.train_time_per_epoch(paths(cfg)["results"] / f"{v}_train_log.csv"),
+                      "head_top1": head_accuracy(model, loader) if v != "ntp" else None,
+                      "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+        for i in range(min(3, len(texts))):
+            samples.append({"variant": v, "prompt": tok.decode(pairs[i][0]).split("### Instruction:\n")[-1]
+                            .split("\n\n### Response")[0], "output": texts[i], "reference": refs[i]})
+    res = paths(cfg)["results"]
+    write_json(res / "quality.json", quality)
+    write_csv(res / "samples.csv", samples)
+    return quality, samples
+
+
+def run_memory(cfg, models, loader):
+    """Peak inference memory per variant: CUDA max allocated, or on CPU the bytes of weights + KV cache + logits."""
+    out = {}
+    batch = next(iter(loader))
+    for v, model in models.items():
+        weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            o = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
+        kv = sum(l.keys.numel() * 2 * l.keys.element_size() for l in o.past_key_values.layers) / 2 ** 20
+        act = o.logits.numel() * o.logits.element_size() / 2 ** 20
+        out[v] = {"weights_mb": weights, "kv_cache_mb": kv, "logits_mb": act,
+                  "peak_mb": E.peak_memory_mb() if torch.cuda.is_available() else weights + kv + act,
+                  "measured": "cuda_max_allocated" if torch.cuda.is_available() else "weights+kv+logits"}
+    write_json(paths(cfg)["results"] / "memory.json", out)
+    return out
+
+
+def load_results(cfg) -> dict:
+    """Everything 04 wrote (what 05 draws from); a clear error if 04 has not run."""
+    res = paths(cfg)["results"]
+    need = ["quality.json", "decoding_benchmark.json", "decoding_per_prompt.csv", "memory.json", "tree_sweep.csv",
+            "samples.csv"]
+    missing = [f for f in need if not (res / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{res} lacks {missing}: run notebooks/04_evaluate.ipynb for profile "
+                                f"{cfg['profile']} first")
+    out = {f.split(".")[0]: (json.loads((res / f).read_text()) if f.endswith(".json") else pd.read_csv(res / f))
+           for f in need}
+    out["logs"] = {v: pd.read_csv(res / f"{v}_train_log.csv") for v in ("ntp", "mtp", "medusa")
+                   if (res / f"{v}_train_log.csv").exists()}
+    abl = res / "ablations.csv"
+    out["ablations"] = pd.read_csv(abl) if abl.exists() else None
+    return out
+
+
+# --- 06 ablations --------------------------------------------------------------------------------------------------
+
+def run_ablations(cfg):
+    """Short MTP runs over n x learning rate (the thesis' grid), head types and weighting schemes."""
+    tr, va, tok, _ = loaders(cfg)
+    grid = [dict(n=n, lr=lr, head_type=cfg["mtp_head_type"], weighting=cfg["mtp_weighting"], group="n x lr")
+            for n in cfg["ablation_n"] for lr in cfg["ablation_lrs"]]
+    grid += [dict(n=cfg["mtp_n"], lr=cfg["mtp_lr"], head_type=h, weighting=cfg["mtp_weighting"], group="head type")
+             for h in cfg["ablation_head_types"]]
+    grid += [dict(n=cfg["mtp_n"], lr=cfg["mtp_lr"], head_type=cfg["mtp_head_type"], weighting=w, group="weighting")
+             for w in cfg["ablation_weightings"]]
+    rows = []
+    for g in grid:
+        fields = dict(mtp_fields(cfg), head_type=g["head_type"], loss_weighting=g["weighting"])
+        out = paths(cfg)["run"] / "ablations" / f"{g['group'].replace(' ', '')}_{g['n']}_{g['lr']}_{g['head_type']}_{g['weighting']}"
+        model, trainer = T.train_multi_token_gpt2(tr, va, tok, out, num_tokens_to_predict=g["n"],
+                                                  base_model=cfg["model_name"], model_config=model_config(cfg),
+                                                  mtp=fields, learning_rate=g["lr"], max_steps=cfg["ablation_steps"],
+                                                  eval_steps=cfg["ablation_steps"], logging_steps=cfg["logging_steps"],
+                                                  gradient_accumulation_steps=1, seed=cfg["seed"], save_steps=10 ** 9)
+        acc = head_accuracy(model, va, max_batches=5)
+        ppl = E.perplexity(model, va, max_batches=5)
+        rows.append(dict(g, val_ppl=ppl, next_token_acc=acc[0], head2_acc=acc[1] if len(acc) > 1 else None,
+                         mean_head_acc=sum(acc[1:]) / max(1, len(acc) - 1)))
+    write_csv(paths(cfg)["results"] / "ablations.csv", rows)
+    return pd.DataFrame(rows)
