@@ -134,6 +134,19 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
         if isinstance(module, nn.Linear) and any(module is m for m in getattr(self, "mtp_unembed", [])):
             init.copy_(module.weight, self.lm_head.weight)
 
+    @torch.no_grad()
+    def init_heads_from_trunk(self):
+        """After loading a plain GPT-2 checkpoint: copy the last block into transformer heads, ln_f into head norms
+        and the LM head into own unembeddings (from_pretrained initialises missing weights before loading)."""
+        for head in self.mtp_heads:
+            if head.kind == "transformer":
+                head.block.load_state_dict(self.transformer.h[-1].state_dict())
+            if head.ln is not None:
+                head.ln.load_state_dict(self.transformer.ln_f.state_dict())
+        for un in self.mtp_unembed:
+            un.weight.copy_(self.lm_head.weight)
+        return self
+
     # -- head interface used by HeadsMixin ----------------------------------------------------------------------
     def _body(self, k):
         return self.mtp_heads[0 if len(self.mtp_heads) == 1 else k - 1]
@@ -224,7 +237,7 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
 
     def spec_propose(self, ctx, j, x0, tree):
         if not self.config.sequential:
-            return super().spec_propose(ctx, j, x0, tree)
+            return HeadsMixin.spec_propose(self, ctx, j, x0, tree)
         # Sequential heads draft autoregressively: head d sees the state of the parent node and the parent's token.
         h0 = ctx["h0"][:, j: j + 1]
         tokens = torch.empty(len(tree.paths), dtype=torch.long)

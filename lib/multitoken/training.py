@@ -200,7 +200,7 @@ def build_mtp_model(tokenizer, num_tokens_to_predict=4, base_model=None, model_c
         cfg = MTPConfig(**{k: v for k, v in base_cfg.items() if k in MTPConfig.__dataclass_fields__},
                         num_predict_tokens=num_tokens_to_predict, **fields)
         cfg.architectures = ["MultiTokenGPT2"]
-        model = MultiTokenGPT2.from_pretrained(str(base_model), config=cfg)
+        model = MultiTokenGPT2.from_pretrained(str(base_model), config=cfg).init_heads_from_trunk()
     return _sync_vocab(model, tokenizer)
 
 

@@ -1,0 +1,208 @@
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from conftest import EOS, PAD, V, VARIANTS, medusa, mtp
+from multitoken import wrap_model_with_mtp
+from multitoken.decoding import speculative_generate, target_probs
+from multitoken.trees import Tree, chain, fitted_tree, medusa_tree, parse_tree
+
+MODELS = {f"mtp-{i}": (lambda i=i: mtp(**VARIANTS[i], num_predict_tokens=4, initializer_range=0.4, seed=i))
+          for i in range(len(VARIANTS))}
+MODELS["medusa"] = lambda: medusa(initializer_range=0.4, seed=99)
+_cache = {}
+
+
+def get(name):
+    if name not in _cache:
+        _cache[name] = MODELS[name]()
+    return _cache[name]
+
+
+def hf(model, ids, n, mask=None):
+    return model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask, max_new_tokens=n,
+                          do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(MODELS)), tree=st.sampled_from([None, "chain:1", "medusa:9", "none"]),
+       plen=st.integers(1, 10), n=st.integers(1, 40), seed=st.integers(0, 10 ** 6))
+def test_greedy_equals_hf_generate(name, tree, plen, n, seed):
+    model = get(name)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, V, (1, plen), generator=g)
+    out, stats = speculative_generate(model, ids, n, tree=tree)
+    assert torch.equal(out, hf(model, ids, n))
+    assert stats["new_tokens"] == out.shape[1] - plen and stats["forward_passes"] >= 1
+
+
+@pytest.mark.parametrize("name", ["mtp-0", "mtp-3", "mtp-9", "medusa"])
+def test_batch_of_two_with_padding_matches_each_row(name):
+    model = get(name)
+    a, b = torch.randint(2, V, (1, 7)), torch.randint(2, V, (1, 3))
+    batch = torch.full((2, 7), PAD)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    batch[0], mask[0] = a[0], 1
+    batch[1, 4:], mask[1, 4:] = b[0], 1          # left padding
+    out, _ = speculative_generate(model, batch, 25, tree="medusa:6", attention_mask=mask)
+    for row, ids in ((0, a), (1, b)):
+        ref = hf(model, ids, 25)[0, ids.shape[1]:]
+        got = out[row, 7:]
+        assert torch.equal(got[: len(ref)], ref)
+        assert (got[len(ref):] == PAD).all()
+
+
+class Oracle:
+    """Heads that propose the true greedy continuation at a random sibling slot (or miss): exercises acceptance of
+    several tokens, EOS inside a draft, max_new_tokens mid-draft and non-contiguous KV compaction."""
+
+    def __init__(self, model, ref, plen, hit=0.85, seed=0):
+        self.m, self.ref, self.plen, self.hit, self.rng = model, ref, plen, hit, random.Random(seed)
+        self.num_heads, self.config, self.generation_config = model.num_heads, model.config, model.generation_config
+        self.training = False
+
+    def eval(self):
+        pass
+
+    def train(self, mode=True):
+        pass
+
+    def spec_new_cache(self):
+        self.caches = self.m.spec_new_cache()
+        return self.caches
+
+    def spec_forward(self, *a):
+        return self.m.spec_forward(*a)
+
+    def spec_propose(self, ctx, j, x0, tree):
+        done = self.caches[0].get_seq_length() - self.plen          # tokens generated before x0
+        top = torch.zeros(self.num_heads, tree.max_topk, dtype=torch.long)
+        for d in range(self.num_heads):
+            i = self.plen + done + d + 1
+            right = int(self.ref[i]) if i < len(self.ref) else 0
+            row = self.rng.sample([t for t in range(V) if t != right], tree.max_topk)
+            if self.rng.random() < self.hit:  # like a real head: mostly its top-1, sometimes its top-2 or lower
+                r = self.rng.random()
+                row[min(tree.max_topk - 1, 0 if r < 0.6 else 1 if r < 0.85 else self.rng.randrange(tree.max_topk))] = right
+            top[d] = torch.tensor(row)
+        return top[tree.depths_t - 1, tree.last_idx_t]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_oracle_drafts_accept_many_tokens_and_stay_exact(seed):
+    model = medusa(num_medusa_heads=4, initializer_range=0.4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, V, (1, 4), generator=g)
+    for n in (5, 17, 40):
+        ref = hf(model, ids, n)[0]
+        for tree in ("chain", "medusa:30", "medusa:63"):
+            out, stats = speculative_generate(Oracle(model, ref, 4, seed=seed), ids, n, tree=tree)
+            assert torch.equal(out[0], ref)
+            if len(ref) - 4 > 8:
+                assert stats["mean_accepted_length"] > 1.5
+
+
+def test_kv_cache_after_a_tree_step_equals_a_fresh_forward():
+    model = mtp(head_type="transformer", num_predict_tokens=4, initializer_range=0.4)
+    ids = torch.randint(2, V, (1, 6))
+    ref = hf(model, ids, 30)[0]
+    import multitoken.decoding as D
+
+    seen = {}
+    orig = D._compact
+
+    def spy(caches, L, keep):
+        orig(caches, L, keep)
+        seen["len"] = L + len(keep)
+        seen["noncontiguous"] = seen.get("noncontiguous", False) or keep != list(range(len(keep)))
+        seen["caches"] = [[(l.keys.clone(), l.values.clone()) for l in c.layers] for c in caches]
+
+    D._compact = spy
+    try:
+        o = Oracle(model, ref, 6, hit=1.0)
+        speculative_generate(o, ids, 12, tree="medusa:20")
+    finally:
+        D._compact = orig
+    text = ref[: seen["len"]].view(1, -1)
+    fresh = model.spec_new_cache()
+    model.spec_forward(text, fresh)
+    assert seen["noncontiguous"]  # an accepted path that was not the first branch: KV gathered, not cropped
+    assert len(seen["caches"]) == 1 + model.num_heads  # trunk + one cache per transformer head
+    for c_step, c_fresh in zip(seen["caches"], fresh):
+        for (k, v), b in zip(c_step, c_fresh.layers):
+            torch.testing.assert_close(k, b.keys, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(v, b.values, atol=1e-5, rtol=1e-4)
+
+
+def test_tree_mask_and_ancestry():
+    t = Tree(((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)))
+    assert t.paths == ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
+    assert t.parents == [0, 0, 0, 1, 1, 2, 3]
+    anc = t.ancestors.int()
+    assert anc[6].tolist() == [1, 1, 0, 1, 0, 0, 1]      # (0,0,0) sees root, (0,), (0,0), itself
+    assert anc[5].tolist() == [1, 0, 1, 0, 0, 1, 0]      # (1,0) sees root, (1,), itself
+    assert anc.sum(1).tolist() == [1, 2, 2, 3, 3, 3, 4]
+    assert chain(3).is_chain and chain(3).depth == 3 and len(medusa_tree(63)) == 63
+    assert t.truncate(1).paths == ((0,), (1,))
+    with pytest.raises(ValueError, match="no parent"):
+        Tree(((0, 1),))
+    f = fitted_tree([[0.6, 0.2, 0.1], [0.4, 0.1, 0.05]], budget=4)
+    assert set(f.paths) == {(0,), (0, 0), (1,), (2,)}  # greedy by path products: .6, .24, .2, .1 (beats .06 of (0, 1))
+
+
+def test_bad_input_fails_before_any_work():
+    model = get("medusa")
+    ids = torch.randint(2, V, (1, 5))
+    for kw, match in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
+                      (dict(tree="bushy"), "unknown tree"), (dict(tree="chain:5"), "deeper than")]:
+        with pytest.raises(ValueError, match=match):
+            speculative_generate(model, ids, 5, **kw)
+    with pytest.raises(ValueError, match="longer than the context"):
+        speculative_generate(model, torch.randint(2, V, (1, 70)), 1)
+    with pytest.raises(ValueError, match="overflows the context"):
+        speculative_generate(model, ids, 60)
+    with pytest.raises(ValueError, match="deeper than"):
+        parse_tree([(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)], 3)
+
+
+def test_speculative_sampling_keeps_the_distribution():
+    """First two tokens: empirical joint of speculative sampling vs the exact p(x1) p(x2 | x1), chi-square."""
+    torch.manual_seed(0)
+    model = medusa(vocab_size=6, initializer_range=0.5, seed=3, eos_token_id=5, bos_token_id=5)
+    ids = torch.tensor([[2, 3, 1]])
+    T, P = 1.3, 0.9
+    with torch.no_grad():
+        p1 = target_probs(model(ids).logits[0, -1], T, P)
+        nxt = torch.cat([ids.repeat(6, 1), torch.arange(6).view(6, 1)], 1)
+        p2 = target_probs(model(nxt).logits[:, -1], T, P)
+    exact = (p1.view(6, 1) * p2).flatten()
+    g = torch.Generator().manual_seed(0)
+    N, counts = 3000, torch.zeros(36)
+    for _ in range(N):
+        out, _ = speculative_generate(model, ids, 2, temperature=T, top_p=P, tree="medusa:8", generator=g,
+                                      eos_token_id=[])
+        counts[out[0, 3] * 6 + out[0, 4]] += 1
+    keep = exact * N >= 5
+    chi2 = (((counts - exact * N) ** 2) / (exact * N))[keep].sum().item()
+    assert counts[~keep].sum() <= max(10, 3 * (exact[~keep] * N).sum())
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)   # ~ p > 0.001
+    assert counts[exact == 0].sum() == 0                      # nothing outside the top-p nucleus
+
+
+def test_wrapped_llama_decodes_losslessly():
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)).eval()
+    model = wrap_model_with_mtp(llama, num_predict_tokens=3, head_type="linear").eval()
+    for s in range(4):
+        ids = torch.randint(2, V, (1, 3 + s))
+        ref = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                             eos_token_id=EOS, pad_token_id=PAD)
+        for tree in ("chain", "medusa:6"):
+            assert torch.equal(speculative_generate(model, ids, 20, tree=tree)[0], ref)

@@ -1,0 +1,173 @@
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from conftest import EOS, PAD, V, VARIANTS, medusa, mtp, tiny
+from multitoken import MedusaConfig, MedusaGPT2, MTPConfig, MultiTokenGPT2, wrap_model_with_mtp
+from huggingface_hub.errors import StrictDataclassError
+
+from multitoken.heads import loss_weights, warmup_factor
+
+CONFIG_ERRORS = (ValueError, StrictDataclassError)  # HF's strict configs wrap our ValueError, message kept
+
+
+def perturb_check(model, seq_offset):
+    """Changing token j never changes LM logits before j, nor head-k logits before j - seq_offset(k)."""
+    torch.manual_seed(1)
+    ids = torch.randint(2, V, (2, 12))
+    out = model(ids, output_head_logits=True)
+    for j in (4, 8, 11):
+        ids2 = ids.clone()
+        ids2[:, j] = (ids2[:, j] + 1) % V
+        out2 = model(ids2, output_head_logits=True)
+        torch.testing.assert_close(out.logits[:, :j], out2.logits[:, :j])
+        assert not torch.allclose(out.logits[:, j:], out2.logits[:, j:])
+        for k, (a, b) in enumerate(zip(out.head_logits, out2.head_logits), 1):
+            cut = j - seq_offset(k)
+            torch.testing.assert_close(a[:, :cut], b[:, :cut])
+
+
+@pytest.mark.parametrize("v", VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
+def test_causality_every_head_design(v):
+    model = mtp(**v, initializer_range=0.2)
+    # sequential heads are teacher-forced: head k at t reads token t+k (never t+k+1, the one it predicts)
+    perturb_check(model, (lambda k: k) if v["sequential"] else (lambda k: 0))
+
+
+def test_causality_with_eager_attention_and_trunk_cut():
+    perturb_check(mtp(head_type="transformer", attn_implementation="eager"), lambda k: 0)
+    perturb_check(mtp(head_type="mlp", num_trunk_layers=1), lambda k: 0)
+
+
+def test_n1_is_gpt2_exactly():
+    model = mtp(num_predict_tokens=1)
+    ref = GPT2LMHeadModel(GPT2Config(**tiny())).eval()
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, V, (2, 10))
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+    lab = ids.clone()
+    torch.testing.assert_close(model(ids, labels=lab).loss, ref(ids, labels=lab).loss)
+
+
+@pytest.mark.parametrize("v", VARIANTS[::2], ids=str)
+def test_save_pretrained_round_trip(tmp_path, v):
+    model = mtp(**v)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    again = MultiTokenGPT2.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, V, (1, 9))
+    a, b = model(ids, output_head_logits=True), again(ids, output_head_logits=True)
+    torch.testing.assert_close(a.logits, b.logits)
+    for x, y in zip(a.head_logits, b.head_logits):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("v", [VARIANTS[0], VARIANTS[1], VARIANTS[2], VARIANTS[5], VARIANTS[8]], ids=str)
+def test_memory_efficient_gradients_equal_naive(v):
+    ids = torch.randint(2, V, (2, 11))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    grads = []
+    for eff in (False, True):
+        model = mtp(**v, memory_efficient_loss=eff, num_predict_tokens=4, initializer_range=0.1).train()
+        out = model(ids, labels=labels)
+        (out.loss * 0.7).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        losses = out.mtp_step_losses
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_loss_weighting_schemes_and_warmup():
+    assert loss_weights("uniform", 3) == [1.0, 1.0, 1.0]
+    assert loss_weights("linear", 4) == [1.0, 0.75, 0.5, 0.25]
+    assert loss_weights("exponential", 3, beta=0.5) == [1.0, 0.5, 0.25]
+    assert sum(loss_weights("exponential", 3, beta=0.5, normalize=True)) == pytest.approx(1.0)
+    assert loss_weights("primary_aux", 3, beta=0.5, lam=0.3) == [1.0, 0.3, 0.15]
+    with pytest.raises(ValueError, match="unknown loss weighting"):
+        loss_weights("cosine", 3)
+    assert [warmup_factor(s, 4) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
+    model = mtp(mtp_warmup_steps=10, loss_weighting="primary_aux", loss_lambda=0.5)
+    model.set_training_step(5)
+    assert model.loss_weights() == [1.0, 0.25, 0.2]
+    ids = torch.randint(0, V, (1, 8))
+    model.set_training_step(0)
+    out = model(ids, labels=ids)
+    torch.testing.assert_close(out.loss, out.lm_loss)  # auxiliaries fully warmed down at step 0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_predict_tokens=0), "num_predict_tokens"), (dict(head_type="rnn"), "unknown head_type"),
+    (dict(loss_weighting="cosine"), "unknown loss_weighting"), (dict(num_trunk_layers=0), "leaves no trunk"),
+    (dict(sequential=True, head_type="transformer"), "position-wise"),
+])
+def test_bad_mtp_config(kw, match):
+    with pytest.raises(CONFIG_ERRORS, match=match):
+        MTPConfig(**tiny(**kw))
+
+
+def test_bad_medusa_config():
+    with pytest.raises(CONFIG_ERRORS, match="num_medusa_heads"):
+        MedusaConfig(**tiny(num_medusa_heads=0))
+
+
+def test_medusa_logits_equal_base_and_backbone_gets_no_gradient(tmp_path):
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(**tiny())).eval()
+    base.save_pretrained(tmp_path)
+    model = MedusaGPT2.from_base(str(tmp_path), num_medusa_heads=3, medusa_num_layers=2).freeze_backbone()
+    ids = torch.randint(0, V, (2, 10))
+    assert torch.equal(model.eval()(ids).logits, base(ids).logits)
+    blocks = model.medusa_heads[0].blocks
+    assert blocks[0].linear is not blocks[1].linear and blocks[0].linear.weight.abs().max() == 0
+    torch.testing.assert_close(model.medusa_heads[1].unembed.weight, base.lm_head.weight)
+    model.train()(ids, labels=ids).loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("medusa_heads"))
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("medusa_heads"))
+    model.save_pretrained(tmp_path / "m")
+    again = MedusaGPT2.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(again.medusa_heads[2].unembed.weight, model.medusa_heads[2].unembed.weight)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        MedusaGPT2.from_base(str(tmp_path / "empty"))
+
+
+def test_mtp_from_pretrained_gpt2_copies_trunk_and_inits_heads(tmp_path):
+    from multitoken.training import build_mtp_model
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(**tiny())).eval()
+    base.save_pretrained(tmp_path)
+
+    class Tok:
+        eos_token_id, pad_token_id = EOS, PAD
+
+        def __len__(self):
+            return V
+
+    model = build_mtp_model(Tok(), 3, base_model=str(tmp_path), head_type="transformer").eval()
+    ids = torch.randint(0, V, (1, 8))
+    torch.testing.assert_close(model(ids).logits, base(ids).logits)
+    for p, q in zip(model.mtp_heads[1].block.parameters(), base.transformer.h[-1].parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_wrap_tiny_llama_trains_and_is_causal():
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD))
+    model = wrap_model_with_mtp(llama, num_predict_tokens=3, head_type="mlp").eval()
+    ids = torch.randint(2, V, (2, 10))
+    out = model(ids, labels=ids, output_head_logits=True)
+    assert out.mtp_step_losses.shape == (3,) and len(out.head_logits) == 2
+    torch.testing.assert_close(out.logits, llama(ids).logits)
+    out.loss.backward()
+    assert model.mtp_heads[0].fc.weight.grad is not None
+    ids2 = ids.clone()
+    ids2[:, 6] = (ids2[:, 6] + 1) % V
+    out2 = model(ids2, output_head_logits=True)
+    torch.testing.assert_close(out.head_logits[1][:, :6], out2.head_logits[1][:, :6])
+    g = wrap_model_with_mtp(GPT2LMHeadModel(GPT2Config(**tiny())), num_predict_tokens=2)
+    assert g(ids).logits.shape == (2, 10, V)

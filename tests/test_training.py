@@ -1,0 +1,88 @@
+import pandas as pd
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from multitoken import data as D
+from multitoken import training as T
+
+
+@pytest.fixture(scope="module")
+def loaders():
+    return D.preprocess_data(model_name=None, max_seq_len=96, max_examples=120, source="synthetic", vocab_size=300,
+                             train_batch_size=8, val_batch_size=8, n_positions=128)
+
+
+MC = dict(n_layer=2, n_embd=48, n_head=2, n_positions=128)
+
+
+def test_ntp_validation_loss_falls_and_log_is_written(tmp_path, loaders):
+    tr, va, tok = loaders
+    log = tmp_path / "ntp_train_log.csv"
+    model, trainer = T.train_standard_gpt2(tr, va, tok, tmp_path / "ntp", num_train_epochs=3, learning_rate=3e-3,
+                                           model_config=MC, log_csv=log, eval_steps=15, logging_steps=5)
+    df = pd.read_csv(log)
+    ev = df.eval_loss.dropna()
+    assert len(ev) >= 2 and ev.iloc[-1] < ev.iloc[0] - 0.5
+    assert {"step", "train_loss", "eval_loss", "elapsed_s", "tokens_per_s"} <= set(df.columns)
+    assert (df.tokens_per_s.dropna() > 0).all()
+    assert (tmp_path / "ntp" / "final" / "model.safetensors").exists()
+
+
+def test_resume_continues_the_step_count(tmp_path, loaders):
+    tr, va, tok = loaders
+    kw = dict(model_config=MC, eval_steps=4, logging_steps=2, save_steps=4, learning_rate=1e-3)
+    T.train_standard_gpt2(tr, va, tok, tmp_path / "r", max_steps=4, **kw)
+    ckpt = tmp_path / "r" / "checkpoint-4"
+    assert ckpt.exists()
+    _, trainer = T.train_standard_gpt2(tr, va, tok, tmp_path / "r", max_steps=8, resume_from_checkpoint=str(ckpt),
+                                       **kw)
+    assert trainer.state.global_step == 8
+    steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
+    assert min(steps) <= 4 and max(steps) == 8
+
+
+def test_from_pretrained_path_on_a_local_directory(tmp_path, loaders):
+    """Same code as ``model_name="gpt2"`` on the hub, pointed at a save_pretrained directory."""
+    tr, va, tok = loaders
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), **MC))
+    base.save_pretrained(tmp_path / "base")
+    model, _ = T.train_standard_gpt2(tr, va, tok, tmp_path / "ft", model_name=str(tmp_path / "base"), max_steps=2,
+                                     eval_steps=2)
+    assert model.config.n_layer == 2
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        T.train_standard_gpt2(tr, va, tok, tmp_path / "x", model_name=str(tmp_path / "broken"), max_steps=1)
+
+
+def test_mtp_and_medusa_training_log_per_head_metrics(tmp_path, loaders):
+    tr, va, tok = loaders
+    model, _ = T.train_multi_token_gpt2(tr, va, tok, tmp_path / "mtp", num_tokens_to_predict=3, model_config=MC,
+                                        max_steps=6, eval_steps=3, logging_steps=3, gradient_accumulation_steps=2,
+                                        log_csv=tmp_path / "mtp.csv", learning_rate=3e-3,
+                                        mtp=dict(head_type="linear", mtp_warmup_steps=4))
+    df = pd.read_csv(tmp_path / "mtp.csv")
+    assert {"head0_loss", "head2_acc", "eval_head1_acc"} <= set(df.columns)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), **MC))
+    base.save_pretrained(tmp_path / "base")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    med, _ = T.train_medusa(str(tmp_path / "base"), tr, va, tok, tmp_path / "med", num_medusa_heads=2, max_steps=4,
+                            eval_steps=2, log_csv=tmp_path / "med.csv")
+    for k, v in before.items():  # frozen backbone: unchanged by training
+        assert torch.equal(med.state_dict()[k], v), k
+    assert "head2_loss" in pd.read_csv(tmp_path / "med.csv").columns
+
+
+def test_cli_trains_a_variant(tmp_path, monkeypatch):
+    import yaml
+
+    from multitoken import __main__ as cli
+    from multitoken import pipeline
+
+    monkeypatch.setattr(pipeline, "repo_root", lambda: tmp_path)
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"profile": "clitest", "max_examples": 60, "max_steps": 2, "eval_steps": 2}))
+    assert cli.main(["data", "-f", str(params)]) == 0
+    assert cli.main(["train", "--variant", "ntp", "-f", str(params)]) == 0
+    assert (tmp_path / "runs" / "clitest" / "models" / "ntp" / "final" / "model.safetensors").exists()
