@@ -1,0 +1,93 @@
+"""Benchmarks: ``make bench`` (decoding) and ``make bench-train`` (training step time and peak memory).
+
+Both measure side by side in one run and write JSON under ``runs/<profile>/results/``.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import torch
+
+from . import pipeline
+from .utils import write_json
+
+COLS = ["method", "tokens_per_s", "speedup_vs_hf_greedy", "mean_accepted_length", "efficiency",
+        "identical_to_greedy", "tree"]
+
+
+def decoding_bench(cfg):
+    try:
+        models = {v: pipeline.load_variant(cfg, v) for v in ("ntp", "mtp", "medusa")}
+    except FileNotFoundError as e:
+        sys.exit(f"make bench needs the trained {cfg['profile']} models: run `make all PROFILE={cfg['profile']}` "
+                 f"first ({e})")
+    torch.set_grad_enabled(False)
+    rows, _ = pipeline.run_decoding_benchmark(cfg, models)
+    print(pd.DataFrame(rows)[COLS].to_string(index=False))
+    print(f"\nwritten: {pipeline.paths(cfg)['results'] / 'decoding_benchmark.json'}")
+    return rows
+
+
+_CHILD = r"""
+import json, resource, statistics, sys, time, torch
+from multitoken import pipeline
+from multitoken.training import build_mtp_model
+from transformers import GPT2Config, GPT2LMHeadModel
+cfg, n, eff, steps = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+torch.manual_seed(0)
+tr, _, tok, _ = pipeline.loaders(cfg)
+batch = next(iter(tr))
+mc = pipeline.model_config(cfg)
+if n == 1:
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), **mc))
+else:
+    model = build_mtp_model(tok, n, model_config=mc, head_type=cfg["mtp_head_type"], memory_efficient_loss=eff)
+model.train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def step():
+    loss = model(**batch).loss
+    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+step()  # warm-up, allocates optimizer state
+rss0 = int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+times = []
+for _ in range(steps):
+    t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"step_s": statistics.median(times), "peak_rss_mb": peak, "rss_before_mb": rss0,
+                  "tokens": int(batch["attention_mask"].sum())}))
+"""
+
+
+def training_bench(cfg, steps: int = 5):
+    """NTP vs MTP n=2 and n=4 (naive and memory-efficient loss), each in a fresh process (clean peak RSS)."""
+    configs = [("ntp", 1, True), ("mtp2_naive", 2, False), ("mtp2_efficient", 2, True), ("mtp4_naive", 4, False),
+               ("mtp4_efficient", 4, True)]
+    rows = []
+    for name, n, eff in configs:
+        out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg), str(n), "1" if eff else "0", str(steps)],
+                             capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append({"config": name, "n": n, "memory_efficient": eff, **r})
+    base = rows[0]
+    for r in rows:
+        r["step_time_vs_ntp"] = round(r["step_s"] / base["step_s"], 3)
+        r["peak_rss_vs_ntp"] = round(r["peak_rss_mb"] / base["peak_rss_mb"], 3)
+        # memory a training step adds above the resting process (weights, optimizer state, interpreter)
+        r["step_peak_above_rest_mb"] = round(r["peak_rss_mb"] - r["rss_before_mb"], 1)
+    for r in rows:
+        r["step_peak_above_rest_vs_ntp"] = round(r["step_peak_above_rest_mb"] / max(base["step_peak_above_rest_mb"],
+                                                                                    1e-9), 3)
+    path = pipeline.paths(cfg)["results"] / "train_benchmark.json"
+    write_json(path, {"profile": cfg["profile"], "steps": steps, "machine_cpus": torch.get_num_threads(),
+                      "rows": rows})
+    print(pd.DataFrame(rows)[["config", "step_s", "step_time_vs_ntp", "peak_rss_mb", "peak_rss_vs_ntp",
+                              "step_peak_above_rest_mb", "step_peak_above_rest_vs_ntp"]].to_string(index=False))
+    print(f"\nwritten: {path}")
+    return rows

@@ -1,0 +1,111 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from multitoken import evaluation as E
+from multitoken import plots
+
+
+@pytest.mark.parametrize("text,want", [
+    ("so 3 + 4 = 7.\nThe answer is: 7", "7"), ("The answer is: 1,234", "1234"), ("The answer is: -12", "-12"),
+    ("The answer is: $45.50", "91/2"), ("The answer is: 3/4", "3/4"), ("The answer is: \\frac{6}{8}", "3/4"),
+    ("The answer is: 0.75", "3/4"), ("no final line", None),
+])
+def test_answer_extraction(text, want):
+    assert E.extract_answer(text) == want
+
+
+def test_accuracy_and_bleu():
+    refs = ["x\nThe answer is: 12", "y\nThe answer is: 5", "z\nThe answer is: 2/4"]
+    assert E.answer_accuracy(["The answer is: 12.0", "The answer is: 6", "The answer is: 0.5"], refs) == pytest.approx(2 / 3)
+    assert E.bleu(refs, refs) == pytest.approx(100.0)
+    assert E.bleu(["completely different words here"], ["The answer is: 12 because"]) < 10
+
+
+def test_perplexity_of_a_known_distribution():
+    """A model that always predicts uniform over V tokens has perplexity exactly V."""
+    V = 7
+
+    class Uniform(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return type("O", (), {"logits": torch.zeros(*input_ids.shape, V)})()
+
+    batch = {"input_ids": torch.randint(0, V, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long),
+             "labels": torch.randint(0, V, (2, 9))}
+    batch["labels"][:, :4] = -100
+    assert E.perplexity(Uniform(), [batch]) == pytest.approx(V, rel=1e-5)
+    batch["labels"][:] = -100
+    with pytest.raises(ValueError, match="no response tokens"):
+        E.perplexity(Uniform(), [batch])
+
+
+def test_performance_tracker():
+    t = E.PerformanceTracker()
+    t.track_training("ntp", [4.0, 3.0, 2.0], 10.0)
+    t.track_training("mtp", [4.0, 1.0], 12.0)
+    t.track_inference("ntp", 100, 2.0)
+    t.track_inference("mtp", 150, 1.0)
+    s = t.get_summary()
+    assert s["ntp"]["loss_reduction"] == pytest.approx(0.5) and s["mtp"]["loss_reduction"] == pytest.approx(0.75)
+    assert s["mtp"]["tokens_per_s"] == 150 and s["mtp"]["speedup"] == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        t.track_inference("x", 1, 0)
+
+
+def test_train_time_per_epoch_and_missing_log(tmp_path):
+    p = tmp_path / "log.csv"
+    pd.DataFrame({"step": [1, 2], "epoch": [1.0, 2.0], "elapsed_s": [5.0, 12.0]}).to_csv(p, index=False)
+    assert E.train_time_per_epoch(p) == 6.0
+    with pytest.raises(FileNotFoundError, match="run the training notebook"):
+        E.train_time_per_epoch(tmp_path / "none.csv")
+
+
+def fixture_results():
+    logs = {v: pd.DataFrame({"step": [10, 20, 20], "epoch": [0.5, 1, 1], "train_loss": [3.0, 2.5, None],
+                             "eval_loss": [None, None, 2.6], "elapsed_s": [1, 2, 2.1]}) for v in ("ntp", "mtp", "medusa")}
+    q = {v: {"perplexity": 5.0 + i, "accuracy": 0.1 * i, "bleu": 20.0 + i, "head_top1": [0.5, 0.3, 0.2] if i else None}
+         for i, v in enumerate(("ntp", "mtp", "medusa"))}
+    bench = [{"method": m, "speedup_vs_hf_greedy": s, "mean_accepted_length": t, "identical_to_greedy": 1.0,
+              "per_head_acceptance": [0.6, 0.3] if "_" in m and "hf" not in m else []}
+             for m, s, t in (("hf_greedy", 1.0, 1.0), ("greedy_kv", 1.3, 1.0), ("mtp_chain", 2.0, 2.4),
+                             ("mtp_tree", 2.2, 2.7), ("medusa_chain", 1.8, 2.1), ("medusa_tree", 1.9, 2.3))]
+    per = pd.DataFrame([{"method": r["method"], "prompt": i, "tokens_per_s": 100 * r["speedup_vs_hf_greedy"] + i}
+                        for r in bench for i in range(5)])
+    mem = {v: {"weights_mb": 10.0, "kv_cache_mb": 1.0, "logits_mb": 2.0, "peak_mb": 13.0} for v in q}
+    sweep = pd.DataFrame([{"variant": v, "tree": t, "budget": b, "speedup": 1 + b / 10} for v in ("mtp", "medusa")
+                          for t in ("fitted", "medusa") for b in (2, 4, 8)])
+    samples = pd.DataFrame([{"variant": v, "prompt": "p | q", "output": "o\nThe answer is: 1", "reference": "r"}
+                            for v in q])
+    abl = pd.DataFrame([{"n": n, "lr": 1e-3, "head_type": "mlp", "weighting": "uniform", "group": "n x lr",
+                         "val_ppl": 5.0 + n, "mean_head_acc": 0.1 * n} for n in (2, 4, 6)])
+    return logs, q, bench, per, mem, sweep, samples, abl
+
+
+def test_figure_functions_write_files(tmp_path):
+    logs, q, bench, per, mem, sweep, samples, abl = fixture_results()
+    files = [plots.loss_curves(logs, tmp_path), plots.decoding_speed(per, tmp_path),
+             plots.theoretical_vs_measured(pd.DataFrame(bench), tmp_path), plots.head_acceptance(pd.DataFrame(bench), tmp_path),
+             plots.per_head_accuracy({"mtp": q["mtp"]["head_top1"]}, tmp_path), plots.quality_comparison(q, tmp_path),
+             plots.tree_budget(sweep, tmp_path), plots.memory(mem, tmp_path), plots.ablations(abl, tmp_path),
+             plots.token_lengths(pd.DataFrame({"part": ["prompt", "response"] * 5, "tokens": range(10)}), tmp_path)]
+    for f in files:
+        assert f.exists() and f.stat().st_size > 5000 and f.with_suffix(".pdf").exists()
+    table = plots.thesis_table(q, bench, mem, tmp_path, "fixture")
+    assert list(table.variant) == ["ntp", "mtp", "medusa"]
+    assert table.set_index("variant").loc["mtp", "speedup (ours)"] == 2.2
+    md = (tmp_path / "thesis_table.md").read_text()
+    assert "frozen backbone" in md and "17.45" in md and (tmp_path / "thesis_table.tex").exists()
+    assert "p \\| q" in plots.qualitative_table(samples, tmp_path).read_text()
+
+
+def test_missing_results_name_the_notebook(tmp_path, monkeypatch):
+    from multitoken import pipeline
+
+    monkeypatch.setattr(pipeline, "repo_root", lambda: tmp_path)
+    cfg = pipeline.config(profile="empty")
+    with pytest.raises(FileNotFoundError, match="04_evaluate"):
+        pipeline.load_results(cfg)
+    with pytest.raises(FileNotFoundError, match="01_train_ntp"):
+        pipeline.load_variant(cfg, "ntp")
