@@ -83,21 +83,26 @@ def test_tokenizer_round_trip_pad_eos_and_label_mask(tmp_path, records):
         assert all(l == -100 for l in ex["labels"][:n_prompt])
         assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
         assert ex["input_ids"][-1] == tok.eos_token_id
-    short = D.tokenize_dataset(D.Dataset.from_list(records[:5]), tok, max_seq_len=16)
-    assert all(len(x) <= 16 for x in short["input_ids"])
+    lens = [len(tok(D.format_prompt(r["query"]))["input_ids"]) for r in records[:20]]
+    cut = sorted(lens)[10] + 2
+    short = D.tokenize_dataset(D.Dataset.from_list(records[:20]), tok, max_seq_len=cut)
+    assert all(len(x) <= cut for x in short["input_ids"])
+    assert len(short) == sum(n < cut for n in lens)  # prompt-only examples dropped, the rest truncated
+    with pytest.raises(ValueError, match="raise max_seq_len"):
+        D.tokenize_dataset(D.Dataset.from_list(records[:5]), tok, max_seq_len=8)
     batch = D.Collator(tok.pad_token_id)([ds[0], ds[1]])
     pad = batch["attention_mask"] == 0
     assert (batch["labels"][pad] == -100).all() and (batch["input_ids"][pad] == tok.pad_token_id).all()
 
 
 def test_preprocess_data_and_custom_loader(tmp_path, records):
-    tr, va, tok = D.preprocess_data(model_name=None, max_seq_len=128, max_examples=60, source="synthetic",
-                                    vocab_size=300, train_batch_size=4, n_positions=128)
+    tr, va, tok = D.preprocess_data(model_name=None, max_seq_len=192, max_examples=60, source="synthetic",
+                                    vocab_size=400, train_batch_size=4, n_positions=192)
     b = next(iter(tr))
-    assert b["input_ids"].shape[0] == 4 and b["input_ids"].shape[1] <= 128
+    assert b["input_ids"].shape[0] == 4 and b["input_ids"].shape[1] <= 192
     p = tmp_path / "mine.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in records[:9]))
-    loader = D.create_custom_dataloader(p, tok, max_seq_len=64, batch_size=4)
+    loader = D.create_custom_dataloader(p, tok, max_seq_len=192, batch_size=4)
     assert sum(len(b["input_ids"]) for b in loader) == 9
     with pytest.raises(ValueError, match="above the model's context"):
         D.preprocess_data(model_name=None, max_seq_len=256, source="synthetic", max_examples=20, n_positions=128)

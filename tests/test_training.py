@@ -9,11 +9,11 @@ from multitoken import training as T
 
 @pytest.fixture(scope="module")
 def loaders():
-    return D.preprocess_data(model_name=None, max_seq_len=96, max_examples=120, source="synthetic", vocab_size=300,
-                             train_batch_size=8, val_batch_size=8, n_positions=128)
+    return D.preprocess_data(model_name=None, max_seq_len=160, max_examples=120, source="synthetic", vocab_size=400,
+                             train_batch_size=8, val_batch_size=8, n_positions=160)
 
 
-MC = dict(n_layer=2, n_embd=48, n_head=2, n_positions=128)
+MC = dict(n_layer=2, n_embd=48, n_head=2, n_positions=160)
 
 
 def test_ntp_validation_loss_falls_and_log_is_written(tmp_path, loaders):
@@ -23,9 +23,9 @@ def test_ntp_validation_loss_falls_and_log_is_written(tmp_path, loaders):
                                            model_config=MC, log_csv=log, eval_steps=15, logging_steps=5)
     df = pd.read_csv(log)
     ev = df.eval_loss.dropna()
-    assert len(ev) >= 2 and ev.iloc[-1] < ev.iloc[0] - 0.5
+    assert len(ev) >= 2 and ev.iloc[-1] < 0.95 * ev.iloc[0]  # validation loss falls
     assert {"step", "train_loss", "eval_loss", "elapsed_s", "tokens_per_s"} <= set(df.columns)
-    assert (df.tokens_per_s.dropna() > 0).all()
+    assert (df.tokens_per_s.dropna() > 0).all() and df.train_loss.dropna().gt(0).all()
     assert (tmp_path / "ntp" / "final" / "model.safetensors").exists()
 
 
@@ -68,7 +68,7 @@ def test_mtp_and_medusa_training_log_per_head_metrics(tmp_path, loaders):
     base.save_pretrained(tmp_path / "base")
     before = {k: v.clone() for k, v in base.state_dict().items()}
     med, _ = T.train_medusa(str(tmp_path / "base"), tr, va, tok, tmp_path / "med", num_medusa_heads=2, max_steps=4,
-                            eval_steps=2, log_csv=tmp_path / "med.csv")
+                            eval_steps=2, logging_steps=2, log_csv=tmp_path / "med.csv")
     for k, v in before.items():  # frozen backbone: unchanged by training
         assert torch.equal(med.state_dict()[k], v), k
     assert "head2_loss" in pd.read_csv(tmp_path / "med.csv").columns

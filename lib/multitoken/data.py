@@ -122,7 +122,14 @@ def tokenize_dataset(ds: Dataset | DatasetDict, tokenizer, max_seq_len: int = 51
         return out
 
     cols = ds["train"].column_names if isinstance(ds, DatasetDict) else ds.column_names
-    return ds.map(encode, batched=True, remove_columns=cols, desc="tokenize")
+    out = ds.map(encode, batched=True, remove_columns=cols, desc="tokenize")
+    # a prompt that fills max_seq_len leaves nothing to learn (and a NaN loss): drop such examples
+    out = out.filter(lambda ex: ex["prompt_len"] < len(ex["labels"]), desc="drop prompt-only")
+    for name, part in (out.items() if isinstance(out, DatasetDict) else [("dataset", out)]):
+        if len(part) == 0:
+            raise ValueError(f"{name}: every prompt is at least max_seq_len={max_seq_len} tokens long; "
+                             "raise max_seq_len")
+    return out
 
 
 class Collator:
