@@ -60,6 +60,15 @@ class MTPConfig(GPT2Config):
                              "transformer head would need its own KV cache of teacher-forced tokens at decoding time")
 
 
+def token_embeddings_ahead(wte, input_ids, k, h_prev):
+    """Emb(t_{i+k}) for a sequential head k: teacher-forced from ``(B, T)`` input ids in training (zeros past the
+    end), or the embedding of one drafted token (a 1-element tensor) at decoding time."""
+    if input_ids.dim() == 2:
+        emb = wte(input_ids[:, k:])                                       # (B, T-k, d)
+        return F.pad(emb, (0, 0, 0, h_prev.shape[1] - emb.shape[1]))
+    return wte(input_ids).view(1, 1, -1).expand_as(h_prev)
+
+
 class HeadLayerNorm(nn.LayerNorm):
     """A head's final norm, initialised from the trunk's ln_f."""
 
@@ -154,9 +163,7 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
     def _head_step(self, k, h_prev, h0, input_ids, cache=None, mask=None):
         body, cfg = self._body(k), self.config
         if cfg.sequential:
-            # token t_{i+k} (teacher-forced in training; at decoding time the engine passes drafted tokens)
-            emb = self._shifted_embeddings(input_ids, k, h0) if isinstance(input_ids, torch.Tensor) and \
-                input_ids.dim() == 2 else self.transformer.wte(input_ids).view(1, 1, -1).expand_as(h_prev)
+            emb = token_embeddings_ahead(self.transformer.wte, input_ids, k, h_prev)
             x = body.combine(torch.cat([body.norm_h(h_prev), body.norm_e(emb)], -1))
         else:
             x = h_prev if cfg.share_weights_across_steps else h0
@@ -164,11 +171,6 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
             mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=None,
                                       position_ids=None)
         return body(x, cache, mask)
-
-    def _shifted_embeddings(self, input_ids, k, h0):  # Emb(t_{i+k}) at every position i, zeros past the end
-        T = h0.shape[1]
-        emb = self.transformer.wte(input_ids[:, k:])
-        return F.pad(emb, (0, 0, 0, T - emb.shape[1]))
 
     def _head_logits(self, k, h):
         body = self._body(k)
@@ -272,11 +274,7 @@ class MTPWrapper(HeadsMixin, nn.Module):
     def _head_step(self, k, h_prev, h0, input_ids, cache=None, mask=None):
         body = self._body(k)
         if self.config.sequential:
-            wte = self.model.get_input_embeddings()
-            if input_ids is not None and input_ids.dim() == 2:
-                emb = F.pad(wte(input_ids[:, k:]), (0, 0, 0, h0.shape[1] - input_ids[:, k:].shape[1]))
-            else:
-                emb = wte(input_ids).view(1, 1, -1).expand_as(h_prev)
+            emb = token_embeddings_ahead(self.model.get_input_embeddings(), input_ids, k, h_prev)
             x = body.combine(torch.cat([body.norm_h(h_prev), body.norm_e(emb)], -1))
         else:
             x = h_prev if self.config.share_weights_across_steps else h0
