@@ -206,3 +206,33 @@ def test_wrapped_llama_decodes_losslessly():
                              eos_token_id=EOS, pad_token_id=PAD)
         for tree in ("chain", "medusa:6"):
             assert torch.equal(speculative_generate(model, ids, 20, tree=tree)[0], ref)
+
+
+@pytest.mark.parametrize("kw", [dict(head_type="transformer", num_trunk_layers=1), dict(head_type="mlp")])
+def test_lean_forward_equals_transformers(kw, monkeypatch):
+    """The decoding loop's lean GPT-2 forward (fastpath) gives transformers' logits, head states and KV cache:
+    prefill, then a tree-masked verification step on top of the cache."""
+    from multitoken import fastpath
+
+    model = mtp(**kw, num_predict_tokens=3, initializer_range=0.4)
+    assert fastpath.supported(model.transformer) and not fastpath.supported(model.train().transformer)
+    model.eval()
+    ids, tree = torch.randint(2, V, (1, 7)), medusa_tree(6, 2)
+    step = torch.randint(2, V, (1, len(tree) + 1))
+    pos = 7 + torch.cat([torch.zeros(1, dtype=torch.long), tree.depths_t]).view(1, -1)
+    mask = torch.cat([torch.ones(len(tree) + 1, 7, dtype=torch.bool), tree.ancestors], 1)[None, None]
+
+    def run():
+        caches = model.spec_new_cache()
+        a, ca = model.spec_forward(ids, caches)
+        b, cb = model.spec_forward(step, caches, pos, mask)
+        states = [s for c in (ca, cb) for s in c.get("states", [c["h0"]])]
+        return [a, b, *states, *[t for c in caches for l in c.layers for t in (l.keys, l.values)]]
+
+    with torch.no_grad():
+        fast = run()
+        monkeypatch.setattr(fastpath, "supported", lambda module: False)
+        slow = run()
+    assert len(fast) == len(slow) > 4
+    for x, y in zip(fast, slow):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)

@@ -5,6 +5,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from multitoken import data as D
 from multitoken import training as T
+from multitoken import MedusaGPT2, MultiTokenGPT2
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,12 @@ def test_mtp_and_medusa_training_log_per_head_metrics(tmp_path, loaders):
     for k, v in before.items():  # frozen backbone: unchanged by training
         assert torch.equal(med.state_dict()[k], v), k
     assert "head2_loss" in pd.read_csv(tmp_path / "med.csv").columns
+    # Trainer switches the KV cache off for training; saved models must generate with it (a baseline without a cache
+    # would make every speedup look larger than it is)
+    for d in ("mtp", "med"):
+        saved = MedusaGPT2 if d == "med" else MultiTokenGPT2
+        m = saved.from_pretrained(str(tmp_path / d / "final"))
+        assert m.config.use_cache and m.generation_config.use_cache, d
 
 
 def test_cli_trains_a_variant(tmp_path, monkeypatch):

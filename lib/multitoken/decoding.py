@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from . import fastpath
 from .trees import Tree, parse_tree
 
 
@@ -43,6 +44,10 @@ class PlainLM:
         return [DynamicCache()]
 
     def spec_forward(self, input_ids, caches, position_ids=None, attention_mask=None):
+        tr = getattr(self.model, "transformer", None)
+        if fastpath.supported(tr):  # GPT-2: the lean forward, as the head models use
+            _, hidden = fastpath.trunk(tr, input_ids, caches[0], position_ids, attention_mask)
+            return self.model.lm_head(hidden), None
         out = self.model(input_ids, past_key_values=caches[0], position_ids=position_ids,
                          attention_mask=attention_mask, use_cache=True)
         return out.logits, None
@@ -84,9 +89,11 @@ def _compact(caches, L: int, keep: list[int]):
 
 def _greedy_accept(tree: Tree, cand: torch.Tensor, pred: torch.Tensor):
     """Deepest node whose whole path matches the model's argmax; returns the accepted node indices (1-based)."""
-    parents = torch.tensor(tree.parents[1:])
-    bad = (cand != pred[parents]).float()                                  # (N,)
-    ok = (tree.ancestors[1:, 1:].float() @ bad) == 0                       # every ancestor (and itself) matches
+    hit = cand == pred[tree.parents_t]                                      # (N,) node token == argmax at parent
+    if tree.is_chain:                                                       # nodes 1..N in order: a prefix
+        n = int(hit.long().cumprod(0).sum())
+        return list(range(1, n + 1))
+    ok = (tree.path_matrix @ (~hit).float()) == 0                            # every node on the path matches
     if not ok.any():
         return []
     best = int(torch.where(ok, tree.depths_t, 0).argmax()) + 1

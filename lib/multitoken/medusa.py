@@ -15,6 +15,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers import initialization as init
 
+from . import fastpath
 from .heads import HeadsMixin, MultiTokenOutput, ResBlock, init_special, shifted_ce
 
 
@@ -97,6 +98,8 @@ class MedusaGPT2(HeadsMixin, GPT2LMHeadModel):
         return self.medusa_heads[k - 1].unembed(h)
 
     def _trunk(self, input_ids, cache, position_ids=None, attention_mask=None):
+        if cache is not None and fastpath.supported(self.transformer):
+            return fastpath.trunk(self.transformer, input_ids, cache, position_ids, attention_mask)
         out = self.transformer(input_ids, past_key_values=cache, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=cache is not None)
         return out.last_hidden_state, out.last_hidden_state

@@ -21,6 +21,7 @@ from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
+from . import fastpath
 from .heads import (WEIGHTINGS, EyeLinear, HeadsMixin, MultiTokenOutput, ResBlock, ZeroLinear, init_special, loss_weights,
                     shifted_ce, warmup_factor)
 
@@ -102,6 +103,8 @@ class MTPHead(nn.Module):
         if self.kind == "mlp":
             return x + self.out(F.gelu(self.fc(x)))
         if self.kind == "transformer":
+            if cache is not None and fastpath.supported(self.block):
+                return fastpath.block(self.block, x, cache, 0, mask)
             return self.block(x, past_key_values=cache, attention_mask=mask, use_cache=cache is not None)
         return self.res(x)
 
@@ -187,6 +190,8 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _trunk(self, input_ids, cache, position_ids=None, attention_mask=None):
+        if cache is not None and fastpath.supported(self.transformer):
+            return fastpath.trunk(self.transformer, input_ids, cache, position_ids, attention_mask, self._trunk_cut)
         out = self.transformer(input_ids, past_key_values=cache, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=cache is not None)
         hidden = out.last_hidden_state

@@ -23,10 +23,10 @@ DEFAULTS = dict(
     max_seq_len=192, model_name=None, n_layer=2, n_embd=64, n_head=2, n_positions=256,
     batch_size=8, eval_steps=20, logging_steps=5, max_steps=-1,
     ntp_epochs=1, ntp_lr=3e-3, ntp_grad_accum=1,
-    mtp_n=3, mtp_head_type="mlp", mtp_sequential=False, mtp_share=False, mtp_weighting="uniform", mtp_beta=0.8,
+    mtp_n=3, mtp_head_type="mlp", mtp_sequential=False, mtp_share=False, mtp_own_unembedding=False, mtp_weighting="uniform", mtp_beta=0.8,
     mtp_lambda=1.0, mtp_warmup_steps=0, mtp_epochs=1, mtp_lr=3e-3, mtp_grad_accum=1, mtp_memory_efficient=True,
     medusa_heads=3, medusa_layers=1, medusa_epochs=1, medusa_lr=3e-3, medusa_self_distill=False,
-    eval_examples=8, max_new_tokens=48, bench_prompts=4, bench_warmup=1, tree_budgets=[4, 8, 16], tree_budget=8,
+    eval_examples=8, max_new_tokens=48, bench_prompts=4, bench_warmup=1, tree_budgets=[4, 8, 16], tree_budget="auto",
     ablation_n=[2, 3], ablation_lrs=[3e-3], ablation_head_types=["linear", "mlp"],
     ablation_weightings=["uniform", "exponential"], ablation_steps=8,
 )
@@ -80,7 +80,8 @@ def model_config(cfg):
 
 def mtp_fields(cfg) -> dict:
     return dict(head_type=cfg["mtp_head_type"], sequential=cfg["mtp_sequential"],
-                share_weights_across_steps=cfg["mtp_share"], loss_weighting=cfg["mtp_weighting"],
+                share_weights_across_steps=cfg["mtp_share"], head_own_unembedding=cfg["mtp_own_unembedding"],
+                loss_weighting=cfg["mtp_weighting"],
                 loss_beta=cfg["mtp_beta"], loss_lambda=cfg["mtp_lambda"], mtp_warmup_steps=cfg["mtp_warmup_steps"],
                 memory_efficient_loss=cfg["mtp_memory_efficient"])
 
@@ -171,7 +172,15 @@ def decoding_methods(cfg, models: dict, trees: dict):
 
 
 def fitted_trees(cfg, models, loader, budget):
-    return {v: fitted_tree(head_topk_accuracy(models[v], loader), budget) for v in ("mtp", "medusa")}
+    """The tree per head family: fitted to measured top-k accuracy under ``budget`` nodes, or with ``"auto"`` the
+    fitted budget that was fastest in this machine's tree sweep (``results/tree_sweep.csv``, run if missing)."""
+    budgets = {v: budget for v in ("mtp", "medusa")}
+    if budget == "auto":
+        f = paths(cfg)["results"] / "tree_sweep.csv"
+        sweep = pd.read_csv(f) if f.exists() else run_tree_sweep(cfg, models, loader)
+        fitted = sweep[sweep.tree == "fitted"]
+        budgets = {v: int(fitted[fitted.variant == v].sort_values("speedup").budget.iloc[-1]) for v in budgets}
+    return {v: fitted_tree(head_topk_accuracy(models[v], loader), budgets[v]) for v in budgets}
 
 
 def bench_prompts(cfg, loader, n):

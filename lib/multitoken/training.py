@@ -135,6 +135,8 @@ def _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv
                           eval_dataset=val_dataloader.dataset, data_collator=train_dataloader.collate_fn,
                           processing_class=tokenizer, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    # Trainer turns the KV cache off for training (args.use_cache=False); a saved model should generate with it.
+    model.config.use_cache = model.generation_config.use_cache = True
     final = output_dir / "final"
     trainer.save_model(str(final))  # safetensors + config (+ tokenizer via processing_class)
     return trainer

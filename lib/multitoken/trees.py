@@ -31,6 +31,8 @@ class Tree:
     depths_t: torch.Tensor = field(init=False, repr=False)
     last_idx_t: torch.Tensor = field(init=False, repr=False)
     ancestors: torch.Tensor = field(init=False, repr=False)  # (N+1, N+1) bool: row i may attend to column j
+    parents_t: torch.Tensor = field(init=False, repr=False)
+    path_matrix: torch.Tensor = field(init=False, repr=False)  # (N, N) float: node i's path contains node j
     is_chain: bool = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -52,6 +54,8 @@ class Tree:
         object.__setattr__(self, "depths_t", torch.tensor([len(p) for p in paths], dtype=torch.long))
         object.__setattr__(self, "last_idx_t", torch.tensor([p[-1] for p in paths], dtype=torch.long))
         object.__setattr__(self, "ancestors", anc)
+        object.__setattr__(self, "parents_t", torch.tensor(parents[1:], dtype=torch.long))
+        object.__setattr__(self, "path_matrix", anc[1:, 1:].float())
         object.__setattr__(self, "is_chain", all(p == (0,) * len(p) for p in paths))
 
     def __len__(self):
