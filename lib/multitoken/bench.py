@@ -46,7 +46,7 @@ mc = pipeline.model_config(cfg)
 if n == 1:
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), **mc))
 else:
-    model = build_mtp_model(tok, n, model_config=mc, head_type=cfg["mtp_head_type"], memory_efficient_loss=eff)
+    model = build_mtp_model(tok, n, model_config=mc, **{**pipeline.mtp_fields(cfg), "memory_efficient_loss": eff})
 model.train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 def step():
@@ -63,7 +63,7 @@ print(json.dumps({"step_s": statistics.median(times), "peak_rss_mb": peak, "rss_
 """
 
 
-def training_bench(cfg, steps: int = 5):
+def training_bench(cfg, steps: int = 10):
     """NTP vs MTP n=2 and n=4 (naive and memory-efficient loss), each in a fresh process (clean peak RSS)."""
     configs = [("ntp", 1, True), ("mtp2_naive", 2, False), ("mtp2_efficient", 2, True), ("mtp4_naive", 4, False),
                ("mtp4_efficient", 4, True)]

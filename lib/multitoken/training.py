@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments)
+from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments, set_seed)
 
 from .medusa import MedusaGPT2
 from .models import MTPConfig, MultiTokenGPT2
@@ -168,6 +168,7 @@ def train_standard_gpt2(train_dataloader, val_dataloader, tokenizer, output_dir,
             check_checkpoint_dir(model_name)
         model = GPT2LMHeadModel.from_pretrained(str(model_name))
     else:
+        set_seed(args_kw.get("seed", 0))  # new weights: seeded here, not by whatever ran before in this process
         model = GPT2LMHeadModel(_fresh_config(tokenizer, model_config))
     _sync_vocab(model, tokenizer)
     trainer = _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv, resume_from_checkpoint,
@@ -210,6 +211,7 @@ def train_multi_token_gpt2(train_dataloader, val_dataloader, tokenizer, output_d
                            num_train_epochs=1, learning_rate=5e-5, gradient_accumulation_steps=8, base_model=None,
                            model_config=None, log_csv=None, resume_from_checkpoint=None, mtp=None, **args_kw):
     """MTP training: ``mtp`` holds the head design (head_type, sequential, weighting, warm-up, ...)."""
+    set_seed(args_kw.get("seed", 0))
     model = build_mtp_model(tokenizer, num_tokens_to_predict, base_model, model_config, **(mtp or {}))
     trainer = _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv, resume_from_checkpoint,
                    MultiHeadTrainer, dict(num_train_epochs=num_train_epochs, learning_rate=learning_rate,
@@ -223,6 +225,7 @@ def train_medusa(base_model, train_dataloader, val_dataloader, tokenizer, output
     """MEDUSA-1: heads on a frozen base (hub name, local ``save_pretrained`` dir, or a GPT2LMHeadModel)."""
     if _is_local(base_model):
         check_checkpoint_dir(base_model)
+    set_seed(args_kw.get("seed", 0))
     model = MedusaGPT2.from_base(base_model, num_medusa_heads=num_medusa_heads, medusa_num_layers=medusa_num_layers)
     _sync_vocab(model, tokenizer)
     if freeze_backbone:
