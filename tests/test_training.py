@@ -105,3 +105,30 @@ def test_training_is_reproducible_whatever_ran_before(tmp_path, loaders):
     b, _ = T.train_standard_gpt2(tr, va, tok, tmp_path / "b", **kw)
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), k
+
+
+def test_self_distill_replaces_responses_with_the_models_greedy_text(loaders):
+    """Medusa's self-distillation: each response becomes the base model's own greedy continuation of the prompt
+    (batched with left padding, equal to generating each prompt alone)."""
+    tr, va, tok = loaders
+    from multitoken.data import format_prompt
+    from multitoken.synthetic import generate_records
+    from datasets import Dataset
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), eos_token_id=tok.eos_token_id, initializer_range=0.5,
+                                       pad_token_id=tok.pad_token_id, **MC)).eval()
+    with torch.no_grad():  # an untrained model: keep it from choosing special tokens (empty continuations)
+        model.lm_head.weight[[tok.eos_token_id, tok.pad_token_id]] = 0.0
+    ds = Dataset.from_list(generate_records(5, seed=1))
+    out = T.self_distill(model, tok, ds, max_new_tokens=12, batch_size=3)
+    assert out.column_names == ds.column_names and out["query"] == ds["query"]
+    replaced = 0
+    for q, ref, got in zip(ds["query"], ds["response"], out["response"]):
+        ids = tok(format_prompt(q), return_tensors="pt").input_ids
+        alone = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        text = tok.decode(alone[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        assert got == (text or ref)  # an empty continuation keeps the reference (no empty training examples)
+        replaced += bool(text)
+    assert replaced >= 3

@@ -25,7 +25,7 @@ DEFAULTS = dict(
     ntp_epochs=1, ntp_lr=3e-3, ntp_grad_accum=1,
     mtp_n=3, mtp_head_type="mlp", mtp_sequential=False, mtp_share=False, mtp_own_unembedding=False, mtp_weighting="uniform", mtp_beta=0.8,
     mtp_lambda=1.0, mtp_warmup_steps=0, mtp_epochs=1, mtp_lr=3e-3, mtp_grad_accum=1, mtp_memory_efficient=True,
-    medusa_heads=3, medusa_layers=1, medusa_epochs=1, medusa_lr=3e-3, medusa_self_distill=False,
+    medusa_heads=3, medusa_layers=1, medusa_epochs=1, medusa_lr=3e-3, medusa_self_distill=True,
     eval_examples=8, max_new_tokens=48, bench_prompts=4, bench_warmup=1, tree_budgets=[4, 8, 16], tree_budget="auto",
     ablation_n=[2, 3], ablation_lrs=[3e-3], ablation_head_types=["linear", "mlp"],
     ablation_weightings=["uniform", "exponential"], ablation_steps=8,
@@ -104,8 +104,12 @@ def train_variant(cfg, variant: str):
             raise FileNotFoundError(f"{base} is missing: train the NTP baseline first (notebooks/01_train_ntp.ipynb)")
         if cfg["medusa_self_distill"]:
             base_model = T.GPT2LMHeadModel.from_pretrained(str(base))
-            raw = T.self_distill(base_model, tok, prep["raw"]["train"], max_new_tokens=cfg["max_seq_len"])
-            tr = D.make_dataloader(D.tokenize_dataset(raw, tok, cfg["max_seq_len"]), tok, cfg["batch_size"], True)
+            # train *and* validate on the base model's own greedy continuations: that is what the heads must
+            # predict at decoding time (validation on the references would show a loss that rises as heads improve)
+            tr, va = (D.make_dataloader(D.tokenize_dataset(T.self_distill(base_model, tok, prep["raw"][split],
+                                                                          max_new_tokens=cfg["max_seq_len"]),
+                                                           tok, cfg["max_seq_len"]), tok, cfg["batch_size"], shuffle)
+                      for split, shuffle in (("train", True), ("validation", False)))
         model, _ = T.train_medusa(base, tr, va, tok, out, num_medusa_heads=cfg["medusa_heads"],
                                   medusa_num_layers=cfg["medusa_layers"], log_csv=log, **_common(cfg, "medusa"))
     else:
