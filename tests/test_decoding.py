@@ -236,3 +236,19 @@ def test_lean_forward_equals_transformers(kw, monkeypatch):
     assert len(fast) == len(slow) > 4
     for x, y in zip(fast, slow):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_medusa_batched_drafting_equals_one_head_at_a_time():
+    """Medusa drafts with all heads stacked into batched matmuls; the logits must equal running each head alone,
+    also after the weights change (the stacked copy is rebuilt)."""
+    model = medusa(medusa_num_layers=2, initializer_range=0.4)
+    ctx = {"h0": torch.randn(1, 5, model.config.n_embd)}
+    for _ in range(2):
+        with torch.no_grad():
+            for p in model.medusa_heads.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)  # fresh heads start as the identity; make every layer count
+        for j in (0, 4):
+            h0 = ctx["h0"][:, j: j + 1]
+            alone = torch.stack([model._head_logits(s, model._head_step(s, h0, h0, None))[0, 0]
+                                 for s in range(1, model.num_heads + 1)])
+            torch.testing.assert_close(model.spec_head_logits(ctx, j), alone, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -96,6 +97,29 @@ class MedusaGPT2(HeadsMixin, GPT2LMHeadModel):
 
     def _head_logits(self, k, h):
         return self.medusa_heads[k - 1].unembed(h)
+
+    def _stacked_heads(self):
+        """Every head's weights stacked (cached until a parameter changes), so drafting is a few batched matmuls."""
+        params = list(self.medusa_heads.parameters())
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if getattr(self, "_stack_key", None) != key:
+            heads = self.medusa_heads
+            layers = [(torch.stack([h.blocks[i].linear.weight.mT for h in heads]),
+                       torch.stack([h.blocks[i].linear.bias for h in heads]).unsqueeze(1))
+                      for i in range(self.config.medusa_num_layers)]
+            self._stack, self._stack_key = (layers, torch.stack([h.unembed.weight.mT for h in heads])), key
+        return self._stack
+
+    def spec_head_logits(self, ctx, j: int):
+        """Every head's logits at step-local position j, ``(S, V)``: all heads at once, in batched matmuls."""
+        layers, unembed = self._stacked_heads()
+        x = ctx["h0"][0, j].expand(self.num_heads, 1, -1)                     # (S, 1, d)
+        for w, b in layers:
+            x = x + F.silu(torch.baddbmm(b, x, w))
+        return torch.bmm(x, unembed)[:, 0]
+
+    def spec_head_topk(self, ctx, j: int, k: int):
+        return self.spec_head_logits(ctx, j).topk(k, -1).indices              # (S, k)
 
     def _trunk(self, input_ids, cache, position_ids=None, attention_mask=None):
         if cache is not None and fastpath.supported(self.transformer):
