@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from . import fastpath
+
 WEIGHTINGS = ("uniform", "linear", "exponential", "primary_aux")
 
 
@@ -158,6 +160,18 @@ class HeadsMixin:
 
     num_heads: int = 0
     memory_efficient_loss: bool = True
+    _trunk_cut: int | None = None  # heads branch off after this many blocks (MultiTokenGPT2's num_trunk_layers)
+    _captured = None               # the hidden state after block _trunk_cut, set by a forward hook
+
+    def _trunk(self, input_ids, cache, position_ids=None, attention_mask=None):
+        """GPT-2 trunk: (hidden state the heads read, final hidden after ln_f). Other bodies override this.
+        Cached inference takes the lean forward of :mod:`multitoken.fastpath`; everything else, transformers'."""
+        if cache is not None and fastpath.supported(self.transformer):
+            return fastpath.trunk(self.transformer, input_ids, cache, position_ids, attention_mask, self._trunk_cut)
+        out = self.transformer(input_ids, past_key_values=cache, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=cache is not None)
+        hidden = out.last_hidden_state
+        return (self._captured if self._trunk_cut is not None else hidden), hidden
 
     # -- training ---------------------------------------------------------------------------------------------------
     def heads_loss(self, h0, input_ids, labels, weights):

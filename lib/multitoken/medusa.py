@@ -16,7 +16,6 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers import initialization as init
 
-from . import fastpath
 from .heads import HeadsMixin, MultiTokenOutput, ResBlock, init_special, shifted_ce
 
 
@@ -121,12 +120,6 @@ class MedusaGPT2(HeadsMixin, GPT2LMHeadModel):
     def spec_head_topk(self, ctx, j: int, k: int):
         return self.spec_head_logits(ctx, j).topk(k, -1).indices              # (S, k)
 
-    def _trunk(self, input_ids, cache, position_ids=None, attention_mask=None):
-        if cache is not None and fastpath.supported(self.transformer):
-            return fastpath.trunk(self.transformer, input_ids, cache, position_ids, attention_mask)
-        out = self.transformer(input_ids, past_key_values=cache, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=cache is not None)
-        return out.last_hidden_state, out.last_hidden_state
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, labels=None,
                 use_cache=None, output_head_logits=False, logits_to_keep=0, **kwargs):

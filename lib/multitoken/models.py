@@ -189,15 +189,6 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
         self.weight_scale = warmup_factor(step, self.config.mtp_warmup_steps)
 
     # -- forward ------------------------------------------------------------------------------------------------
-    def _trunk(self, input_ids, cache, position_ids=None, attention_mask=None):
-        if cache is not None and fastpath.supported(self.transformer):
-            return fastpath.trunk(self.transformer, input_ids, cache, position_ids, attention_mask, self._trunk_cut)
-        out = self.transformer(input_ids, past_key_values=cache, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=cache is not None)
-        hidden = out.last_hidden_state
-        h0 = self._captured if self._trunk_cut is not None else hidden
-        return h0, hidden
-
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, labels=None,
                 use_cache=None, output_head_logits=False, logits_to_keep=0, **kwargs):
         out = self.transformer(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
