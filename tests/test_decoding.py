@@ -224,10 +224,11 @@ def test_lean_forward_equals_transformers(kw, monkeypatch):
 
     def run():
         caches = model.spec_new_cache()
-        a, ca = model.spec_forward(ids, caches)
-        b, cb = model.spec_forward(step, caches, pos, mask)
-        states = [s for c in (ca, cb) for s in c.get("states", [c["h0"]])]
-        return [a, b, *states, *[t for c in caches for l in c.layers for t in (l.keys, l.values)]]
+        prefill, ctx0 = model.spec_forward(ids, caches)
+        tree_step, ctx1 = model.spec_forward(step, caches, pos, mask)
+        plain, ctx2 = model.spec_forward(step[:, :3], caches)  # several new tokens, no mask: causal after the cache
+        states = [s for c in (ctx0, ctx1, ctx2) for s in c.get("states", [c["h0"]])]
+        return [prefill, tree_step, plain, *states, *[t for c in caches for l in c.layers for t in (l.keys, l.values)]]
 
     with torch.no_grad():
         fast = run()

@@ -170,8 +170,8 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
             x = body.combine(torch.cat([body.norm_h(h_prev), body.norm_e(emb)], -1))
         else:
             x = h_prev if cfg.share_weights_across_steps else h0
-        if body.kind == "transformer" and mask is None and cache is None:
-            mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=None,
+        if body.kind == "transformer" and mask is None and x.shape[1] > 1:  # causal, after whatever is cached
+            mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=cache,
                                       position_ids=None)
         return body(x, cache, mask)
 
