@@ -125,9 +125,9 @@ def engine_method(model, max_new_tokens, tree):
 @torch.inference_mode()
 def benchmark_decoding(methods: dict, prompts: list, baseline: dict, warmup: int = 2, repeats: int = 1,
                        desc="decoding benchmark") -> tuple[list[dict], pd.DataFrame]:
-    """Time every method on every prompt, interleaved (a fresh random method order per prompt) so machine noise and
-    cache warmth hit all alike: with a fixed rotation, a method that always ran right after another method of the
-    same model found its weights in cache and looked ~12% faster than the identical computation run after another model.
+    """Time every method on every prompt, interleaved, in a fresh random method order per prompt, so machine noise
+    and order effects hit all alike. (With a fixed rotation, the same tree run right after another method of the same
+    model timed ~12% faster than when it ran after another model, presumably from cache warmth.)
 
     ``methods``: name -> (fn, baseline_name) where ``fn(ids) -> (sequences, stats)`` and ``baseline_name`` is the
     HF-greedy method of the same model (for speedup and identical_to_greedy). Returns (summary rows, per-prompt frame).

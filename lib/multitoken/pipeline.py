@@ -23,8 +23,8 @@ DEFAULTS = dict(
     max_seq_len=192, model_name=None, n_layer=2, n_embd=64, n_head=2, n_positions=256,
     batch_size=8, eval_steps=20, logging_steps=5, max_steps=-1,
     ntp_epochs=1, ntp_lr=3e-3, ntp_grad_accum=1,
-    mtp_n=3, mtp_head_type="mlp", mtp_sequential=False, mtp_share=False, mtp_own_unembedding=False, mtp_weighting="uniform", mtp_beta=0.8,
-    mtp_lambda=1.0, mtp_warmup_steps=0, mtp_epochs=1, mtp_lr=3e-3, mtp_grad_accum=1, mtp_memory_efficient=True,
+    mtp_n=3, mtp_head_type="mlp", mtp_sequential=False, mtp_share=False, mtp_own_unembedding=False,
+    mtp_weighting="uniform", mtp_beta=0.8, mtp_lambda=1.0, mtp_warmup_steps=0, mtp_epochs=1, mtp_lr=3e-3, mtp_grad_accum=1, mtp_memory_efficient=True,
     medusa_heads=3, medusa_layers=1, medusa_epochs=1, medusa_lr=3e-3, medusa_self_distill=True,
     eval_examples=8, max_new_tokens=48, bench_prompts=4, bench_warmup=1, tree_budgets=[4, 8, 16], tree_budget="auto",
     ablation_n=[2, 3], ablation_lrs=[3e-3], ablation_head_types=["linear", "mlp"],
@@ -81,8 +81,7 @@ def model_config(cfg):
 def mtp_fields(cfg) -> dict:
     return dict(head_type=cfg["mtp_head_type"], sequential=cfg["mtp_sequential"],
                 share_weights_across_steps=cfg["mtp_share"], head_own_unembedding=cfg["mtp_own_unembedding"],
-                loss_weighting=cfg["mtp_weighting"],
-                loss_beta=cfg["mtp_beta"], loss_lambda=cfg["mtp_lambda"], mtp_warmup_steps=cfg["mtp_warmup_steps"],
+                loss_weighting=cfg["mtp_weighting"], loss_beta=cfg["mtp_beta"], loss_lambda=cfg["mtp_lambda"], mtp_warmup_steps=cfg["mtp_warmup_steps"],
                 memory_efficient_loss=cfg["mtp_memory_efficient"])
 
 
@@ -104,12 +103,15 @@ def train_variant(cfg, variant: str):
             raise FileNotFoundError(f"{base} is missing: train the NTP baseline first (notebooks/01_train_ntp.ipynb)")
         if cfg["medusa_self_distill"]:
             base_model = T.GPT2LMHeadModel.from_pretrained(str(base))
+
+            def distilled(split, shuffle):
+                raw = T.self_distill(base_model, tok, prep["raw"][split], max_new_tokens=cfg["max_seq_len"])
+                return D.make_dataloader(D.tokenize_dataset(raw, tok, cfg["max_seq_len"]), tok, cfg["batch_size"],
+                                         shuffle)
+
             # train *and* validate on the base model's own greedy continuations: that is what the heads must
             # predict at decoding time (validation on the references would show a loss that rises as heads improve)
-            tr, va = (D.make_dataloader(D.tokenize_dataset(T.self_distill(base_model, tok, prep["raw"][split],
-                                                                          max_new_tokens=cfg["max_seq_len"]),
-                                                           tok, cfg["max_seq_len"]), tok, cfg["batch_size"], shuffle)
-                      for split, shuffle in (("train", True), ("validation", False)))
+            tr, va = distilled("train", True), distilled("validation", False)
         model, _ = T.train_medusa(base, tr, va, tok, out, num_medusa_heads=cfg["medusa_heads"],
                                   medusa_num_layers=cfg["medusa_layers"], log_csv=log, **_common(cfg, "medusa"))
     else:
