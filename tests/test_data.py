@@ -114,3 +114,58 @@ def test_pretrained_tokenizer_path_uses_a_local_directory(tmp_path, records):
     D.build_tokenizer(texts, vocab_size=300, save_dir=tmp_path / "gpt2-like")
     tok = D.build_tokenizer(name=str(tmp_path / "gpt2-like"))
     assert tok.pad_token_id != tok.eos_token_id
+
+
+# --- GSM8K, shipped in data/gsm8k --------------------------------------------------------------------------------
+
+def test_gsm8k_first_records_convert_to_the_exact_expected_strings():
+    train, test = D.read_gsm8k(D.GSM8K_DIR / "train.jsonl"), D.read_gsm8k(D.GSM8K_DIR / "test.jsonl")
+    assert (len(train), len(test)) == (7473, 1319)
+    assert train[0] == {
+        "query": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How "
+                 "many clips did Natalia sell altogether in April and May?",
+        "response": "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May."
+                    "\nThe answer is: 72",
+        "type": "GSM_Original", "original_question": train[0]["query"]}
+    assert train[1]["response"] == ("Weng earns 12/60 = $0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
+                                    "$10.\nThe answer is: 10")
+    assert test[0]["response"].endswith("She makes 9 * 2 = $18 every day at the farmer’s market.\nThe answer is: 18")
+
+
+def test_every_converted_final_answer_equals_the_gsm8k_value():
+    from multitoken.evaluation import extract_answer
+
+    for name in ("train.jsonl", "test.jsonl"):
+        raw = [json.loads(line) for line in (D.GSM8K_DIR / name).read_text().splitlines()]
+        conv = D.read_gsm8k(D.GSM8K_DIR / name)
+        for r, c in zip(raw, conv, strict=True):
+            want = Fraction(r["answer"].split("####")[-1].strip().replace(",", ""))
+            assert Fraction(extract_answer(c["response"])) == want, (r["answer"], c["response"])
+            assert "<<" not in c["response"] and "####" not in c["response"]
+
+
+def test_gsm8k_source_keeps_the_official_test_split():
+    ds = D.load_metamathqa("gsm8k", max_examples=1000, seed=1, val_fraction=0.1, test_examples=50)
+    assert (len(ds["train"]), len(ds["validation"]), len(ds["test"])) == (900, 100, 50)
+    assert ds["test"][0]["query"].startswith("Janet’s ducks lay 16 eggs")       # file order: the first test problem
+    again = D.load_metamathqa("gsm8k", max_examples=1000, seed=1, val_fraction=0.1, test_examples=50)
+    assert again["validation"]["query"] == ds["validation"]["query"]             # seeded carve-out
+    assert not set(ds["validation"]["query"]) & set(ds["train"]["query"])
+
+
+@pytest.mark.parametrize("line,match", [
+    ('{not json}', "line 2 is not valid JSON"),
+    ('{"question": "q"}', r"line 2 lacks field\(s\) \['answer'\]"),
+    ('{"question": "q", "answer": "4 + 4 = 8"}', "line 2: answer has no final '#### <number>' line"),
+    ('{"question": "q", "answer": "so\\n#### eight"}', "line 2: final answer 'eight' is not a number"),
+])
+def test_bad_gsm8k_lines_name_file_and_line(tmp_path, line, match):
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "1 + 1 = 2\\n#### 2"}\n' + line + "\n")
+    (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "#### 2"}\n')
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "train.jsonl")) + ": " + match):
+        D.load_metamathqa(f"gsm8k:{tmp_path}")
+
+
+def test_missing_gsm8k_file_says_where_the_data_should_be(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train.jsonl.*ships GSM8K under data/gsm8k"):
+        D.load_metamathqa(f"gsm8k:{tmp_path}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +18,11 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
           "\n\n### Instruction:\n{query}\n\n### Response:\n")
 REQUIRED = ("query", "response")
+FIELDS = ("query", "response", "type", "original_question")
+# data/gsm8k beside lib/ (an editable install) or under the working directory's repo root
+GSM8K_DIR = Path(__file__).resolve().parents[2] / "data" / "gsm8k"
+_CALC = re.compile(r"<<[^<>]*>>")
+_FINAL = re.compile(r"^####\s*(.+?)\s*$")
 
 
 def format_prompt(query: str) -> str:
@@ -50,20 +56,68 @@ def read_records(path: str | Path) -> list[dict]:
         missing = [k for k in REQUIRED if not isinstance(row, dict) or not isinstance(row.get(k), str)]
         if missing:
             raise ValueError(f"{path}: {where} {i} lacks field(s) {missing} (MetaMathQA schema: query, response)")
-        records.append({k: row.get(k, "") or "" for k in ("query", "response", "type", "original_question")})
+        records.append({k: row.get(k, "") or "" for k in FIELDS})
     return records
 
 
-def load_metamathqa(source: str = "synthetic", max_examples: int | None = None, seed: int = 0,
-                    val_fraction: float = 0.1) -> DatasetDict:
-    """MetaMathQA as a ``DatasetDict`` with ``train`` and ``validation``.
+def gsm8k_to_metamathqa(question: str, answer: str, where: str = "record") -> dict:
+    """One GSM8K record in MetaMathQA's schema: the solution without ``<<...>>`` calculator annotations, its last
+    line ``#### N`` written as ``The answer is: N`` (thousands separators dropped, as MetaMathQA writes numbers)."""
+    lines = answer.rstrip().split("\n")
+    m = _FINAL.match(lines[-1].strip())
+    if not m:
+        raise ValueError(f"{where}: answer has no final '#### <number>' line")
+    final = m.group(1).replace(",", "")
+    try:
+        float(final)
+    except ValueError:
+        raise ValueError(f"{where}: final answer {m.group(1)!r} is not a number") from None
+    steps = [_CALC.sub("", line).rstrip() for line in lines[:-1]]
+    return {"query": question.strip(), "response": "\n".join(steps + [f"The answer is: {final}"]),
+            "type": "GSM_Original", "original_question": question.strip()}
 
-    ``source``: ``"synthetic"`` (offline generator), ``"hub"`` (``meta-math/MetaMathQA``), or a JSON/JSONL path.
+
+def read_gsm8k(path: str | Path) -> list[dict]:
+    """A GSM8K JSONL file (``question``, ``answer``) converted to MetaMathQA records; errors name file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GSM8K file not found: {path}. The workbook ships GSM8K under data/gsm8k/ "
+                                "(train.jsonl, test.jsonl, LICENSE); restore it with `git checkout data/gsm8k`")
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {i} is not valid JSON: {e.msg}") from e
+        missing = [k for k in ("question", "answer") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}: line {i} lacks field(s) {missing} (GSM8K schema: question, answer)")
+        out.append(gsm8k_to_metamathqa(row["question"], row["answer"], where=f"{path}: line {i}"))
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def load_metamathqa(source: str = "synthetic", max_examples: int | None = None, seed: int = 0,
+                    val_fraction: float = 0.1, test_examples: int | None = None) -> DatasetDict:
+    """MetaMathQA as a ``DatasetDict`` with ``train`` and ``validation`` (and ``test`` for GSM8K).
+
+    ``source``: ``"synthetic"`` (offline generator), ``"hub"`` (``meta-math/MetaMathQA``), ``"gsm8k"`` (the GSM8K
+    release shipped in ``data/gsm8k``; ``"gsm8k:/other/dir"`` for another copy), or a JSON/JSONL path.
+    For GSM8K the official test set is the ``test`` split (the first ``test_examples`` of it, in file order) and
+    ``validation`` is carved out of train with ``seed``; ``max_examples`` caps train + validation.
     """
-    if source == "synthetic":
+    test = None
+    if source == "gsm8k" or source.startswith("gsm8k:"):
+        folder = Path(source.split(":", 1)[1]) if ":" in source else GSM8K_DIR
+        ds = Dataset.from_list(read_gsm8k(folder / "train.jsonl"))
+        test = read_gsm8k(folder / "test.jsonl")
+        test = Dataset.from_list(test[:test_examples] if test_examples else test)
+    elif source == "synthetic":
         records = generate_records(max_examples or 2000, seed=seed)
-        ds = Dataset.from_list([{k: r[k] for k in ("query", "response", "type", "original_question")}
-                                for r in records])
+        ds = Dataset.from_list([{k: r[k] for k in FIELDS} for r in records])
     elif source == "hub":
         ds = load_dataset(HUB_DATASET, split="train")
     else:
@@ -75,7 +129,10 @@ def load_metamathqa(source: str = "synthetic", max_examples: int | None = None, 
         raise ValueError(f"dataset from {source!r} has {len(ds)} usable records after filtering; need at least 2")
     n_val = max(1, int(round(len(ds) * val_fraction)))
     split = ds.train_test_split(test_size=n_val, seed=seed, shuffle=True)
-    return DatasetDict(train=split["train"], validation=split["test"])
+    out = DatasetDict(train=split["train"], validation=split["test"])
+    if test is not None:
+        out["test"] = test
+    return out
 
 
 def build_tokenizer(train_texts=None, name: str | None = None, vocab_size: int = 4096,
@@ -140,13 +197,14 @@ class Collator:
 
     def __call__(self, features):
         width = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
+        cpu = torch.device("cpu")  # batches are built on the CPU; the Trainer / evaluation move them
+        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long, device=cpu)
+        labels = torch.full((len(features), width), -100, dtype=torch.long, device=cpu)
+        mask = torch.zeros((len(features), width), dtype=torch.long, device=cpu)
         for i, f in enumerate(features):
             n = len(f["input_ids"])
-            ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
+            ids[i, :n] = torch.tensor(f["input_ids"], device=cpu)
+            labels[i, :n] = torch.tensor(f["labels"], device=cpu)
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -192,10 +250,12 @@ def create_custom_dataloader(dataset_path, tokenizer, max_seq_len: int = 512, ba
 # --- prepared data on disk (what 00_data writes and later notebooks read) ------------------------------------------
 
 def prepare(run_dir: str | Path, source: str = "synthetic", max_examples: int | None = 2000, seed: int = 0,
-            tokenizer_name: str | None = None, vocab_size: int = 4096, max_seq_len: int = 256) -> dict:
+            tokenizer_name: str | None = None, vocab_size: int = 4096, max_seq_len: int = 256,
+            val_fraction: float = 0.1, test_examples: int | None = None) -> dict:
     """Load the data, build the tokenizer, tokenize, and save all three under ``run_dir/data``."""
     out = Path(run_dir) / "data"
-    ds = load_metamathqa(source, max_examples=max_examples, seed=seed)
+    ds = load_metamathqa(source, max_examples=max_examples, seed=seed, val_fraction=val_fraction,
+                         test_examples=test_examples)
     texts = (format_prompt(q) + r for q, r in zip(ds["train"]["query"], ds["train"]["response"]))
     tokenizer = build_tokenizer(texts, name=tokenizer_name, vocab_size=vocab_size, save_dir=out / "tokenizer")
     tokenized = tokenize_dataset(ds, tokenizer, max_seq_len)
