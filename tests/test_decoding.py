@@ -65,6 +65,9 @@ class Oracle:
         self.num_heads, self.config, self.generation_config = model.num_heads, model.config, model.generation_config
         self.training = False
 
+    def parameters(self):
+        return self.m.parameters()
+
     def eval(self):
         pass
 
@@ -80,7 +83,8 @@ class Oracle:
 
     def spec_propose(self, ctx, j, x0, tree):
         done = self.caches[0].get_seq_length() - self.plen          # tokens generated before x0
-        top = torch.zeros(self.num_heads, tree.max_topk, dtype=torch.long)
+        dev = self.m.device
+        top = torch.zeros(self.num_heads, tree.max_topk, dtype=torch.long, device=dev)
         for d in range(self.num_heads):
             i = self.plen + done + d + 1
             right = int(self.ref[i]) if i < len(self.ref) else 0
@@ -88,8 +92,9 @@ class Oracle:
             if self.rng.random() < self.hit:  # like a real head: mostly its top-1, sometimes its top-2 or lower
                 r = self.rng.random()
                 row[min(tree.max_topk - 1, 0 if r < 0.6 else 1 if r < 0.85 else self.rng.randrange(tree.max_topk))] = right
-            top[d] = torch.tensor(row)
-        return top[tree.depths_t - 1, tree.last_idx_t]
+            top[d] = torch.tensor(row, device=dev)
+        tt = tree.on(dev)
+        return top[tt.depths - 1, tt.last_idx]
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -8,6 +8,8 @@ uses recursive rejection across siblings (drafts are deterministic, q(x) = 1), w
 exactly. Then only the accepted path's KV entries are kept (cropped when contiguous, gathered otherwise).
 
 Batches run row by row (each row's prompt stripped of padding): exact, but without batching's throughput.
+Every tensor of the step loop is made on the model's device (never torch's default device); the model's dtype is
+whatever it was loaded in, and the sampling maths runs in float32.
 """
 from __future__ import annotations
 
@@ -56,6 +58,9 @@ class PlainLM:
     def training(self):
         return self.model.training
 
+    def parameters(self):
+        return self.model.parameters()
+
     def eval(self):
         self.model.eval()
 
@@ -74,12 +79,27 @@ def _eos_set(model, eos_token_id):
     return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
 
+def model_device(model) -> torch.device:
+    """The device of the model's (first) parameters: where the engine makes every tensor (the CPU for a
+    parameter-free model)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def sync(device) -> None:
+    """Wait for queued CUDA work on ``device`` (timings are fenced with this); a no-op on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _compact(caches, L: int, keep: list[int]):
     """Keep the prefix (L entries) and the step-local positions ``keep`` in every layer of every cache."""
     contiguous = keep == list(range(len(keep)))
-    idx = None if contiguous else torch.tensor(keep) + L
+    idx = None
     for cache in caches:
         for layer in cache.layers:
+            if not contiguous and idx is None:
+                idx = torch.tensor(keep, device=layer.keys.device) + L
             if contiguous:
                 layer.keys, layer.values = layer.keys[..., : L + len(keep), :], layer.values[..., : L + len(keep), :]
             else:
@@ -87,16 +107,17 @@ def _compact(caches, L: int, keep: list[int]):
                 layer.values = torch.cat([layer.values[..., :L, :], layer.values.index_select(-2, idx)], -2)
 
 
-def _greedy_accept(tree: Tree, cand: torch.Tensor, pred: torch.Tensor):
-    """Deepest node whose whole path matches the model's argmax; returns the accepted node indices (1-based)."""
-    hit = cand == pred[tree.parents_t]                                      # (N,) node token == argmax at parent
+def _greedy_accept(tree: Tree, tt, cand: torch.Tensor, pred: torch.Tensor):
+    """Deepest node whose whole path matches the model's argmax; returns the accepted node indices (1-based).
+    ``tt`` is ``tree.on(device)``."""
+    hit = cand == pred[tt.parents]                                          # (N,) node token == argmax at parent
     if tree.is_chain:                                                       # nodes 1..N in order: a prefix
         n = int(hit.long().cumprod(0).sum())
         return list(range(1, n + 1))
-    ok = (tree.path_matrix @ (~hit).float()) == 0                            # every node on the path matches
+    ok = (tt.path_matrix @ (~hit).float()) == 0                              # every node on the path matches
     if not ok.any():
         return []
-    best = int(torch.where(ok, tree.depths_t, 0).argmax()) + 1
+    best = int(torch.where(ok, tt.depths, 0).argmax()) + 1
     path = []
     while best:
         path.append(best)
@@ -113,7 +134,7 @@ def _sample_accept(tree: Tree, cand: torch.Tensor, probs: torch.Tensor, gen):
         nxt = None
         for c in children[node]:
             tok = int(cand[c - 1])
-            if torch.rand((), generator=gen) < p[tok] / p.sum():
+            if torch.rand((), generator=gen, device=p.device) < p[tok] / p.sum():
                 nxt = c
                 break
             p[tok] = 0.0
@@ -132,6 +153,7 @@ def _children(tree: Tree):
 
 @torch.inference_mode()
 def _generate_row(model, ids, max_new_tokens, temperature, top_p, tree, eos, n_pos, gen, stats):
+    dev = ids.device
     caches = model.spec_new_cache()
     L = ids.numel()
     logits, ctx = model.spec_forward(ids.view(1, -1), caches)              # prefill
@@ -146,18 +168,20 @@ def _generate_row(model, ids, max_new_tokens, temperature, top_p, tree, eos, n_p
         if x0 in eos or len(out) >= max_new_tokens:
             break
         t = tree.truncate(min(max_new_tokens - len(out), n_pos - L - 1))
+        tt = t.on(dev)
         if len(t):
             cand = model.spec_propose(ctx, j, x0, t)                         # (N,) a token per node
-            step = torch.cat([torch.tensor([x0]), cand]).view(1, -1)
-            pos = (L + torch.cat([torch.zeros(1, dtype=torch.long), t.depths_t])).view(1, -1)
-            mask = torch.cat([torch.ones(len(t) + 1, L, dtype=torch.bool), t.ancestors], 1)[None, None]
+            step = torch.cat([cand.new_tensor([x0]), cand]).view(1, -1)
+            pos = (L + tt.steps_pos).view(1, -1)
+            mask = torch.cat([torch.ones(len(t) + 1, L, dtype=torch.bool, device=dev), tt.ancestors], 1)[None, None]
         else:
-            cand, step, pos, mask = None, torch.tensor([[x0]]), torch.tensor([[L]]), None
+            cand, mask = None, None
+            step, pos = torch.tensor([[x0]], device=dev), torch.tensor([[L]], device=dev)
         logits, ctx = model.spec_forward(step, caches, pos, mask)           # (1, N+1, V)
         stats["forward_passes"] += 1
         if greedy:
             pred = logits[0].argmax(-1)
-            path = _greedy_accept(t, cand, pred) if len(t) else []
+            path = _greedy_accept(t, tt, cand, pred) if len(t) else []
             x_next = int(pred[path[-1] if path else 0])
         else:
             probs = target_probs(logits[0], temperature, top_p)
@@ -198,7 +222,14 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    dev = model_device(model)
+    if generator is not None and generator.device != dev:
+        raise ValueError(f"generator is on {generator.device} but the model on {dev}: "
+                         f"use torch.Generator(device={str(dev)!r})")
     tree = parse_tree(tree, model.num_heads)
+    input_ids = input_ids.to(dev)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(dev)
     n_pos, eos = _context_size(model), _eos_set(model, eos_token_id)
     rows = [r[m.bool()] if attention_mask is not None else r
             for r, m in zip(input_ids, attention_mask if attention_mask is not None else input_ids)]
@@ -215,17 +246,19 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     stats = {"forward_passes": 0, "head_tries": [0] * tree.depth, "head_hits": [0] * tree.depth}
     was_training = getattr(model, "training", False)
     model.eval()
+    sync(dev)
     t0 = time.perf_counter()
     try:
         outs = [_generate_row(model, r, max_new_tokens, temperature, top_p, tree, eos, n_pos, generator, stats)
                 for r in rows]
     finally:
         model.train(was_training)
+    sync(dev)
     wall = time.perf_counter() - t0
     width = max(len(o) for o in outs)
-    new = torch.full((len(outs), width), pad_token_id, dtype=input_ids.dtype)
+    new = input_ids.new_full((len(outs), width), pad_token_id)
     for i, o in enumerate(outs):
-        new[i, : len(o)] = torch.tensor(o, dtype=input_ids.dtype)
+        new[i, : len(o)] = input_ids.new_tensor(o)
     n_new = sum(len(o) for o in outs)
     stats.update(new_tokens=n_new, wall_time_s=wall, mean_accepted_length=n_new / stats["forward_passes"],
                  per_head_acceptance=[h / t if t else 0.0 for h, t in zip(stats["head_hits"], stats["head_tries"])],

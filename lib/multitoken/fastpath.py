@@ -41,7 +41,7 @@ def block(blk, h, cache, layer_idx: int, mask):
         k, v = cache.update(k, v, layer_idx)
     causal = mask is None and T > 1
     if causal and k.shape[2] > T:  # new tokens after a cached prefix: SDPA's is_causal would align to the top-left
-        mask = torch.ones(T, k.shape[2], dtype=torch.bool).tril(k.shape[2] - T)
+        mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=h.device).tril(k.shape[2] - T)
         causal = False
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling)
     h = h + _linear(attn.c_proj, o.transpose(1, 2).reshape(B, T, D))
@@ -53,7 +53,7 @@ def trunk(transformer, input_ids, cache, position_ids=None, mask=None, cut: int 
     """GPT2Model forward: returns (hidden after block ``cut`` (the last if None), final hidden after ln_f)."""
     if position_ids is None:
         past = cache.get_seq_length() if cache is not None else 0
-        position_ids = torch.arange(past, past + input_ids.shape[1]).unsqueeze(0)
+        position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     h = transformer.wte(input_ids) + transformer.wpe(position_ids)
     h_cut = None
     for i, blk in enumerate(transformer.h):

@@ -102,9 +102,12 @@ class HeadwiseLoss(torch.autograd.Function):
             for k in range(1, S + 1):
                 rng.append(_RngState())
                 states.append(model._head_step(k, states[-1], h0d, input_ids))
+        after = _RngState()  # where the RNG stands after every head ran once: restored at the end, so the next
+        # step draws fresh dropout masks (restoring head k's state last would rewind it to after head 1)
         g_h0 = torch.zeros_like(h0d)
         grads = [None] * len(params)
-        losses, accs = torch.zeros(S), torch.zeros(S)
+        losses = torch.zeros(S, dtype=torch.float32, device=h0.device)
+        accs = torch.zeros(S, dtype=torch.float32, device=h0.device)
         g_next = None
         with torch.enable_grad():
             for k in range(S, 0, -1):
@@ -126,7 +129,8 @@ class HeadwiseLoss(torch.autograd.Function):
                     if g is not None:
                         grads[i] = g if grads[i] is None else grads[i] + g
                 losses[k - 1], accs[k - 1] = loss.detach().float(), acc.float()
-        ctx.save_for_backward(g_h0, *[g if g is not None else torch.empty(0) for g in grads])
+        after.restore()
+        ctx.save_for_backward(g_h0, *[g if g is not None else h0.new_empty(0) for g in grads])
         ctx.has = [g is not None for g in grads]
         total = sum(w * l for w, l in zip(weights, losses.tolist()))
         ctx.mark_non_differentiable(losses, accs)
@@ -219,7 +223,8 @@ class HeadsMixin:
     def spec_propose(self, ctx, j: int, x0: int, tree):
         """Candidate token of every tree node (parallel heads: head d's top-(path[-1]) token at depth d)."""
         top = self.spec_head_topk(ctx, j, tree.max_topk)
-        return top[tree.depths_t - 1, tree.last_idx_t]
+        tt = tree.on(top.device)
+        return top[tt.depths - 1, tt.last_idx]
 
     def speculative_generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, tree=None,
                              attention_mask=None, **kw):

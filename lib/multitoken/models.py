@@ -238,8 +238,8 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
             return HeadsMixin.spec_propose(self, ctx, j, x0, tree)
         # Sequential heads draft autoregressively: head d sees the state of the parent node and the parent's token.
         h0 = ctx["h0"][:, j: j + 1]
-        tokens = torch.empty(len(tree.paths), dtype=torch.long)
-        state = {(): (h0, torch.tensor(x0))}
+        tokens = torch.empty(len(tree.paths), dtype=torch.long, device=h0.device)
+        state = {(): (h0, torch.tensor(x0, device=h0.device))}
         for i, path in enumerate(tree.paths):
             h_par, tok_par = state[path[:-1]]
             h = self._head_step(len(path), h_par, h0, tok_par.view(1))

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
+
+CPU = torch.device("cpu")
 
 # Medusa's greedy-built sparse tree for Vicuna-7B (63 nodes, depth <= 4), in the order it was grown, so that any
 # prefix of this list is a valid smaller tree.
@@ -23,7 +26,11 @@ MEDUSA_63 = [(0,), (0, 0), (1,), (0, 1), (0, 0, 0), (1, 0), (2,), (0, 2), (0, 0,
 
 @dataclass(frozen=True)
 class Tree:
-    """Nodes sorted by depth; tensors precomputed for the step loop (index 0 of the step is the root)."""
+    """Nodes sorted by depth; tensors precomputed for the step loop (index 0 of the step is the root).
+
+    The tensor fields live on the CPU (made there explicitly, whatever torch's default device); ``on(device)``
+    gives the same tensors on the model's device, cached per device.
+    """
 
     paths: tuple
     name: str = "tree"
@@ -44,22 +51,34 @@ class Tree:
             if len(p) > 1 and p[:-1] not in index:
                 raise ValueError(f"tree node {p} has no parent {p[:-1]} in the tree")
         n = len(paths) + 1
-        anc = torch.eye(n, dtype=torch.bool)
+        anc = torch.eye(n, dtype=torch.bool, device=CPU)
         anc[:, 0] = True
         parents = [0] + [index.get(p[:-1], 0) for p in paths]
         for i in range(1, n):
             anc[i] |= anc[parents[i]]
         object.__setattr__(self, "paths", paths)
         object.__setattr__(self, "parents", parents)
-        object.__setattr__(self, "depths_t", torch.tensor([len(p) for p in paths], dtype=torch.long))
-        object.__setattr__(self, "last_idx_t", torch.tensor([p[-1] for p in paths], dtype=torch.long))
+        object.__setattr__(self, "depths_t", torch.tensor([len(p) for p in paths], dtype=torch.long, device=CPU))
+        object.__setattr__(self, "last_idx_t", torch.tensor([p[-1] for p in paths], dtype=torch.long, device=CPU))
         object.__setattr__(self, "ancestors", anc)
-        object.__setattr__(self, "parents_t", torch.tensor(parents[1:], dtype=torch.long))
+        object.__setattr__(self, "parents_t", torch.tensor(parents[1:], dtype=torch.long, device=CPU))
         object.__setattr__(self, "path_matrix", anc[1:, 1:].float())
         object.__setattr__(self, "is_chain", all(p == (0,) * len(p) for p in paths))
 
     def __len__(self):
         return len(self.paths)
+
+    def on(self, device) -> SimpleNamespace:
+        """The step loop's tensors on ``device`` (cached): depths, last_idx, ancestors, parents, path_matrix, and
+        ``steps_pos``, the position offsets of the step's tokens (root 0, then each node's depth)."""
+        device = torch.device(device)
+        cache = self.__dict__.setdefault("_on", {})
+        if device not in cache:
+            cache[device] = SimpleNamespace(**{k: getattr(self, f).to(device) for k, f in (
+                ("depths", "depths_t"), ("last_idx", "last_idx_t"), ("ancestors", "ancestors"),
+                ("parents", "parents_t"), ("path_matrix", "path_matrix"))})
+            cache[device].steps_pos = torch.cat([torch.zeros(1, dtype=torch.long, device=device), cache[device].depths])
+        return cache[device]
 
     @property
     def depth(self) -> int:

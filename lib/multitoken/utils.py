@@ -7,7 +7,10 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+import torch
 import yaml
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def repo_root(start: str | Path | None = None) -> Path:
@@ -60,3 +63,27 @@ def load_params(path: str | Path) -> dict:
     """A papermill parameter file (YAML) as a dict."""
     with open(path) as f:
         return yaml.safe_load(f) or {}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when present, else the CPU), ``cuda[:i]`` or ``cpu``; a clear error for CUDA without CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but this machine has no CUDA device (torch "
+                           f"{torch.__version__}, cuda {torch.version.cuda}). Run on a GPU machine, or set "
+                           "`device: cpu` to run it on the CPU anyway (GPT-2 124M-sized profiles take hours there)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}: auto, cuda or cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """``float32`` / ``bfloat16`` / ``float16``, checked against what the device can run."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown inference_dtype {name!r}: one of {sorted(DTYPES)}")
+    dtype, dev = DTYPES[name], torch.device(device)
+    if dtype == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"{torch.cuda.get_device_name(dev)} cannot run bfloat16: use float16 or float32")
+    return dtype
