@@ -5,6 +5,8 @@ accuracy for multi-head models) atomically after each log event, and safetensors
 """
 from __future__ import annotations
 
+import logging
+import resource
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -17,6 +19,14 @@ from .models import MTPConfig, MultiTokenGPT2
 from .utils import write_csv
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
+log = logging.getLogger(__name__)
+
+
+def peak_memory_mb(device) -> float:
+    """Peak CUDA memory allocated on ``device`` so far, or the process' peak RSS on the CPU (MB)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def check_checkpoint_dir(path) -> Path:
@@ -45,6 +55,8 @@ class CSVLogCallback(TrainerCallback):
         self.last_tokens = 0
 
     def on_train_begin(self, args, state, control, **kw):
+        if args.device.type == "cuda":  # peak_mem_mb is this run's peak
+            torch.cuda.reset_peak_memory_stats(args.device)
         self.t0 = self.last_t = time.perf_counter()
         self.last_tokens = state.num_input_tokens_seen
         if state.global_step and self.path.exists():  # resumed: keep the earlier rows
@@ -58,7 +70,8 @@ class CSVLogCallback(TrainerCallback):
         dt, dtok = now - (self.last_t or now), state.num_input_tokens_seen - self.last_tokens
         row = {"step": state.global_step, "epoch": state.epoch, "train_loss": logs.get("loss"),
                "eval_loss": logs.get("eval_loss"), "elapsed_s": round(elapsed, 3),
-               "tokens_per_s": round(dtok / dt, 1) if "loss" in logs and dt > 0 else None}
+               "tokens_per_s": round(dtok / dt, 1) if "loss" in logs and dt > 0 else None,
+               "peak_mem_mb": round(peak_memory_mb(args.device), 1)}
         row.update({k: v for k, v in logs.items() if k.startswith(("head", "eval_head"))})
         if "loss" in logs:
             self.last_t, self.last_tokens = now, state.num_input_tokens_seen
@@ -109,9 +122,12 @@ class MultiHeadTrainer(Trainer):
 
 def training_args(output_dir, num_train_epochs=1.0, learning_rate=5e-5, batch_size=4, gradient_accumulation_steps=1,
                   eval_steps=50, logging_steps=10, warmup_steps=0, max_steps=-1, seed=0, save_steps=None,
-                  gradient_checkpointing=None, weight_decay=0.0, **extra) -> TrainingArguments:
-    """TrainingArguments for this workbook: bf16/fp16 and gradient checkpointing on a GPU, none of it on a CPU."""
-    cuda = torch.cuda.is_available()
+                  gradient_checkpointing=False, weight_decay=0.0, device=None, **extra) -> TrainingArguments:
+    """TrainingArguments for this workbook. On CUDA (``device`` None = CUDA when present): bf16 autocast where the
+    GPU has it, else fp16; on the CPU, fp32. Activation checkpointing only when asked for (GPT-2 124M at the
+    thesis' batch fits an H100 without it, and it only adds a recomputation)."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
     bf16 = cuda and torch.cuda.is_bf16_supported()
     return TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=num_train_epochs, max_steps=max_steps,
@@ -120,9 +136,10 @@ def training_args(output_dir, num_train_epochs=1.0, learning_rate=5e-5, batch_si
         lr_scheduler_type="cosine", weight_decay=weight_decay, eval_strategy="steps", eval_steps=eval_steps,
         logging_steps=logging_steps, save_strategy="steps", save_steps=save_steps or eval_steps, save_total_limit=2,
         report_to="none", seed=seed, bf16=bf16, fp16=cuda and not bf16, use_cpu=not cuda,
-        activation_checkpointing=cuda if gradient_checkpointing is None else gradient_checkpointing,
+        activation_checkpointing=gradient_checkpointing,
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False, dataloader_num_workers=0,
-        **extra)
+        # batches of similar lengths: GSM8K's examples run 60-500 tokens, and padding to the longest wasted ~40%
+        train_sampling_strategy="group_by_length", **extra)
 
 
 def _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv, resume_from_checkpoint, trainer_cls,
@@ -143,9 +160,12 @@ def _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv
 
 
 def _fresh_config(tokenizer, model_config: dict | None, cls=GPT2Config, **fields):
+    """A fresh GPT-2 config; ``model_config["vocab_size"]`` may pad the vocabulary beyond the tokenizer's (the
+    ``gpu`` profile pads to GPT-2's 50,257 so the logits cost what the thesis' did)."""
     cfg = dict(n_layer=4, n_embd=256, n_head=4, n_positions=512)
     cfg.update(model_config or {})
-    return cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    cfg["vocab_size"] = max(len(tokenizer), cfg.get("vocab_size") or 0)
+    return cls(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, **cfg, **fields)
 
 
@@ -230,6 +250,8 @@ def train_medusa(base_model, train_dataloader, val_dataloader, tokenizer, output
     _sync_vocab(model, tokenizer)
     if freeze_backbone:
         model.freeze_backbone()
+        # a frozen backbone needs no backward: checkpointing it would only re-run its forward
+        args_kw["gradient_checkpointing"] = False
     trainer = _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv, resume_from_checkpoint,
                    MultiHeadTrainer, dict(num_train_epochs=num_train_epochs, learning_rate=learning_rate,
                                           gradient_accumulation_steps=gradient_accumulation_steps, **args_kw))
@@ -237,18 +259,30 @@ def train_medusa(base_model, train_dataloader, val_dataloader, tokenizer, output
 
 
 def self_distill(model, tokenizer, dataset, max_new_tokens=256, batch_size=16):
-    """Medusa's self-distillation: replace each ``response`` by the frozen base model's greedy continuation."""
+    """Medusa's self-distillation: replace each ``response`` by the frozen base model's greedy continuation
+    (batched, on the model's device). Records whose prompt leaves no room in the context are dropped, with a
+    count in the log."""
     from tqdm.auto import tqdm
 
     from .data import format_prompt
 
     model.eval()
+    n_pos, dev = model.config.n_positions, next(model.parameters()).device
+    lengths = [len(ids) for ids in tokenizer([format_prompt(q) for q in dataset["query"]],
+                                               add_special_tokens=False)["input_ids"]]
+    keep = [i for i, n in enumerate(lengths) if n < n_pos]
+    if len(keep) < len(dataset):
+        log.warning("self-distillation: skipped %d of %d records whose prompt has no room in the context (%d tokens)",
+                    len(dataset) - len(keep), len(dataset), n_pos)
+        dataset = dataset.select(keep)
+    if len(dataset) == 0:
+        raise ValueError(f"self-distillation: every prompt is longer than the context ({n_pos} tokens)")
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     responses = []
     try:
         for i in tqdm(range(0, len(dataset), batch_size), desc="self-distill"):
             prompts = [format_prompt(q) for q in dataset[i: i + batch_size]["query"]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True)
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
             room = model.config.n_positions - enc.input_ids.shape[1]
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max(1, min(max_new_tokens, room)), do_sample=False,
