@@ -4,16 +4,12 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 KERNEL  := multitoken
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-OUTDIR  := runs/$(PROFILE)/notebooks
-PAPERMILL = $(PY) -m papermill --cwd $(CURDIR) -k $(KERNEL) --log-output --progress-bar -f notebooks/params/$(PROFILE).yaml
 
-.PHONY: all test notebook figures bench bench-train clean venv
+.PHONY: all test notebook figures report lab bench bench-train clean venv
+# Notebooks 00.. in order (one line each with its time, a summary table at the end), then the HTML report.
 all: $(STAMP)
-	@mkdir -p $(OUTDIR)
-	@set -e; for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb ($(PROFILE))"; \
-	  $(PAPERMILL) $$nb $(OUTDIR)/$$(basename $$nb) || { echo "FAILED: $$nb (kept at $(OUTDIR)/$$(basename $$nb))"; exit 1; }; \
-	done
+	$(PY) -m multitoken notebooks --profile $(PROFILE)
+	$(PY) -m multitoken report --profile $(PROFILE)
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -30,11 +26,17 @@ test: $(STAMP)
 
 notebook: $(STAMP)
 	@test -n "$(N)" || { echo "usage: make notebook N=01_train_ntp [PROFILE=cpu]"; exit 2; }
-	@mkdir -p $(OUTDIR)
-	$(PAPERMILL) notebooks/$(N).ipynb $(OUTDIR)/$(N).ipynb
+	$(PY) -m multitoken notebooks --profile $(PROFILE) --only $(N)
 
 figures: $(STAMP)
-	$(PAPERMILL) notebooks/05_figures.ipynb $(OUTDIR)/05_figures.ipynb
+	$(PY) -m multitoken notebooks --profile $(PROFILE) --only 05_figures
+
+report: $(STAMP)
+	$(PY) -m multitoken report --profile $(PROFILE)
+
+# JupyterLab on notebooks/ with the workbook's kernel (the notebooks name it in their metadata).
+lab: $(STAMP)
+	$(PY) -m jupyter lab --notebook-dir=notebooks
 
 bench: $(STAMP)
 	$(PY) -m multitoken bench -f notebooks/params/$(PROFILE).yaml

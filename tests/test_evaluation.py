@@ -6,12 +6,17 @@ import torch
 
 from multitoken import evaluation as E
 from multitoken import plots
+from multitoken import stats as S
 
 
 @pytest.mark.parametrize("text,want", [
     ("so 3 + 4 = 7.\nThe answer is: 7", "7"), ("The answer is: 1,234", "1234"), ("The answer is: -12", "-12"),
     ("The answer is: $45.50", "91/2"), ("The answer is: 3/4", "3/4"), ("The answer is: \\frac{6}{8}", "3/4"),
     ("The answer is: 0.75", "3/4"), ("no final line", None),
+    # GSM8K's own formats and what small models write
+    ("She makes 9 * 2 = $18 every day.\n#### 18", "18"), ("#### 1,080", "1080"), ("The answer is: 18 dollars.", "18"),
+    ("The answer is $1,250.00", "1250"), ("The answer is: -3 degrees", "-3"), ("The answer is: 2.5 hours", "5/2"),
+    ("The answer is: .", None),
 ])
 def test_answer_extraction(text, want):
     assert E.extract_answer(text) == want
@@ -65,9 +70,15 @@ def test_train_time_per_epoch_and_missing_log(tmp_path):
 def fixture_results():
     logs = {v: pd.DataFrame({"step": [10, 20, 20], "epoch": [0.5, 1, 1], "train_loss": [3.0, 2.5, None],
                              "eval_loss": [None, None, 2.6], "elapsed_s": [1, 2, 2.1]}) for v in ("ntp", "mtp", "medusa")}
-    q = {v: {"perplexity": 5.0 + i, "accuracy": 0.1 * i, "bleu": 20.0 + i, "head_top1": [0.5, 0.3, 0.2] if i else None}
+    c = lambda x, w=0.1: {"value": x, "lo": x - w, "hi": x + w}  # noqa: E731
+    q = {v: {"perplexity": c(5.0 + i), "accuracy": c(0.1 * i, 0.05), "bleu": c(20.0 + i, 2),
+             "head_top1": [0.5, 0.3, 0.2] if i else None, "n_eval": 10, "split": "test"}
          for i, v in enumerate(("ntp", "mtp", "medusa"))}
-    bench = [{"method": m, "speedup_vs_hf_greedy": s, "mean_accepted_length": t, "identical_to_greedy": 1.0,
+    q["mtp"]["diff_vs_ntp"] = {"perplexity": c(1.0, 0.5), "accuracy": c(0.1, 0.02), "bleu": c(1.0, 3)}
+    q["medusa"]["diff_vs_ntp"] = {"perplexity": c(0.0, 0.0), "accuracy": c(0.0, 0.0), "bleu": c(0.0, 0.0)}
+    bench = [{"method": m, "speedup_vs_hf_greedy": s, "speedup_lo": s - 0.1, "speedup_hi": s + 0.1,
+              "speedup_vs_greedy_kv": s / 1.3, "speedup_vs_greedy_kv_lo": s / 1.3 - 0.1,
+              "speedup_vs_greedy_kv_hi": s / 1.3 + 0.1, "mean_accepted_length": t, "identical_to_greedy": 1.0,
               "per_head_acceptance": [0.6, 0.3] if "_" in m and "hf" not in m else []}
              for m, s, t in (("hf_greedy", 1.0, 1.0), ("greedy_kv", 1.3, 1.0), ("mtp_chain", 2.0, 2.4),
                              ("mtp_tree", 2.2, 2.7), ("medusa_chain", 1.8, 2.1), ("medusa_tree", 1.9, 2.3))]
@@ -83,24 +94,34 @@ def fixture_results():
     return logs, q, bench, per, mem, sweep, samples, abl
 
 
-def test_figure_functions_write_files(tmp_path):
+def test_figure_functions_return_figures_and_write_files(tmp_path):
+    from matplotlib.figure import Figure
+
     logs, q, bench, per, mem, sweep, samples, abl = fixture_results()
-    files = [plots.loss_curves(logs, tmp_path), plots.decoding_speed(per, tmp_path),
-             plots.theoretical_vs_measured(pd.DataFrame(bench), tmp_path), plots.head_acceptance(pd.DataFrame(bench), tmp_path),
-             plots.per_head_accuracy({"mtp": q["mtp"]["head_top1"]}, tmp_path), plots.quality_comparison(q, tmp_path),
-             plots.tree_budget(sweep, tmp_path), plots.memory(mem, tmp_path), plots.ablations(abl, tmp_path),
-             plots.token_lengths(pd.DataFrame({"part": ["prompt", "response"] * 5, "tokens": range(10)}), tmp_path)]
-    for f in files:
-        assert f.exists() and f.stat().st_size > 5000 and f.with_suffix(".pdf").exists()
+    figs = [plots.loss_curves(logs, tmp_path), plots.decoding_speed(per, tmp_path),
+            plots.theoretical_vs_measured(pd.DataFrame(bench), tmp_path), plots.head_acceptance(pd.DataFrame(bench), tmp_path),
+            plots.per_head_accuracy({"mtp": q["mtp"]["head_top1"]}, tmp_path), plots.quality_comparison(q, tmp_path),
+            plots.speedup_intervals(pd.DataFrame(bench), tmp_path),
+            plots.tree_budget(sweep, tmp_path), plots.memory(mem, tmp_path), plots.ablations(abl, tmp_path),
+            plots.token_lengths(pd.DataFrame({"part": ["prompt", "response"] * 5, "tokens": range(10)}), tmp_path)]
+    for fig in figs:
+        f = fig.saved
+        assert isinstance(fig, Figure) and f.exists() and f.stat().st_size > 5000 and f.with_suffix(".pdf").exists()
     table = plots.thesis_table(q, bench, mem, tmp_path, "fixture")
     assert list(table.variant) == ["ntp", "mtp", "medusa"]
     t = table.set_index("variant")
-    assert t.loc["mtp", "speedup (ours)"] == 2.2
-    assert t.loc["mtp", "reproduced?"].startswith("speed yes")          # 2.2x >= the thesis' 1.61x
-    assert t.loc["medusa", "reproduced?"].startswith("speed yes")       # 1.9x >= 1.27x
-    slow = [dict(r, speedup_vs_hf_greedy=min(r["speedup_vs_hf_greedy"], 1.3)) for r in bench]
+    assert t.loc["mtp", "speedup (ours)"] == "2.20 [2.10, 2.30]"
+    assert t.loc["mtp", "reproduced?"].startswith("speed: yes, faster than the thesis' 1.61x")
+    assert "perplexity: higher than NTP" in t.loc["mtp", "reproduced?"]            # Δ 1.0 [0.5, 1.5]
+    assert "answer accuracy vs NTP: higher" in t.loc["mtp", "reproduced?"]         # Δ 0.1 [0.08, 0.12]
+    assert "answer accuracy vs NTP: no detectable difference" in t.loc["medusa", "reproduced?"]
+    slow = [dict(r, speedup_vs_hf_greedy=1.3, speedup_lo=1.2, speedup_hi=1.4) for r in bench]
     t = plots.thesis_table(q, slow, mem, tmp_path / "slow", "fixture").set_index("variant")
-    assert t.loc["mtp", "reproduced?"].startswith("speed partly (faster, below 1.61x)")
+    assert t.loc["mtp", "reproduced?"].startswith("speed: partly: faster (interval above 1) but below the thesis' 1.61x")
+    assert t.loc["medusa", "reproduced?"].startswith("speed: yes (the thesis' 1.27x lies in the interval)")
+    noisy = [dict(r, speedup_vs_hf_greedy=1.1, speedup_lo=0.9, speedup_hi=1.3) for r in bench]
+    t = plots.thesis_table(q, noisy, mem, tmp_path / "noisy", "fixture").set_index("variant")
+    assert t.loc["mtp", "reproduced?"].startswith("speed: no detectable speedup")
     md = (tmp_path / "thesis_table.md").read_text()
     assert "frozen backbone" in md and "17.45" in md and (tmp_path / "thesis_table.tex").exists()
     assert "p \\| q" in plots.qualitative_table(samples, tmp_path).read_text()
@@ -115,3 +136,35 @@ def test_missing_results_name_the_notebook(tmp_path, monkeypatch):
         pipeline.load_results(cfg)
     with pytest.raises(FileNotFoundError, match="01_train_ntp"):
         pipeline.load_variant(cfg, "ntp")
+
+
+def test_bootstrap_known_cases():
+    assert S.mean_ci([1] * 50) == S.CI(1.0, 1.0, 1.0)                      # all correct: [1, 1]
+    half = S.mean_ci([0, 1] * 100)
+    assert half.value == 0.5 and half.lo < 0.5 < half.hi and half.hi - half.lo < 0.2
+    assert S.verdict(half, 0.5) == "no detectable difference"
+    assert S.perplexity_ci([2.0, 2.0], [1, 1]).value == pytest.approx(math.e ** 2)
+    with pytest.raises(ValueError, match="differ in length"):
+        S.bootstrap(lambda a, b: 0, [1, 2], [1])
+
+
+def test_paired_difference_sign_and_pairing():
+    """A variant right on 60 of 100 problems where the baseline is right on 40 (a superset): the paired interval
+    lies above 0; the reverse below; identical answers give exactly [0, 0]."""
+    base = [1] * 40 + [0] * 60
+    better = [1] * 60 + [0] * 40
+    d = S.paired_difference(S.np.mean, [better], [base])
+    assert d.value == pytest.approx(0.2) and d.lo > 0 and S.verdict(d) == "higher"
+    assert S.verdict(S.paired_difference(S.np.mean, [base], [better])) == "lower"
+    same = S.paired_difference(S.np.mean, [base], [base])
+    assert (same.lo, same.hi) == (0.0, 0.0) and S.verdict(same) == "no detectable difference"
+
+
+def test_speedup_ci_and_bleu_ci():
+    tokens, secs = [100] * 30, [1.0, 1.2] * 15
+    sp = S.speedup_ci(tokens, [t / 2 for t in secs], tokens, secs)
+    assert sp.value == pytest.approx(2.0) and sp.lo == pytest.approx(2.0) and sp.hi == pytest.approx(2.0)
+    refs = ["a b c d e f", "g h i j k l"] * 20
+    b = S.bleu_ci(refs, refs)
+    assert b.value == pytest.approx(100.0) and b.lo == pytest.approx(100.0)
+    assert S.bleu_ci(refs, refs[::-1]).value == pytest.approx(E.bleu(refs, refs[::-1]))

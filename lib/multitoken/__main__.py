@@ -1,4 +1,5 @@
-"""``python -m multitoken {train,bench,bench-train} -f params.yaml`` (also under ``accelerate launch`` / ``torchrun``)."""
+"""``python -m multitoken {data,train,bench,bench-train} -f params.yaml`` (``train`` also under ``accelerate launch`` /
+``torchrun``); ``python -m multitoken notebooks|report --profile P`` for the pipeline and its HTML report."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,21 @@ def main(argv=None):
         p = tr if name == "train" else sub.add_parser(name)
         p.add_argument("-f", "--params", default=None, help="papermill parameter YAML (a profile)")
         p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
+    nb = sub.add_parser("notebooks", help="run the numbered notebooks of a profile with papermill (make all)")
+    nb.add_argument("--profile", default="cpu")
+    nb.add_argument("--only", nargs="*", help="notebook names, e.g. 02_train_mtp")
+    rp = sub.add_parser("report", help="runs/<profile>/report.html from the executed notebooks")
+    rp.add_argument("--profile", default="cpu")
     args = ap.parse_args(argv)
+    if args.cmd == "notebooks":
+        from .runner import run_notebooks
+
+        return run_notebooks(args.profile, args.only)
+    if args.cmd == "report":
+        from .report import build_report
+
+        print(f"written: {build_report(args.profile)}")
+        return 0
     import yaml
 
     overrides = load_params(args.params) if args.params else {}

@@ -1,6 +1,7 @@
 """Evaluation: perplexity, MetaMath answer accuracy, BLEU, decoding speed, memory, and the thesis' tracker."""
 from __future__ import annotations
 
+import logging
 import math
 import re
 import resource
@@ -16,33 +17,51 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .decoding import speculative_generate
+from . import stats as S
+from .decoding import model_device, speculative_generate, sync
 
-ANSWER_RE = re.compile(r"The answer is:?\s*(.+)", re.IGNORECASE)
+log = logging.getLogger(__name__)
+
+ANSWER_RE = re.compile(r"(?:The answer is:?|####)\s*(.+)", re.IGNORECASE)
 NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?")
+
+
+def to_device(batch: dict, device) -> dict:
+    """A loader's batch on the model's device."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # --- quality -----------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def perplexity(model, dataloader, max_batches: int | None = None) -> float:
-    """Token-weighted next-token perplexity on the response tokens (labels != -100)."""
+def token_nll(model, dataloader, max_batches: int | None = None):
+    """Per example: (summed next-token NLL over its response tokens, number of those tokens)."""
     model.eval()
-    nll, n = 0.0, 0
+    dev = model_device(model)
+    nll, ntok = [], []
     for i, batch in enumerate(dataloader):
         if max_batches is not None and i >= max_batches:
             break
+        batch = to_device(batch, dev)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         lg, tg = logits[:, :-1].float(), batch["labels"][:, 1:]
-        nll += F.cross_entropy(lg.reshape(-1, lg.size(-1)), tg.reshape(-1), ignore_index=-100, reduction="sum").item()
-        n += int((tg != -100).sum())
-    if n == 0:
+        ce = F.cross_entropy(lg.transpose(1, 2), tg, ignore_index=-100, reduction="none")  # (B, T-1)
+        nll += ce.sum(1).tolist()
+        ntok += (tg != -100).sum(1).tolist()
+    return nll, ntok
+
+
+def perplexity(model, dataloader, max_batches: int | None = None) -> float:
+    """Token-weighted next-token perplexity on the response tokens (labels != -100)."""
+    nll, ntok = token_nll(model, dataloader, max_batches)
+    if sum(ntok) == 0:
         raise ValueError("no response tokens to score: every label is -100")
-    return math.exp(nll / n)
+    return math.exp(sum(nll) / sum(ntok))
 
 
 def extract_answer(text: str) -> str | None:
-    """MetaMath-style: the number after 'The answer is:' (commas, $, negatives, decimals, a/b and \\frac{a}{b})."""
+    """The final answer after 'The answer is:' (MetaMath) or '####' (GSM8K), normalised: commas, '$', trailing
+    units and a final period dropped; negatives, decimals (10.50 -> 21/2, 10.00 -> 10), a/b and \\frac{a}{b}."""
     m = ANSWER_RE.search(text or "")
     if not m:
         return None
@@ -58,13 +77,20 @@ def extract_answer(text: str) -> str | None:
     return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
 
 
-def answer_accuracy(predictions: list[str], references: list[str]) -> float:
-    """Fraction of predictions whose extracted answer equals the reference's."""
+def answer_hits(predictions: list[str], references: list[str]) -> list[int]:
+    """1 per problem whose extracted answer equals the reference's, else 0."""
     if not references:
         raise ValueError("no references to score")
-    hits = [extract_answer(p) is not None and extract_answer(p) == extract_answer(r)
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    return [int(extract_answer(p) is not None and extract_answer(p) == extract_answer(r))
             for p, r in zip(predictions, references)]
-    return sum(hits) / len(references)
+
+
+def answer_accuracy(predictions: list[str], references: list[str]) -> float:
+    """Fraction of predictions whose extracted answer equals the reference's."""
+    hits = answer_hits(predictions, references)
+    return sum(hits) / len(hits)
 
 
 def bleu(predictions: list[str], references: list[str]) -> float:
@@ -87,12 +113,24 @@ def prompts_and_references(dataloader, limit: int | None = None):
     return pairs
 
 
+def fit_prompts(prompts, n_positions: int, min_new_tokens: int = 1, what: str = "prompts"):
+    """The prompts that leave room for ``min_new_tokens`` in the context, and how many were skipped (logged)."""
+    keep = [p for p in prompts if len(p) + min_new_tokens <= n_positions]
+    if len(keep) < len(prompts):
+        log.warning("%s: skipped %d of %d prompts too long for the context (%d tokens) plus %d new token(s)",
+                    what, len(prompts) - len(keep), len(prompts), n_positions, min_new_tokens)
+    return keep, len(prompts) - len(keep)
+
+
 def generate_responses(model, tokenizer, prompts, max_new_tokens=256, tree=None, desc="generate"):
-    """Greedy responses (decoded) for a list of prompt-id tensors, via the speculative engine (output == greedy)."""
+    """Greedy responses (decoded) for a list of prompt-id tensors, via the speculative engine (output == greedy).
+    The caller drops prompts with no room left in the context (``fit_prompts``)."""
     n_pos = model.config.n_positions
     texts, stats = [], []
     for p in tqdm(prompts, desc=desc, leave=False):
         room = min(max_new_tokens, n_pos - len(p))
+        if room < 1:
+            raise ValueError(f"prompt of {len(p)} tokens leaves no room in the context ({n_pos}); use fit_prompts")
         out, st = speculative_generate(model, p.view(1, -1), room, tree=tree if getattr(model, "num_heads", 0) else "none")
         texts.append(tokenizer.decode(out[0, len(p):], skip_special_tokens=True))
         stats.append(st)
@@ -101,36 +139,52 @@ def generate_responses(model, tokenizer, prompts, max_new_tokens=256, tree=None,
 
 # --- speed ---------------------------------------------------------------------------------------------------------
 
-def _run(fn, ids):
+def _run(fn, ids, device):
+    sync(device)
     t0 = time.perf_counter()
     seq, st = fn(ids)
+    sync(device)
     return seq, st, time.perf_counter() - t0
 
 
 def hf_method(model, max_new_tokens, **gen_kw):
-    """HF generate as a benchmark method (batch 1)."""
+    """HF generate as a benchmark method (batch 1), on the model's device and in its dtype."""
+    dev = model_device(model)
+
     def fn(ids):
+        ids = ids.to(dev)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=model.generation_config.pad_token_id, **gen_kw)
         return out, {"new_tokens": out.shape[1] - ids.shape[1], "forward_passes": None}
+    fn.device = dev
     return fn
 
 
 def engine_method(model, max_new_tokens, tree):
     def fn(ids):
         return speculative_generate(model, ids, max_new_tokens, tree=tree)
+    fn.device = model_device(model)
     return fn
+
+
+def _identical_tokens(a: list, b: list) -> float:
+    """Fraction of b's positions where a has the same token (the shorter side counts as a miss past its end)."""
+    n = max(len(a), len(b))
+    return sum(x == y for x, y in zip(a, b)) / n if n else 1.0
 
 
 @torch.inference_mode()
 def benchmark_decoding(methods: dict, prompts: list, baseline: dict, warmup: int = 2, repeats: int = 1,
-                       desc="decoding benchmark") -> tuple[list[dict], pd.DataFrame]:
+                       desc="decoding benchmark", reference: str | None = "greedy_kv") -> tuple[list[dict], pd.DataFrame]:
     """Time every method on every prompt, interleaved, in a fresh random method order per prompt, so machine noise
     and order effects hit all alike. (With a fixed rotation, the same tree run right after another method of the same
-    model timed ~12% faster than when it ran after another model, presumably from cache warmth.)
+    model timed ~12% faster than when it ran after another model, presumably from cache warmth.) CUDA work is
+    fenced with ``torch.cuda.synchronize()`` around every timed call.
 
     ``methods``: name -> (fn, baseline_name) where ``fn(ids) -> (sequences, stats)`` and ``baseline_name`` is the
-    HF-greedy method of the same model (for speedup and identical_to_greedy). Returns (summary rows, per-prompt frame).
+    HF-greedy method of the same model (for speedup and identical_to_greedy). Speedups carry 95% bootstrap intervals
+    over prompts, against the baseline and against ``reference`` (this engine without drafts), when present.
+    Returns (summary rows, per-prompt frame).
     """
     names = list(methods)
     for name in names:  # warm-up
@@ -140,37 +194,68 @@ def benchmark_decoding(methods: dict, prompts: list, baseline: dict, warmup: int
     for i, p in enumerate(tqdm(prompts, desc=desc)):
         ids = p.view(1, -1)
         order = random.Random(i).sample(names, len(names))
-        outs = {}
         for name in order:
+            fn = methods[name][0]
             times = []
             for _ in range(repeats):
-                seq, st, dt = _run(methods[name][0], ids)
+                seq, st, dt = _run(fn, ids, getattr(fn, "device", "cpu"))
                 times.append(dt)
-            outs[name] = seq
             new = seq.shape[1] - ids.shape[1]
             per.append({"method": name, "prompt": i, "new_tokens": new, "seconds": statistics.median(times),
                         "forward_passes": st.get("forward_passes"), "seq": seq[0, ids.shape[1]:].tolist(),
                         "per_head_acceptance": st.get("per_head_acceptance")})
-    df = pd.DataFrame(per)
+    df = pd.DataFrame(per).sort_values(["method", "prompt"], kind="stable")
     rows = []
     for name in names:
         d = df[df.method == name]
-        base = df[df.method == baseline.get(name, methods[name][1])]
+        bname = baseline.get(name, methods[name][1])
+        base = df[df.method == bname]
         tps = d.new_tokens.sum() / d.seconds.sum()
-        base_tps = base.new_tokens.sum() / base.seconds.sum()
         fp = d.forward_passes.dropna()
         tau = float(d.new_tokens.sum() / fp.sum()) if len(fp) == len(d) and fp.sum() else 1.0
-        same = [a == b for a, b in zip(d.seq.tolist(), base.seq.tolist())]
+        seqs, bseqs = d.seq.tolist(), base.seq.tolist()
+        same = [a == b for a, b in zip(seqs, bseqs)]
         acc = [a for a in d.per_head_acceptance.dropna().tolist() if a]
-        speed = tps / base_tps
-        rows.append({"method": name, "baseline": baseline.get(name, methods[name][1]), "prompts": len(d),
-                     "new_tokens": int(d.new_tokens.sum()), "tokens_per_s": round(tps, 1),
-                     "latency_s_per_seq": round(float(d.seconds.mean()), 4),
-                     "speedup_vs_hf_greedy": round(speed, 3), "mean_accepted_length": round(tau, 3),
-                     "efficiency": round(speed / tau, 3), "identical_to_greedy": sum(same) / len(same),
-                     "per_head_acceptance": [round(x, 3) for x in (pd.DataFrame(acc).mean().tolist() if acc else [])]})
+        sp = S.speedup_ci(d.new_tokens, d.seconds, base.new_tokens, base.seconds)
+        row = {"method": name, "baseline": bname, "prompts": len(d),
+               "new_tokens": int(d.new_tokens.sum()), "tokens_per_s": round(tps, 1),
+               "latency_s_per_seq": round(float(d.seconds.mean()), 4),
+               "speedup_vs_hf_greedy": round(sp.value, 3), "speedup_lo": round(sp.lo, 3), "speedup_hi": round(sp.hi, 3),
+               "mean_accepted_length": round(tau, 3), "efficiency": round(sp.value / tau, 3),
+               "identical_to_greedy": sum(same) / len(same),
+               "identical_tokens": round(float(sum(map(_identical_tokens, seqs, bseqs)) / len(seqs)), 4),
+               "per_head_acceptance": [round(x, 3) for x in (pd.DataFrame(acc).mean().tolist() if acc else [])]}
+        if reference in methods:
+            ref = df[df.method == reference]
+            kv = S.speedup_ci(d.new_tokens, d.seconds, ref.new_tokens, ref.seconds)
+            row.update(speedup_vs_greedy_kv=round(kv.value, 3), speedup_vs_greedy_kv_lo=round(kv.lo, 3),
+                       speedup_vs_greedy_kv_hi=round(kv.hi, 3), efficiency_vs_greedy_kv=round(kv.value / tau, 3))
+        rows.append(row)
     df["tokens_per_s"] = df.new_tokens / df.seconds
-    return rows, df.drop(columns=["seq"])
+    return rows, df
+
+
+@torch.inference_mode()
+def first_divergences(model, prompts, per: pd.DataFrame, method: str, baseline: str) -> list[dict]:
+    """Where ``method``'s output first leaves ``baseline``'s (same model), and the model's top-2 logit gap there,
+    recomputed with one plain forward over prompt + the shared prefix (in the model's dtype and in float32).
+    A small gap is a near-tie that rounding in a differently shaped (multi-token) forward can flip."""
+    dev = model_device(model)
+    a = per[per.method == method].set_index("prompt").seq
+    b = per[per.method == baseline].set_index("prompt").seq
+    out = []
+    for i in a.index:
+        x, y = a[i], b[i]
+        k = next((j for j, (u, v) in enumerate(zip(x, y)) if u != v), None)
+        if k is None:
+            continue
+        ids = torch.cat([prompts[i].to(dev), torch.tensor(y[:k], dtype=torch.long, device=dev)]).view(1, -1)
+        logits = model(input_ids=ids).logits[0, -1]
+        top = logits.float().topk(2)
+        out.append({"method": method, "prompt": i, "position": k, "method_token": x[k], "greedy_token": y[k],
+                    "top2_gap": float(top.values[0] - top.values[1]),
+                    "greedy_is_argmax": int(top.indices[0]) == y[k]})
+    return out
 
 
 # --- memory --------------------------------------------------------------------------------------------------------
@@ -180,6 +265,43 @@ def peak_memory_mb(device=None) -> float:
     if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.inference_mode()
+def generation_memory(model, prompts, max_new_tokens: int, tree=None) -> dict:
+    """Memory of one model generating (batch 1, HF greedy and this engine), in MB.
+
+    On CUDA: ``max_memory_allocated`` after ``empty_cache`` + ``reset_peak_memory_stats`` (the caller keeps only this
+    model on the GPU). On the CPU, where no allocator reports a per-model peak, it is computed: weights + the KV cache
+    of the longest generation + one step's logits.
+    """
+    dev = model_device(model)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    longest = max(prompts, key=len)
+    hf_method(model, max_new_tokens)(longest.view(1, -1))
+    seq, _ = engine_method(model, max_new_tokens, tree if getattr(model, "num_heads", 0) else "none")(longest.view(1, -1))
+    c = model.config
+    kv = 2 * c.n_layer * seq.shape[1] * c.n_embd * weights_dtype_bytes(model) / 2 ** 20
+    logits = c.vocab_size * (1 + (tree_nodes(tree, model) if getattr(model, "num_heads", 0) else 0)) * 4 / 2 ** 20
+    out = {"weights_mb": weights, "kv_cache_mb": kv, "logits_mb": logits, "device": str(dev)}
+    if dev.type == "cuda":
+        out.update(peak_mb=torch.cuda.max_memory_allocated(dev) / 2 ** 20, measured="cuda_max_allocated")
+    else:
+        out.update(peak_mb=weights + kv + logits, measured="weights+kv+logits (computed)")
+    return out
+
+
+def weights_dtype_bytes(model) -> int:
+    return next(model.parameters()).element_size()
+
+
+def tree_nodes(tree, model) -> int:
+    from .trees import parse_tree
+
+    return len(parse_tree(tree, model.num_heads))
 
 
 def train_time_per_epoch(log_csv) -> float:

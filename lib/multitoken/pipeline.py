@@ -12,30 +12,40 @@ import torch
 
 from . import data as D
 from . import evaluation as E
+from . import stats as S
 from . import training as T
 from .medusa import MedusaGPT2
 from .models import MultiTokenGPT2
 from .trees import fitted_tree, medusa_tree
-from .utils import repo_root, write_csv, write_json
+from .utils import repo_root, resolve_device, resolve_dtype, write_csv, write_json
+
+VARIANTS = ("ntp", "mtp", "medusa")
 
 DEFAULTS = dict(
-    profile="smoke", source="synthetic", max_examples=240, seed=0, tokenizer_name=None, vocab_size=512,
-    max_seq_len=192, model_name=None, n_layer=2, n_embd=64, n_head=2, n_positions=256,
+    profile="smoke", source="synthetic", max_examples=240, seed=0, val_fraction=0.1, test_examples=None,
+    tokenizer_name=None, vocab_size=512,
+    max_seq_len=192, model_name=None, model_vocab_size=None, n_layer=2, n_embd=64, n_head=2, n_positions=256,
     batch_size=8, eval_steps=20, logging_steps=5, max_steps=-1,
     ntp_epochs=1, ntp_lr=3e-3, ntp_grad_accum=1,
     mtp_n=3, mtp_head_type="mlp", mtp_sequential=False, mtp_share=False, mtp_own_unembedding=False,
     mtp_weighting="uniform", mtp_beta=0.8, mtp_lambda=1.0, mtp_warmup_steps=0, mtp_epochs=1, mtp_lr=3e-3, mtp_grad_accum=1, mtp_memory_efficient=True,
     medusa_heads=3, medusa_layers=1, medusa_epochs=1, medusa_lr=3e-3, medusa_self_distill=True,
-    eval_examples=8, max_new_tokens=48, bench_prompts=4, bench_warmup=1, tree_budgets=[4, 8, 16], tree_budget="auto",
+    medusa_max_examples=None, device="auto", inference_dtype="float32", warmup_steps=0, eval_examples=8, max_new_tokens=48, bench_prompts=4, bench_warmup=1, tree_budgets=[4, 8, 16], tree_budget="auto",
     ablation_n=[2, 3], ablation_lrs=[3e-3], ablation_head_types=["linear", "mlp"],
     ablation_weightings=["uniform", "exponential"], ablation_steps=8,
 )
 
 
 def config(**overrides) -> dict:
+    """The profile's parameters over the defaults; the device and dtype are checked here, before any work."""
     cfg = dict(DEFAULTS)
     cfg.update({k: v for k, v in overrides.items() if k in DEFAULTS})
+    resolve_dtype(cfg["inference_dtype"], resolve_device(cfg["device"]))
     return cfg
+
+
+def device(cfg) -> torch.device:
+    return resolve_device(cfg["device"])
 
 
 def paths(cfg) -> dict:
@@ -53,7 +63,8 @@ def run_data(cfg) -> dict:
     p = paths(cfg)
     return D.prepare(p["run"], source=cfg["source"], max_examples=cfg["max_examples"], seed=cfg["seed"],
                      tokenizer_name=cfg["tokenizer_name"], vocab_size=cfg["vocab_size"],
-                     max_seq_len=cfg["max_seq_len"])
+                     max_seq_len=cfg["max_seq_len"], val_fraction=cfg["val_fraction"],
+                     test_examples=cfg["test_examples"])
 
 
 def loaders(cfg):
@@ -71,11 +82,12 @@ def _common(cfg, prefix):
     return dict(num_train_epochs=cfg[f"{prefix}_epochs"], learning_rate=cfg[f"{prefix}_lr"],
                 gradient_accumulation_steps=cfg[f"{prefix}_grad_accum"] if f"{prefix}_grad_accum" in cfg else 1,
                 eval_steps=cfg["eval_steps"], logging_steps=cfg["logging_steps"], max_steps=cfg["max_steps"],
-                seed=cfg["seed"])
+                seed=cfg["seed"], warmup_steps=cfg["warmup_steps"], device=device(cfg))
 
 
 def model_config(cfg):
-    return dict(n_layer=cfg["n_layer"], n_embd=cfg["n_embd"], n_head=cfg["n_head"], n_positions=cfg["n_positions"])
+    return dict(n_layer=cfg["n_layer"], n_embd=cfg["n_embd"], n_head=cfg["n_head"], n_positions=cfg["n_positions"],
+                vocab_size=cfg["model_vocab_size"])
 
 
 def mtp_fields(cfg) -> dict:
@@ -102,10 +114,13 @@ def train_variant(cfg, variant: str):
         if not base.exists():
             raise FileNotFoundError(f"{base} is missing: train the NTP baseline first (notebooks/01_train_ntp.ipynb)")
         if cfg["medusa_self_distill"]:
-            base_model = T.GPT2LMHeadModel.from_pretrained(str(base))
+            base_model = T.GPT2LMHeadModel.from_pretrained(str(base)).to(device(cfg))
 
             def distilled(split, shuffle):
-                raw = T.self_distill(base_model, tok, prep["raw"][split], max_new_tokens=cfg["max_seq_len"])
+                raw = prep["raw"][split]
+                if split == "train" and cfg["medusa_max_examples"] and len(raw) > cfg["medusa_max_examples"]:
+                    raw = raw.select(range(cfg["medusa_max_examples"]))  # already shuffled by the split
+                raw = T.self_distill(base_model, tok, raw, max_new_tokens=cfg["max_seq_len"])
                 return D.make_dataloader(D.tokenize_dataset(raw, tok, cfg["max_seq_len"]), tok, cfg["batch_size"],
                                          shuffle)
 
@@ -120,24 +135,26 @@ def train_variant(cfg, variant: str):
 
 
 def load_variant(cfg, variant: str):
+    """A trained variant on the profile's device (``device``) in its ``inference_dtype``, in eval mode."""
     d = paths(cfg)["models"] / variant / "final"
     nb = {"ntp": "01_train_ntp", "mtp": "02_train_mtp", "medusa": "03_train_medusa"}[variant]
     if not d.exists():
         raise FileNotFoundError(f"{d} is missing: run notebooks/{nb}.ipynb (profile {cfg['profile']}) first")
     T.check_checkpoint_dir(d)
     cls = {"ntp": T.GPT2LMHeadModel, "mtp": MultiTokenGPT2, "medusa": MedusaGPT2}[variant]
-    return cls.from_pretrained(str(d)).eval()
+    dev = device(cfg)
+    return cls.from_pretrained(str(d)).to(dev, resolve_dtype(cfg["inference_dtype"], dev)).eval()
 
 
 def head_accuracy(model, loader, max_batches=20) -> list:
-    """Validation top-1 accuracy per offset (index 0 = next token)."""
+    """Validation top-1 accuracy per offset (index 0 = next token), on the model's device."""
     model.eval()
-    accs = []
+    dev, accs = E.model_device(model), []
     with torch.no_grad():
         for i, b in enumerate(loader):
             if i >= max_batches:
                 break
-            accs.append(model(**b).mtp_step_accuracy.tolist())
+            accs.append(model(**E.to_device(b, dev)).mtp_step_accuracy.tolist())
     return pd.DataFrame(accs).mean().tolist()
 
 
@@ -145,10 +162,12 @@ def head_accuracy(model, loader, max_batches=20) -> list:
 def head_topk_accuracy(model, loader, k=8, max_batches=10):
     """acc[d][j] = P(head d+1's (j+1)-th ranked token is the right one) on validation responses."""
     model.eval()
-    hits, n = torch.zeros(model.num_heads, k), 0
+    dev = E.model_device(model)
+    hits, n = torch.zeros(model.num_heads, k, device=dev), 0
     for i, b in enumerate(loader):
         if i >= max_batches:
             break
+        b = E.to_device(b, dev)
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_head_logits=True)
         for d, lg in enumerate(out.head_logits, 1):
             T = b["labels"].shape[1]
@@ -158,10 +177,39 @@ def head_topk_accuracy(model, loader, k=8, max_batches=10):
             hits[d - 1] += ((top == tgt.unsqueeze(-1)) & valid.unsqueeze(-1)).sum((0, 1)).float()
             if d == 1:
                 n += int(valid.sum())
-    return (hits / max(n, 1)).tolist()
+    return (hits / max(n, 1)).cpu().tolist()
 
 
 # --- 04 evaluation -------------------------------------------------------------------------------------------------
+
+def eval_split(prep) -> str:
+    """The held-out split results are reported on: GSM8K's official ``test``, else ``validation``."""
+    return "test" if "test" in prep["raw"] else "validation"
+
+
+def eval_set(cfg, tok, prep) -> dict:
+    """The first ``eval_examples`` problems of the evaluation split: prompt ids, reference responses (untruncated
+    text), and a loader over the same problems' tokenized form (for perplexity). Prompts with no room left in the
+    context are skipped, with a count in the log."""
+    split = eval_split(prep)
+    raw = prep["raw"][split]
+    raw = raw.select(range(min(cfg["eval_examples"], len(raw))))
+    prompts = [torch.tensor(tok(D.format_prompt(q), add_special_tokens=False)["input_ids"], dtype=torch.long)
+               for q in raw["query"]]
+    keep = [i for i, pr in enumerate(prompts) if len(pr) < cfg["n_positions"]]
+    if len(keep) < len(prompts):
+        E.log.warning("evaluation: skipped %d of %d prompts longer than the context (%d tokens)",
+                      len(prompts) - len(keep), len(prompts), cfg["n_positions"])
+    raw = raw.select(keep)
+    tokenized = D.tokenize_dataset(raw, tok, cfg["max_seq_len"])
+    return {"split": split, "prompts": [prompts[i] for i in keep], "references": list(raw["response"]),
+            "loader": D.make_dataloader(tokenized, tok, cfg["batch_size"]), "skipped": len(prompts) - len(keep)}
+
+
+def variant_of(method: str) -> str:
+    """The variant whose model a benchmark method runs."""
+    return next((v for v in ("mtp", "medusa") if v in method), "ntp")
+
 
 def decoding_methods(cfg, models: dict, trees: dict):
     m = cfg["max_new_tokens"]
@@ -177,47 +225,62 @@ def decoding_methods(cfg, models: dict, trees: dict):
     return meths
 
 
-def fitted_trees(cfg, models, loader, budget):
-    """The tree per head family: fitted to measured top-k accuracy under ``budget`` nodes, or with ``"auto"`` the
-    fitted budget that was fastest in this machine's tree sweep (``results/tree_sweep.csv``, run if missing)."""
+def fitted_trees(cfg, models, loader, budget, prompts=None):
+    """The tree per head family: fitted to measured top-k accuracy (on ``loader``, the validation split) under
+    ``budget`` nodes, or with ``"auto"`` the fitted budget that was fastest in this machine's tree sweep
+    (``results/tree_sweep.csv``, run on ``prompts`` if missing)."""
     budgets = {v: budget for v in ("mtp", "medusa")}
     if budget == "auto":
         f = paths(cfg)["results"] / "tree_sweep.csv"
-        sweep = pd.read_csv(f) if f.exists() else run_tree_sweep(cfg, models, loader)
+        sweep = pd.read_csv(f) if f.exists() else run_tree_sweep(cfg, models, loader, prompts)
         fitted = sweep[sweep.tree == "fitted"]
         budgets = {v: int(fitted[fitted.variant == v].sort_values("speedup").budget.iloc[-1]) for v in budgets}
     return {v: fitted_tree(head_topk_accuracy(models[v], loader), budgets[v]) for v in budgets}
 
 
-def bench_prompts(cfg, loader, n):
-    pairs = E.prompts_and_references(loader, None)
-    room = cfg["n_positions"] - cfg["max_new_tokens"]
-    prompts = [pr for pr, _ in pairs if len(pr) <= room]
-    return prompts[:n]
+def bench_prompts(cfg, prompts, n):
+    """The first ``n`` prompts that leave room for ``max_new_tokens`` (the others are skipped, counted in the log)."""
+    return E.fit_prompts(prompts, cfg["n_positions"], cfg["max_new_tokens"], "decoding benchmark")[0][:n]
 
 
-def run_decoding_benchmark(cfg, models=None, loader=None, write=True):
-    """The decoding benchmark table (see ``make bench``); writes ``results/decoding_benchmark.json``."""
+def _setup(cfg, models, prep):
     if models is None:
-        models = {v: load_variant(cfg, v) for v in ("ntp", "mtp", "medusa")}
-    if loader is None:
-        loader = loaders(cfg)[1]
-    trees = fitted_trees(cfg, models, loader, cfg["tree_budget"])
+        models = {v: load_variant(cfg, v) for v in VARIANTS}
+    if prep is None:
+        _, _, tok, prep = loaders(cfg)
+    return models, prep
+
+
+def run_decoding_benchmark(cfg, models=None, prep=None, write=True):
+    """The decoding benchmark table (see ``make bench``) on the evaluation split's prompts, trees fitted on the
+    validation split; writes ``results/decoding_benchmark.json``, the per-prompt times and, where an output left
+    greedy (bf16 near-ties), ``results/divergences.csv``."""
+    models, prep = _setup(cfg, models, prep)
+    tok = prep["tokenizer"]
+    val = D.make_dataloader(prep["tokenized"]["validation"], tok, cfg["batch_size"])
+    prompts = bench_prompts(cfg, eval_set(cfg, tok, prep)["prompts"], cfg["bench_prompts"])
+    trees = fitted_trees(cfg, models, val, cfg["tree_budget"], prompts)
     meths = decoding_methods(cfg, models, trees)
-    prompts = bench_prompts(cfg, loader, cfg["bench_prompts"])
     rows, per = E.benchmark_decoding(meths, prompts, {}, warmup=cfg["bench_warmup"])
-    rows = [dict(r, tree=str(trees[r["method"].split("_")[0]].name) if r["method"].endswith("_tree") else None)
+    dev, dtype = E.model_device(models["ntp"]), next(models["ntp"].parameters()).dtype
+    info = dict(device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                dtype=str(dtype).replace("torch.", ""), torch_threads=torch.get_num_threads())
+    rows = [dict(r, tree=str(trees[variant_of(r["method"])].name) if r["method"].endswith("_tree") else None, **info)
             for r in rows]
+    div = [d for r in rows if r["identical_to_greedy"] < 1 for d in E.first_divergences(
+        models[variant_of(r["method"])], prompts, per, r["method"], r["baseline"])]
     if write:
         res = paths(cfg)["results"]
         write_json(res / "decoding_benchmark.json", rows)
-        write_csv(res / "decoding_per_prompt.csv", per)
+        write_csv(res / "decoding_per_prompt.csv", per.drop(columns=["seq"]))
+        write_csv(res / "divergences.csv", div if div else pd.DataFrame(columns=["method", "prompt", "position",
+                                                                                  "top2_gap"]))
     return rows, per
 
 
-def run_tree_sweep(cfg, models, loader):
+def run_tree_sweep(cfg, models, loader, prompts):
     """Speedup vs tree node budget (fitted trees and Medusa's sparse tree) for both head families."""
-    prompts = bench_prompts(cfg, loader, max(2, cfg["bench_prompts"] // 2))
+    prompts = bench_prompts(cfg, prompts, max(2, cfg["bench_prompts"] // 2))
     out = []
     for v in ("mtp", "medusa"):
         acc = head_topk_accuracy(models[v], loader)
@@ -230,47 +293,65 @@ def run_tree_sweep(cfg, models, loader):
         for r in rows[1:]:
             kind, b = r["method"].split("_")
             out.append(dict(variant=v, tree=kind, budget=int(b), speedup=r["speedup_vs_hf_greedy"],
+                            speedup_lo=r["speedup_lo"], speedup_hi=r["speedup_hi"],
                             mean_accepted_length=r["mean_accepted_length"], identical=r["identical_to_greedy"]))
     write_csv(paths(cfg)["results"] / "tree_sweep.csv", out)
     return pd.DataFrame(out)
 
 
-def run_quality(cfg, models, loader, tok):
-    """Perplexity, answer accuracy, BLEU per variant, plus qualitative samples; writes results/quality.json."""
-    pairs = E.prompts_and_references(loader, cfg["eval_examples"])
-    refs = [tok.decode(r, skip_special_tokens=True) for _, r in pairs]
-    quality, samples = {}, []
+def run_quality(cfg, models=None, prep=None):
+    """Perplexity, answer accuracy and BLEU per variant on the evaluation split, each with a 95% bootstrap interval
+    over problems, and the paired differences MTP - NTP and MEDUSA - NTP (same problems, resampled together).
+    Writes ``results/quality.json``, ``results/answers_per_problem.csv`` (1 = right) and qualitative samples."""
+    models, prep = _setup(cfg, models, prep)
+    tok = prep["tokenizer"]
+    ev = eval_set(cfg, tok, prep)
+    refs = ev["references"]
+    quality, samples, per = {}, [], {}
     for v, model in models.items():
-        texts, stats = E.generate_responses(model, tok, [p for p, _ in pairs], cfg["max_new_tokens"], desc=v)
-        quality[v] = {"perplexity": E.perplexity(model, loader), "accuracy": E.answer_accuracy(texts, refs),
-                      "bleu": E.bleu(texts, refs), "n_eval": len(refs),
+        texts, _ = E.generate_responses(model, tok, ev["prompts"], cfg["max_new_tokens"], desc=f"{v}: answers")
+        nll, ntok = E.token_nll(model, ev["loader"])
+        per[v] = {"hit": E.answer_hits(texts, refs), "bleu": S.bleu_stats(texts, refs), "nll": nll, "ntok": ntok}
+        quality[v] = {"perplexity": S.perplexity_ci(nll, ntok).as_dict(),
+                      "accuracy": S.mean_ci(per[v]["hit"]).as_dict(),
+                      "bleu": S.bootstrap(S.bleu_of_columns, *per[v]["bleu"].T).as_dict(),
+                      "n_eval": len(refs), "n_ppl": len(nll), "split": ev["split"], "skipped_prompts": ev["skipped"],
                       "train_s_per_epoch": E.train_time_per_epoch(paths(cfg)["results"] / f"{v}_train_log.csv"),
-                      "head_top1": head_accuracy(model, loader) if v != "ntp" else None,
+                      "head_top1": head_accuracy(model, ev["loader"]) if v != "ntp" else None,
                       "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
         for i in range(min(3, len(texts))):
-            samples.append({"variant": v, "prompt": tok.decode(pairs[i][0]).split("### Instruction:\n")[-1]
-                            .split("\n\n### Response")[0], "output": texts[i], "reference": refs[i]})
+            samples.append({"variant": v, "prompt": prep["raw"][ev["split"]][i]["query"], "output": texts[i],
+                            "reference": refs[i]})
+    base = per["ntp"]
+    for v in models:
+        if v == "ntp":
+            continue
+        a = per[v]
+        quality[v]["diff_vs_ntp"] = {
+            "accuracy": S.paired_difference(S.np.mean, [a["hit"]], [base["hit"]]).as_dict(),
+            "bleu": S.paired_difference(S.bleu_of_columns, list(a["bleu"].T), list(base["bleu"].T)).as_dict(),
+            "perplexity": S.paired_difference(S.perplexity_of, [a["nll"], a["ntok"]],
+                                              [base["nll"], base["ntok"]]).as_dict()}
     res = paths(cfg)["results"]
     write_json(res / "quality.json", quality)
     write_csv(res / "samples.csv", samples)
+    write_csv(res / "answers_per_problem.csv", pd.DataFrame({v: d["hit"] for v, d in per.items()}))
     return quality, samples
 
 
-def run_memory(cfg, models, loader):
-    """Peak inference memory per variant: CUDA max allocated, or on CPU the bytes of weights + KV cache + logits."""
-    out = {}
-    batch = next(iter(loader))
+def run_memory(cfg, models=None, prep=None):
+    """Inference memory per variant while generating, one model on the device at a time (``generation_memory``)."""
+    models, prep = _setup(cfg, models, prep)
+    prompts = bench_prompts(cfg, eval_set(cfg, prep["tokenizer"], prep)["prompts"], 4)
+    dev, out = device(cfg), {}
     for v, model in models.items():
-        weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            o = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
-        kv = sum(l.keys.numel() * 2 * l.keys.element_size() for l in o.past_key_values.layers) / 2 ** 20
-        act = o.logits.numel() * o.logits.element_size() / 2 ** 20
-        out[v] = {"weights_mb": weights, "kv_cache_mb": kv, "logits_mb": act,
-                  "peak_mb": E.peak_memory_mb() if torch.cuda.is_available() else weights + kv + act,
-                  "measured": "cuda_max_allocated" if torch.cuda.is_available() else "weights+kv+logits"}
+        if dev.type == "cuda":  # only this model resident
+            for other in models.values():
+                other.to("cpu" if other is not model else dev)
+        out[v] = E.generation_memory(model, prompts, cfg["max_new_tokens"], "chain")
+    if dev.type == "cuda":
+        for model in models.values():
+            model.to(dev)
     write_json(paths(cfg)["results"] / "memory.json", out)
     return out
 
@@ -279,7 +360,7 @@ def load_results(cfg) -> dict:
     """Everything 04 wrote (what 05 draws from); a clear error if 04 has not run."""
     res = paths(cfg)["results"]
     need = ["quality.json", "decoding_benchmark.json", "decoding_per_prompt.csv", "memory.json", "tree_sweep.csv",
-            "samples.csv"]
+            "samples.csv", "divergences.csv"]
     missing = [f for f in need if not (res / f).exists()]
     if missing:
         raise FileNotFoundError(f"{res} lacks {missing}: run notebooks/04_evaluate.ipynb for profile "
@@ -312,7 +393,8 @@ def run_ablations(cfg):
                                                   base_model=cfg["model_name"], model_config=model_config(cfg),
                                                   mtp=fields, learning_rate=g["lr"], max_steps=cfg["ablation_steps"],
                                                   eval_steps=cfg["ablation_steps"], logging_steps=cfg["logging_steps"],
-                                                  gradient_accumulation_steps=1, seed=cfg["seed"], save_steps=10 ** 9)
+                                                  gradient_accumulation_steps=1, seed=cfg["seed"], save_steps=10 ** 9,
+                                                  device=device(cfg))
         acc = head_accuracy(model, va, max_batches=5)
         ppl = E.perplexity(model, va, max_batches=5)
         rows.append(dict(g, val_ppl=ppl, next_token_acc=acc[0], head2_acc=acc[1] if len(acc) > 1 else None,

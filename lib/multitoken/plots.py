@@ -1,16 +1,17 @@
-"""Figures and tables, one function each; every figure is saved as PNG and PDF into ``out_dir``."""
+"""Figures and tables, one function each. Every figure is saved as PNG and PDF into ``out_dir`` and returned, so a
+notebook shows it inline (the executed copies under ``runs/`` embed the PNG); it is closed after saving, so
+Jupyter's inline backend does not show it a second time.
+Quality and speed figures draw 95% bootstrap intervals (``multitoken.stats``)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from .utils import atomic_write_text  # noqa: E402
+from .stats import CI, verdict
+from .utils import atomic_write_text
 
 sns.set_theme(style="whitegrid", context="notebook")
 THESIS = {"ntp": {"speedup": 1.00, "perplexity": 17.45, "memory_gb": 3.2},
@@ -18,14 +19,21 @@ THESIS = {"ntp": {"speedup": 1.00, "perplexity": 17.45, "memory_gb": 3.2},
           "medusa": {"speedup": 1.27, "perplexity": 16.85, "memory_gb": 3.3}}
 
 
-def _save(fig, out_dir, name) -> Path:
+def _save(fig, out_dir, name):
+    """Write ``name``.png and .pdf, close the figure (no second inline copy) and return it for display."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(out / f"{name}.{ext}", dpi=130)
     plt.close(fig)
-    return out / f"{name}.png"
+    fig.saved = out / f"{name}.png"
+    return fig
+
+
+def ci(d) -> CI:
+    """A quality.json entry ({value, lo, hi}) as a CI."""
+    return CI(d["value"], d["lo"], d["hi"])
 
 
 def token_lengths(lengths: pd.DataFrame, out_dir):
@@ -94,12 +102,42 @@ def head_acceptance(bench: pd.DataFrame, out_dir):
 
 
 def quality_comparison(quality: dict, out_dir):
-    """Perplexity, answer accuracy and BLEU per variant."""
-    data = pd.DataFrame([{"variant": v, "metric": m, "value": q[m]} for v, q in quality.items()
-                         for m in ("perplexity", "accuracy", "bleu")])
-    g = sns.catplot(data=data, x="variant", y="value", col="metric", kind="bar", height=3, sharey=False)
-    g.set_titles("{col_name}")
-    return _save(g.figure, out_dir, "quality_comparison")
+    """Perplexity, answer accuracy and BLEU per variant with 95% bootstrap intervals over problems (left), and the
+    paired differences against NTP on the same problems (right: an interval covering 0 is no detectable change)."""
+    metrics = ("perplexity", "accuracy", "bleu")
+    fig, axes = plt.subplots(2, 3, figsize=(10, 5.5))
+    for ax, m in zip(axes[0], metrics):
+        for i, (v, q) in enumerate(quality.items()):
+            c = ci(q[m])
+            ax.bar(i, c.value, color=sns.color_palette()[i], alpha=0.8)
+            ax.errorbar(i, c.value, yerr=[[c.value - c.lo], [c.hi - c.value]], color="k", capsize=4)
+        ax.set(xticks=range(len(quality)), xticklabels=list(quality), title=m)
+    for ax, m in zip(axes[1], metrics):
+        diffs = [(v, ci(q["diff_vs_ntp"][m])) for v, q in quality.items() if "diff_vs_ntp" in q]
+        for i, (v, c) in enumerate(diffs):
+            ax.errorbar(c.value, i, xerr=[[c.value - c.lo], [c.hi - c.value]], fmt="o", color="k", capsize=4)
+        ax.axvline(0, color="0.5", ls="--", lw=1)
+        ax.set(yticks=range(len(diffs)), yticklabels=[f"{v} - ntp" for v, _ in diffs], ylim=(-0.6, len(diffs) - 0.4),
+               title=f"{m}: difference vs NTP")
+    fig.suptitle("Quality on held-out problems (95% bootstrap intervals)")
+    return _save(fig, out_dir, "quality_comparison")
+
+
+def speedup_intervals(bench: pd.DataFrame, out_dir):
+    """Each method's speedup over HF greedy of the same model and over this engine without drafts (greedy_kv),
+    with 95% bootstrap intervals over prompts; the dashed line is no speedup."""
+    cols = [("speedup_vs_hf_greedy", "speedup_lo", "speedup_hi", "vs HF generate (same model)")]
+    if "speedup_vs_greedy_kv" in bench:
+        cols.append(("speedup_vs_greedy_kv", "speedup_vs_greedy_kv_lo", "speedup_vs_greedy_kv_hi",
+                     "vs this engine without drafts (greedy_kv)"))
+    fig, axes = plt.subplots(1, len(cols), figsize=(5 * len(cols), 0.35 * len(bench) + 1.5), sharey=True)
+    axes = [axes] if len(cols) == 1 else axes
+    for ax, (c, lo, hi, title) in zip(axes, cols):
+        y = range(len(bench))
+        ax.errorbar(bench[c], y, xerr=[bench[c] - bench[lo], bench[hi] - bench[c]], fmt="o", capsize=3, color="k")
+        ax.axvline(1, color="0.5", ls="--", lw=1)
+        ax.set(yticks=list(y), yticklabels=bench.method, title=title, xlabel="speedup")
+    return _save(fig, out_dir, "speedup_intervals")
 
 
 def tree_budget(sweep: pd.DataFrame, out_dir):
@@ -139,39 +177,57 @@ def qualitative_table(samples: pd.DataFrame, out_dir) -> Path:
     return atomic_write_text(Path(out_dir) / "qualitative.md", "\n".join(lines) + "\n")
 
 
+def _speed_verdict(c: CI, thesis: float) -> str:
+    if c.covers(thesis):
+        return f"yes (the thesis' {thesis}x lies in the interval)"
+    if c.lo > thesis:
+        return f"yes, faster than the thesis' {thesis}x"
+    if c.lo > 1:
+        return f"partly: faster (interval above 1) but below the thesis' {thesis}x"
+    return "no detectable speedup" if c.covers(1) else "no: slower"
+
+
 def thesis_table(quality: dict, bench: list, memory_: dict, out_dir, profile: str) -> pd.DataFrame:
-    """One row per variant: our speed, perplexity, accuracy, memory beside the thesis' and whether it reproduced."""
+    """One row per variant: our speed, perplexity, accuracy, BLEU (each with its 95% bootstrap interval), memory,
+    beside the thesis' numbers, and a verdict drawn from the intervals (never from two point estimates)."""
     b = {r["method"]: r for r in bench}
-    best = {"ntp": b.get("hf_greedy"), "mtp": max((b[m] for m in ("mtp_chain", "mtp_tree") if m in b),
-                                                 key=lambda r: r["speedup_vs_hf_greedy"], default=None),
-            "medusa": max((b[m] for m in ("medusa_chain", "medusa_tree") if m in b),
-                          key=lambda r: r["speedup_vs_hf_greedy"], default=None)}
-    ppl0 = quality["ntp"]["perplexity"]
+    best = {"ntp": b.get("hf_greedy"), **{v: max((b[m] for m in (f"{v}_chain", f"{v}_tree") if m in b),
+                                                 key=lambda r: r["speedup_vs_hf_greedy"], default=None)
+                                          for v in ("mtp", "medusa")}}
     rows = []
     for v, t in THESIS.items():
         q, r = quality[v], best[v]
-        sp = r["speedup_vs_hf_greedy"] if r else float("nan")
-        ppl = q["perplexity"]
-        speed = ("n/a" if sp != sp else "yes" if sp >= t["speedup"] else
-                 f"partly (faster, below {t['speedup']}x)" if sp > 1 else "no")
+        sp = CI(r["speedup_vs_hf_greedy"], r["speedup_lo"], r["speedup_hi"]) if r else None
+        row = {"variant": v, "method": r["method"] if r else None,
+               "speedup (ours)": sp.fmt(2) if sp else "n/a", "speedup (thesis)": t["speedup"],
+               "τ": r["mean_accepted_length"] if r else None,
+               "identical to greedy": r["identical_to_greedy"] if r else None,
+               "perplexity (ours)": ci(q["perplexity"]).fmt(3), "perplexity (thesis)": t["perplexity"],
+               "answer accuracy (ours)": ci(q["accuracy"]).fmt(3), "BLEU (ours)": ci(q["bleu"]).fmt(1),
+               "memory MB (ours)": round(memory_[v]["peak_mb"], 1), "memory GB (thesis)": t["memory_gb"]}
         if v == "ntp":
-            verdict = "baseline"
-        elif v == "medusa":
-            verdict = (f"speed {speed}; perplexity cannot change (frozen backbone: {ppl:.3f} vs {ppl0:.3f}), so the "
-                       "thesis' 16.85 < 17.45 is not reproducible")
+            row["reproduced?"] = "baseline"
         else:
-            verdict = (f"speed {speed}; perplexity {'lower' if ppl < ppl0 else 'not lower'} than NTP "
-                       "(next-token logits are causal, tested)")
-        rows.append({"variant": v, "speedup (ours)": round(sp, 2), "speedup (thesis)": t["speedup"],
-                     "mean accepted length": r["mean_accepted_length"] if r else None,
-                     "identical to greedy": r["identical_to_greedy"] if r else None,
-                     "perplexity (ours)": round(ppl, 3), "perplexity (thesis)": t["perplexity"],
-                     "answer accuracy (ours)": round(q["accuracy"], 3), "BLEU (ours)": round(q["bleu"], 1),
-                     "memory MB (ours)": round(memory_[v]["peak_mb"], 1), "memory GB (thesis)": t["memory_gb"],
-                     "reproduced?": verdict})
+            d = {m: ci(q["diff_vs_ntp"][m]) for m in ("perplexity", "accuracy")}
+            row["Δ perplexity vs NTP"], row["Δ accuracy vs NTP"] = d["perplexity"].fmt(3), d["accuracy"].fmt(3)
+            speed = _speed_verdict(sp, t["speedup"]) if sp else "n/a"
+            if v == "medusa":
+                ppl = ("cannot change by construction (frozen backbone: the same next-token logits), so the thesis' "
+                       f"16.85 < 17.45 is not reproducible; Δ = {d['perplexity'].fmt(3)}")
+            else:
+                ppl = {"lower": "lower than NTP, as the thesis claims",
+                       "higher": "higher than NTP (the thesis: lower)",
+                       "no detectable difference": "no detectable difference from NTP (the thesis: lower)"}[
+                    verdict(d["perplexity"])] + " (next-token logits are causal, tested)"
+            acc = verdict(d["accuracy"])
+            row["reproduced?"] = f"speed: {speed}; perplexity: {ppl}; answer accuracy vs NTP: {acc}"
+        rows.append(row)
     df = pd.DataFrame(rows)
-    note = (f"\n\nProfile `{profile}`. Speedup: best lossless method of the variant vs HF greedy `generate()` of the "
-            "same model, batch 1. Memory: inference weights+KV cache+logits on CPU, CUDA max allocated on a GPU.\n")
+    note = (f"\n\nProfile `{profile}`, {quality['ntp'].get('n_eval', '?')} held-out problems "
+            f"({quality['ntp'].get('split', '?')} split). Intervals: 95% percentile bootstrap, over problems for quality "
+            "and over prompts for speed; Δ = variant − NTP on the same problems. Speedup: best lossless method of the "
+            "variant vs HF greedy `generate()` of the same model, batch 1. Memory: computed weights + KV cache + logits "
+            "on a CPU, CUDA max allocated on a GPU (one model resident).\n")
     atomic_write_text(Path(out_dir) / "thesis_table.md", df.to_markdown(index=False) + note)
     atomic_write_text(Path(out_dir) / "thesis_table.tex", df.to_latex(index=False))
     return df

@@ -1,0 +1,114 @@
+"""What the notebooks say about their results, and the one-file HTML report of a profile.
+
+Each ``*_summary`` returns Markdown written from the results themselves, so an executed notebook ends with its
+findings in words (shown with ``IPython.display.Markdown``). ``build_report`` joins the executed notebooks of a
+profile into ``runs/<profile>/report.html``: the thesis table first, then every notebook's prose, tables and figures
+(code hidden, images embedded, no external resources), so it opens offline in any browser.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from .stats import CI
+from .utils import atomic_write_text, repo_root
+
+NAMES = {"ntp": "NTP", "mtp": "MTP", "medusa": "MEDUSA-1"}
+
+
+def _ci(d) -> CI:
+    return CI(d["value"], d["lo"], d["hi"])
+
+
+def data_summary(prep, cfg) -> str:
+    raw, tok = prep["raw"], prep["tokenizer"]
+    parts = ", ".join(f"{len(raw[s]):,} {s}" for s in raw)
+    return (f"**Data** (`{cfg['source']}`): {parts} problems; tokenizer of {len(tok):,} tokens; sequences cut at "
+            f"{cfg['max_seq_len']} tokens.")
+
+
+def training_summary(log: pd.DataFrame, variant: str) -> str:
+    ev = log.dropna(subset=["eval_loss"])
+    if ev.empty:
+        return f"**{NAMES[variant]}**: no validation yet."
+    first, last = ev.iloc[0], ev.iloc[-1]
+    heads = [c for c in ev.columns if c.startswith("eval_head") and c.endswith("_acc")]
+    offsets = [int(re.search(r"head(\d+)", c).group(1)) + 1 for c in heads]
+    acc = ", ".join(f"t+{k} {last[c]:.3f}" for k, c in zip(offsets, heads))
+    mem = f"; peak memory {last['peak_mem_mb']:,.0f} MB" if "peak_mem_mb" in ev and pd.notna(last.get("peak_mem_mb")) else ""
+    return (f"**{NAMES[variant]}**: {int(last.step)} steps in {last.elapsed_s / 60:.1f} min{mem}; validation loss "
+            f"{first.eval_loss:.3f} (step {int(first.step)}) → {last.eval_loss:.3f}"
+            + (f"; validation top-1 by offset: {acc}" if acc else "") + ".")
+
+
+def quality_summary(quality: dict) -> str:
+    q0 = quality["ntp"]
+    lines = [f"**Quality** on {q0['n_eval']} held-out problems ({q0['split']} split), 95% bootstrap intervals over "
+             "problems; Δ = variant − NTP on the same problems:", ""]
+    for v, q in quality.items():
+        s = (f"- {NAMES[v]}: perplexity {_ci(q['perplexity']).fmt(3)}, answer accuracy {_ci(q['accuracy']).fmt(3)}, "
+             f"BLEU {_ci(q['bleu']).fmt(1)}")
+        if "diff_vs_ntp" in q:
+            d = q["diff_vs_ntp"]
+            s += (f"; Δ perplexity {_ci(d['perplexity']).fmt(3)}, Δ accuracy {_ci(d['accuracy']).fmt(3)}, "
+                  f"Δ BLEU {_ci(d['bleu']).fmt(1)}")
+        lines.append(s)
+    return "\n".join(lines)
+
+
+def bench_summary(rows: list[dict]) -> str:
+    dev = rows[0].get("device_name", "?")
+    lines = [f"**Decoding** ({dev}, {rows[0].get('dtype', '?')}, batch 1, {rows[0]['prompts']} prompts); speedup over "
+             "HF `generate()` of the same model with its 95% interval over prompts:", ""]
+    for r in rows:
+        if r["method"].startswith("hf_greedy"):
+            continue
+        kv = (f", {r['speedup_vs_greedy_kv']:.2f}x greedy_kv [{r['speedup_vs_greedy_kv_lo']:.2f}, "
+              f"{r['speedup_vs_greedy_kv_hi']:.2f}]") if "speedup_vs_greedy_kv" in r else ""
+        same = round(r["identical_to_greedy"] * r["prompts"])
+        lines.append(f"- {r['method']}: {r['speedup_vs_hf_greedy']:.2f}x [{r['speedup_lo']:.2f}, "
+                     f"{r['speedup_hi']:.2f}]{kv}, {r['tokens_per_s']:.0f} tokens/s, τ {r['mean_accepted_length']:.2f}; "
+                     f"identical outputs {same}/{r['prompts']}, identical tokens {r.get('identical_tokens', 1):.1%}")
+    return "\n".join(lines)
+
+
+def thesis_summary(table: pd.DataFrame) -> str:
+    lines = ["**Against the thesis:**", ""]
+    for r in table.to_dict("records"):
+        if r["variant"] != "ntp":
+            lines.append(f"- {NAMES[r['variant']]} ({r['method']}): {r['reproduced?']}")
+    return "\n".join(lines)
+
+
+# --- the HTML report ---------------------------------------------------------------------------------------------
+
+def build_report(profile: str, root: Path | None = None) -> Path:
+    """``runs/<profile>/report.html`` from the executed notebooks (and the thesis table when there is one)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    root = root or repo_root()
+    run = root / "runs" / profile
+    executed = sorted((run / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if not executed:
+        raise FileNotFoundError(f"no executed notebooks under {run / 'notebooks'}: run `make all PROFILE={profile}`")
+    figs = run / "figures" if profile == "smoke" else root / "figures" / profile
+    head = [f"# Faster LLMs with Multi-Token Prediction and MEDUSA-1 — workbook report, profile `{profile}`",
+            "Every number below was computed by the notebooks that follow; code is hidden."]
+    for name, title in (("thesis_table.md", "The thesis table"), ("thesis_claims.md", "The thesis' claims")):
+        if (figs / name).exists():
+            head += [f"## {title}", (figs / name).read_text()]
+    book = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("\n\n".join(head))])
+    for f in executed:
+        nb = nbformat.read(f, as_version=4)
+        book.cells += [c for c in nb.cells if "parameters" not in c.metadata.get("tags", [])
+                       and "injected-parameters" not in c.metadata.get("tags", [])]
+    book.metadata = nb.metadata
+    exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
+                            exclude_output_prompt=True, embed_images=True)
+    exporter.mathjax_url = ""       # no external script: the report opens offline
+    html, _ = exporter.from_notebook_node(book)
+    html = re.sub(r'<script[^>]+src="https?://[^"]+"[^>]*>\s*</script>', "", html)
+    return atomic_write_text(run / "report.html", html)
