@@ -116,3 +116,25 @@ def test_bf16_engine_runs_in_the_models_dtype():
     frac = E._identical_tokens(out[0, 5:].tolist(), ref[0, 5:].tolist())
     assert 0 <= frac <= 1 and out.shape[1] <= 25
     assert torch.equal(speculative_generate(model, ids, 20)[0], hf(model, ids, 20))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("profile", ["gpu", "thesis", "thesis_recipe"])
+def test_gpu_profiles_refuse_a_cpu_only_machine_unless_asked(profile):
+    from multitoken.utils import load_params, repo_root
+
+    params = load_params(repo_root() / "notebooks" / "params" / f"{profile}.yaml")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        pipeline.config(**params)
+    assert pipeline.device(pipeline.config(**{**params, "device": "cpu"})).type == "cpu"
+
+
+def test_gpu_profile_pads_the_vocabulary_to_gpt2s():
+    from multitoken.training import _fresh_config
+    from multitoken.utils import load_params, repo_root
+
+    params = load_params(repo_root() / "notebooks" / "params" / "gpu.yaml")
+    cfg = pipeline.config(**{**params, "device": "cpu"})
+    tok = type("Tok", (), {"__len__": lambda self: 8192, "eos_token_id": 0, "pad_token_id": 1})()
+    c = _fresh_config(tok, pipeline.model_config(cfg))
+    assert (c.vocab_size, c.n_layer, c.n_embd, c.n_head, c.n_positions) == (50257, 12, 768, 12, 1024)

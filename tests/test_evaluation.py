@@ -168,3 +168,11 @@ def test_speedup_ci_and_bleu_ci():
     b = S.bleu_ci(refs, refs)
     assert b.value == pytest.approx(100.0) and b.lo == pytest.approx(100.0)
     assert S.bleu_ci(refs, refs[::-1]).value == pytest.approx(E.bleu(refs, refs[::-1]))
+
+
+def test_prompts_without_room_are_skipped_and_counted(caplog):
+    prompts = [torch.ones(5, dtype=torch.long), torch.ones(60, dtype=torch.long), torch.ones(10, dtype=torch.long)]
+    with caplog.at_level("WARNING"):
+        keep, skipped = E.fit_prompts(prompts, n_positions=64, min_new_tokens=8, what="benchmark")
+    assert [len(p) for p in keep] == [5, 10] and skipped == 1
+    assert "benchmark: skipped 1 of 3 prompts" in caplog.text

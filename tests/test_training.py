@@ -132,3 +132,22 @@ def test_self_distill_replaces_responses_with_the_models_greedy_text(loaders):
         assert got == (text or ref)  # an empty continuation keeps the reference (no empty training examples)
         replaced += bool(text)
     assert replaced >= 3
+
+
+def test_self_distill_skips_prompts_longer_than_the_context(loaders, caplog):
+    """A record whose prompt does not fit the context (a user's own JSONL) is skipped with a count in the log;
+    before, it crashed inside torch's embedding with 'index out of range'."""
+    tr, va, tok = loaders
+    from datasets import Dataset
+    from multitoken.synthetic import generate_records
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id, **MC)).eval()
+    recs = generate_records(4, seed=2)
+    recs[1] = dict(recs[1], query=" ".join(["many words"] * 200))       # far over n_positions=160 tokens
+    with caplog.at_level("WARNING"):
+        out = T.self_distill(model, tok, Dataset.from_list(recs), max_new_tokens=8, batch_size=2)
+    assert len(out) == 3 and recs[1]["query"] not in out["query"]
+    assert "skipped 1 of 4 records" in caplog.text
+    with pytest.raises(ValueError, match="every prompt is longer than the context"):
+        T.self_distill(model, tok, Dataset.from_list([recs[1]]), max_new_tokens=8)

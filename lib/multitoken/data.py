@@ -101,13 +101,15 @@ def read_gsm8k(path: str | Path) -> list[dict]:
 
 
 def load_metamathqa(source: str = "synthetic", max_examples: int | None = None, seed: int = 0,
-                    val_fraction: float = 0.1, test_examples: int | None = None) -> DatasetDict:
+                    val_fraction: float = 0.1, test_examples: int | None = None,
+                    first_examples: bool = False) -> DatasetDict:
     """MetaMathQA as a ``DatasetDict`` with ``train`` and ``validation`` (and ``test`` for GSM8K).
 
     ``source``: ``"synthetic"`` (offline generator), ``"hub"`` (``meta-math/MetaMathQA``), ``"gsm8k"`` (the GSM8K
     release shipped in ``data/gsm8k``; ``"gsm8k:/other/dir"`` for another copy), or a JSON/JSONL path.
     For GSM8K the official test set is the ``test`` split (the first ``test_examples`` of it, in file order) and
-    ``validation`` is carved out of train with ``seed``; ``max_examples`` caps train + validation.
+    ``validation`` is carved out of train with ``seed``; ``max_examples`` caps train + validation: a seeded sample,
+    or with ``first_examples`` the first records in the source's order (what the thesis' code did).
     """
     test = None
     if source == "gsm8k" or source.startswith("gsm8k:"):
@@ -124,7 +126,7 @@ def load_metamathqa(source: str = "synthetic", max_examples: int | None = None, 
         ds = Dataset.from_list(read_records(source))
     ds = ds.filter(lambda r: bool(r["query"].strip()) and bool(r["response"].strip()))
     if max_examples is not None and len(ds) > max_examples:
-        ds = ds.shuffle(seed=seed).select(range(max_examples))
+        ds = (ds if first_examples else ds.shuffle(seed=seed)).select(range(max_examples))
     if len(ds) < 2:
         raise ValueError(f"dataset from {source!r} has {len(ds)} usable records after filtering; need at least 2")
     n_val = max(1, int(round(len(ds) * val_fraction)))
@@ -251,11 +253,11 @@ def create_custom_dataloader(dataset_path, tokenizer, max_seq_len: int = 512, ba
 
 def prepare(run_dir: str | Path, source: str = "synthetic", max_examples: int | None = 2000, seed: int = 0,
             tokenizer_name: str | None = None, vocab_size: int = 4096, max_seq_len: int = 256,
-            val_fraction: float = 0.1, test_examples: int | None = None) -> dict:
+            val_fraction: float = 0.1, test_examples: int | None = None, first_examples: bool = False) -> dict:
     """Load the data, build the tokenizer, tokenize, and save all three under ``run_dir/data``."""
     out = Path(run_dir) / "data"
     ds = load_metamathqa(source, max_examples=max_examples, seed=seed, val_fraction=val_fraction,
-                         test_examples=test_examples)
+                         test_examples=test_examples, first_examples=first_examples)
     texts = (format_prompt(q) + r for q, r in zip(ds["train"]["query"], ds["train"]["response"]))
     tokenizer = build_tokenizer(texts, name=tokenizer_name, vocab_size=vocab_size, save_dir=out / "tokenizer")
     tokenized = tokenize_dataset(ds, tokenizer, max_seq_len)

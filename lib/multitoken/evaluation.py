@@ -183,7 +183,8 @@ def benchmark_decoding(methods: dict, prompts: list, baseline: dict, warmup: int
 
     ``methods``: name -> (fn, baseline_name) where ``fn(ids) -> (sequences, stats)`` and ``baseline_name`` is the
     HF-greedy method of the same model (for speedup and identical_to_greedy). Speedups carry 95% bootstrap intervals
-    over prompts, against the baseline and against ``reference`` (this engine without drafts), when present.
+    over prompts, against the baseline and against ``reference`` (by default greedy_kv, this engine without drafts)
+    when it is one of the methods, as ``speedup_vs_<reference>``.
     Returns (summary rows, per-prompt frame).
     """
     names = list(methods)
@@ -228,8 +229,9 @@ def benchmark_decoding(methods: dict, prompts: list, baseline: dict, warmup: int
         if reference in methods:
             ref = df[df.method == reference]
             kv = S.speedup_ci(d.new_tokens, d.seconds, ref.new_tokens, ref.seconds)
-            row.update(speedup_vs_greedy_kv=round(kv.value, 3), speedup_vs_greedy_kv_lo=round(kv.lo, 3),
-                       speedup_vs_greedy_kv_hi=round(kv.hi, 3), efficiency_vs_greedy_kv=round(kv.value / tau, 3))
+            row.update({f"speedup_vs_{reference}": round(kv.value, 3), f"speedup_vs_{reference}_lo": round(kv.lo, 3),
+                        f"speedup_vs_{reference}_hi": round(kv.hi, 3),
+                        f"efficiency_vs_{reference}": round(kv.value / tau, 3)})
         rows.append(row)
     df["tokens_per_s"] = df.new_tokens / df.seconds
     return rows, df

@@ -255,7 +255,7 @@ def init_special(module) -> None:
             init.zeros_(module.bias)
     if isinstance(module, EyeLinear):
         out_f, in_f = module.weight.shape
-        init.copy_(module.weight, torch.eye(out_f, in_f))
+        init.copy_(module.weight, torch.eye(out_f, in_f, dtype=module.weight.dtype, device=module.weight.device))
         if module.bias is not None:
             init.zeros_(module.bias)
 

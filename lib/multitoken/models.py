@@ -9,6 +9,13 @@ Modes:
   sequential                 DeepSeek-V3: head k sees M [RMSNorm(h_{k-1}); RMSNorm(Emb(t_{i+k}))]
   share_weights_across_steps FastMTP: one head applied recursively, h_k = head(h_{k-1})
   num_trunk_layers           heads branch off after this many blocks (default: after the last)
+Layouts (``layout``):
+  default   the above: next-token logits from the whole stack, extra heads on top
+  thesis    the thesis' own layout (see ``multitoken.thesis``): the next-token path is the first ``n_layer`` blocks
+            (trunk = ``n_layer - 1`` blocks, head 1 = the last), heads 2..n are transformer blocks on the trunk's
+            output, all heads share ``ln_f`` and the tied unembedding; build it with ``thesis.thesis_mtp_config``
+  ``thesis_padding_only_mask`` (thesis layout only) reproduces the thesis' causal leak as a diagnostic: full-sequence
+  forwards call the blocks with a padding-only mask, which under SDPA lets every position see the future.
 """
 from __future__ import annotations
 
@@ -45,6 +52,8 @@ class MTPConfig(GPT2Config):
     loss_normalize: bool = False
     mtp_warmup_steps: int = 0
     memory_efficient_loss: bool = True
+    layout: str = "default"
+    thesis_padding_only_mask: bool = False
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -56,6 +65,17 @@ class MTPConfig(GPT2Config):
             raise ValueError(f"unknown loss_weighting {self.loss_weighting!r}; choose one of {WEIGHTINGS}")
         if self.num_trunk_layers is not None and not 1 <= self.num_trunk_layers <= self.n_layer:
             raise ValueError(f"num_trunk_layers={self.num_trunk_layers} leaves no trunk or exceeds n_layer={self.n_layer}")
+        if self.layout not in ("default", "thesis"):
+            raise ValueError(f"unknown layout {self.layout!r}: 'default' or 'thesis'")
+        if self.layout == "thesis" and not (
+                self.head_type == "transformer" and self.num_trunk_layers == self.n_layer - 1 and not self.sequential
+                and not self.share_weights_across_steps and not self.head_own_unembedding):
+            raise ValueError("layout='thesis' is the thesis' block split: transformer heads on a trunk of n_layer - 1 "
+                             "blocks, no sequential/shared heads, no own unembeddings; build it with "
+                             "multitoken.thesis.thesis_mtp_config(...)")
+        if self.thesis_padding_only_mask and self.layout != "thesis":
+            raise ValueError("thesis_padding_only_mask reproduces the causal leak of the thesis' MTP forward (its "
+                             "blocks called with a padding-only mask); it applies to layout='thesis' only")
         if self.sequential and self.head_type == "transformer":
             raise ValueError("sequential heads must be position-wise (linear, mlp, shared_lm_head): a sequential "
                              "transformer head would need its own KV cache of teacher-forced tokens at decoding time")
@@ -92,7 +112,8 @@ class MTPHead(nn.Module):
             self.block = HeadBlock(config, layer_idx=0)  # each application gets its own cache, so index 0
         else:
             self.res = ResBlock(d)
-        self.ln = None if self.kind == "shared_lm_head" else HeadLayerNorm(d, eps=config.layer_norm_epsilon)
+        shared_norm = self.kind == "shared_lm_head" or config.layout == "thesis"  # the thesis shares ln_f
+        self.ln = None if shared_norm else HeadLayerNorm(d, eps=config.layer_norm_epsilon)
         if config.sequential:
             self.norm_h, self.norm_e = nn.RMSNorm(d), nn.RMSNorm(d)
             self.combine = EyeLinear(2 * d, d, bias=False)  # DeepSeek-V3's M, initialised to [I, 0]: passes h through
@@ -126,9 +147,14 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
         self.weight_scale = 1.0  # auxiliary-loss warm-up factor, set by the trainer callback
         self._trunk_cut = config.num_trunk_layers if config.num_trunk_layers not in (None, config.n_layer) else None
         self._captured = None
+        self._leak_mask = None  # the padding-only mask of a leaky (thesis_padding_only_mask) forward, for its heads
         if self._trunk_cut is not None:
             self.transformer.h[self._trunk_cut - 1].register_forward_hook(self._capture)
         self.post_init()
+        if config.thesis_padding_only_mask and config._attn_implementation != "sdpa":
+            raise ValueError("thesis_padding_only_mask reproduces the thesis' leak under SDPA attention (a padding-only "
+                             "mask turns SDPA's causal masking off); this model uses "
+                             f"{config._attn_implementation!r} attention")
 
     def _capture(self, module, args, output):
         self._captured = output
@@ -170,7 +196,9 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
             x = body.combine(torch.cat([body.norm_h(h_prev), body.norm_e(emb)], -1))
         else:
             x = h_prev if cfg.share_weights_across_steps else h0
-        if body.kind == "transformer" and mask is None and x.shape[1] > 1:  # causal, after whatever is cached
+        if body.kind == "transformer" and mask is None and self._leak_mask is not None and cache is None:
+            mask = self._leak_mask                                       # the thesis' leak: padding-only mask
+        elif body.kind == "transformer" and mask is None and x.shape[1] > 1:  # causal, after whatever is cached
             mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=cache,
                                       position_ids=None)
         return body(x, cache, mask)
@@ -189,10 +217,26 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
         self.weight_scale = warmup_factor(step, self.config.mtp_warmup_steps)
 
     # -- forward ------------------------------------------------------------------------------------------------
+    def _leaky_trunk(self, input_ids, attention_mask):
+        """The thesis' calling pattern: each GPT2Block called directly with a padding-only additive mask. Under SDPA
+        that mask switches causal masking off, so position t sees every later token (the leak)."""
+        tr = self.transformer
+        B, T = input_ids.shape
+        h = tr.drop(tr.wte(input_ids) + tr.wpe(torch.arange(T, device=input_ids.device)).unsqueeze(0))
+        att = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        self._leak_mask = (1.0 - att[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min   # (B, 1, 1, T)
+        for blk in tr.h:
+            h = blk(h, attention_mask=self._leak_mask)
+        return type("Out", (), {"last_hidden_state": tr.ln_f(h), "past_key_values": None})()
+
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, labels=None,
                 use_cache=None, output_head_logits=False, logits_to_keep=0, **kwargs):
-        out = self.transformer(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=use_cache, **kwargs)
+        self._leak_mask = None
+        if self.config.thesis_padding_only_mask and past_key_values is None and position_ids is None:
+            out = self._leaky_trunk(input_ids, attention_mask)   # full-sequence forwards only: training, perplexity,
+        else:                                                    # the thesis' no-cache loops
+            out = self.transformer(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state                                     # (B, T, d)
         h0 = self._captured if self._trunk_cut is not None else hidden
         logits = self.lm_head(hidden if not logits_to_keep else hidden[:, -logits_to_keep:])  # (B, T, V)

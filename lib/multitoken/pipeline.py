@@ -22,7 +22,8 @@ from .utils import repo_root, resolve_device, resolve_dtype, write_csv, write_js
 VARIANTS = ("ntp", "mtp", "medusa")
 
 DEFAULTS = dict(
-    profile="smoke", source="synthetic", max_examples=240, seed=0, val_fraction=0.1, test_examples=None,
+    profile="smoke", source="synthetic", max_examples=240, first_examples=False, seed=0, val_fraction=0.1,
+    test_examples=None,
     tokenizer_name=None, vocab_size=512,
     max_seq_len=192, model_name=None, model_vocab_size=None, n_layer=2, n_embd=64, n_head=2, n_positions=256,
     batch_size=8, eval_steps=20, logging_steps=5, max_steps=-1,
@@ -33,6 +34,10 @@ DEFAULTS = dict(
     medusa_max_examples=None, device="auto", inference_dtype="float32", warmup_steps=0, eval_examples=8, max_new_tokens=48, bench_prompts=4, bench_warmup=1, tree_budgets=[4, 8, 16], tree_budget="auto",
     ablation_n=[2, 3], ablation_lrs=[3e-3], ablation_head_types=["linear", "mlp"],
     ablation_weightings=["uniform", "exponential"], ablation_steps=8,
+    # 07: the thesis' own experiment (multitoken.ledger): its layout with n heads, its recipe, loops and protocol
+    thesis_mtp_n=2, thesis_examples=60, thesis_epochs=1, thesis_lr=3e-3, thesis_batch_size=8, thesis_grad_accum=1,
+    thesis_eval_steps=3, thesis_bench_prompts=2, thesis_protocol_runs=1, thesis_protocol_tokens=12,
+    thesis_protocol_warmup=4,
 )
 
 
@@ -64,7 +69,7 @@ def run_data(cfg) -> dict:
     return D.prepare(p["run"], source=cfg["source"], max_examples=cfg["max_examples"], seed=cfg["seed"],
                      tokenizer_name=cfg["tokenizer_name"], vocab_size=cfg["vocab_size"],
                      max_seq_len=cfg["max_seq_len"], val_fraction=cfg["val_fraction"],
-                     test_examples=cfg["test_examples"])
+                     test_examples=cfg["test_examples"], first_examples=cfg["first_examples"])
 
 
 def loaders(cfg):

@@ -4,6 +4,7 @@ Jupyter's inline backend does not show it a second time.
 Quality and speed figures draw 95% bootstrap intervals (``multitoken.stats``)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -121,6 +122,20 @@ def quality_comparison(quality: dict, out_dir):
                title=f"{m}: difference vs NTP")
     fig.suptitle("Quality on held-out problems (95% bootstrap intervals)")
     return _save(fig, out_dir, "quality_comparison")
+
+
+def leak_curves(logs: dict, out_dir):
+    """Validation perplexity of the next-token head over training (the thesis' recipe: padding scored): NTP, the
+    thesis' MTP layout run causally, and the same with its padding-only-mask leak."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, df in logs.items():
+        col = "eval_head0_loss" if "eval_head0_loss" in df else "eval_loss"
+        d = df.dropna(subset=[col])
+        ax.plot(d.step, d[col].map(math.exp), marker="o", ms=3, label=name)
+    ax.set(yscale="log", xlabel="optimizer step", ylabel="validation perplexity (head 1)",
+           title="The thesis' MTP forward: causal vs leaky")
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, "thesis_leak_perplexity")
 
 
 def speedup_intervals(bench: pd.DataFrame, out_dir):

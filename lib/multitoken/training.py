@@ -159,6 +159,12 @@ def _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv
     return trainer
 
 
+def fit_model(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv=None, **args_kw):
+    """Train an already built model (e.g. ``thesis.from_gpt2``) with the workbook's Trainer, logs and checkpoints."""
+    return _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv, None, MultiHeadTrainer,
+                args_kw)
+
+
 def _fresh_config(tokenizer, model_config: dict | None, cls=GPT2Config, **fields):
     """A fresh GPT-2 config; ``model_config["vocab_size"]`` may pad the vocabulary beyond the tokenizer's (the
     ``gpu`` profile pads to GPT-2's 50,257 so the logits cost what the thesis' did)."""

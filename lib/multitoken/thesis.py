@@ -1,0 +1,181 @@
+"""The thesis' OWN designs, kept apart from the workbook's corrected ones and named as what they are.
+
+Garipov (2025), code in ``Goldenwert/thesis_iml``; the facts are collected in ``shared/THESIS.md``.
+
+- ``thesis_mtp_config`` / ``from_gpt2``: its MTP layout. A GPT-2 of ``L`` blocks becomes a trunk of ``L - (n - 1)``
+  blocks; head 1 (the next token) is the next block, heads 2..n the remaining blocks, the last one reused when there
+  are fewer blocks than heads, all in parallel on the trunk's output, sharing ``ln_f`` and the tied unembedding; the
+  loss is the mean of the n heads' losses. Its next-token path is ``L - n + 2`` blocks (10 of 12 for n = 4).
+  In the workbook this is ``MultiTokenGPT2`` with ``layout="thesis"``: causal, and lossless in the engine.
+- ``thesis_padding_only_mask=True`` (a config switch): its forward's causal leak, as a diagnostic.
+- ``ThesisCollator``: its labels (pad = EOS, and padding is scored; the prompt is masked).
+- ``thesis_mtp_generate`` / ``thesis_medusa_generate``: its decoding loops (no KV cache; the MTP loop keeps the longest
+  prefix that head 1 confirms, at least one token, ignores EOS and can overshoot; the Medusa loop verifies a
+  5x5x3x3x2 tree of branches *without the prompt as context* with typical acceptance). Neither is lossless in general.
+- ``protocol``: its timing (3 fixed prompts x 5 runs x 100 new tokens after one 20-token warm-up; Table 1's speedup
+  is the ratio of mean time per call, §5.1 reports tokens/s).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from . import stats as S
+from .decoding import model_device, sync
+from .models import MTPConfig, MultiTokenGPT2
+
+BRANCHING = (5, 5, 3, 3, 2)           # its Medusa tree: top-k per head
+TYPICAL = dict(threshold=0.2, epsilon=1e-4)
+
+
+def thesis_mtp_config(base: GPT2Config | dict, num_predict_tokens: int = 4, leak: bool = False, **fields) -> MTPConfig:
+    """The thesis' layout for a GPT-2 of ``base.n_layer`` blocks and n = ``num_predict_tokens`` heads."""
+    b = dict(base.to_dict() if isinstance(base, GPT2Config) else base)
+    L, n = b["n_layer"], num_predict_tokens
+    if not 2 <= n <= L:
+        raise ValueError(f"the thesis' layout splits the model's {L} blocks into a trunk and {n} heads, head 1 being "
+                         f"block L-n+1: num_predict_tokens must be between 2 and n_layer={L}")
+    for k in ("model_type", "architectures", "transformers_version", "n_layer"):
+        b.pop(k, None)
+    keep = {k: v for k, v in b.items() if k in MTPConfig.__dataclass_fields__}
+    return MTPConfig(**{**keep, **fields}, n_layer=L - n + 2, num_trunk_layers=L - n + 1, num_predict_tokens=n,
+                     head_type="transformer", loss_weighting="uniform", loss_normalize=True, layout="thesis",
+                     thesis_padding_only_mask=leak)
+
+
+@torch.no_grad()
+def from_gpt2(base: GPT2LMHeadModel | str, num_predict_tokens: int = 4, leak: bool = False, **fields) -> MultiTokenGPT2:
+    """The thesis' MTP model from a plain GPT-2 (a model, a hub name such as ``"gpt2"``, or a local directory):
+    blocks ``0..L-n+1`` form the next-token path, the remaining blocks (the last one repeated) become heads 2..n."""
+    if not isinstance(base, GPT2LMHeadModel):
+        base = GPT2LMHeadModel.from_pretrained(str(base))
+    cfg = thesis_mtp_config(base.config, num_predict_tokens, leak=leak, **fields)
+    cfg.architectures = ["MultiTokenGPT2"]
+    model = MultiTokenGPT2(cfg)
+    src, L, T = base.state_dict(), base.config.n_layer, cfg.num_trunk_layers
+    missing, unexpected = model.load_state_dict(src, strict=False)
+    assert all(k.startswith(("mtp_heads", "transformer.h.")) for k in missing), missing
+    for k, head in enumerate(model.mtp_heads, 1):          # head k+1 (t+k+1) = block T+k, or the last one again
+        head.block.load_state_dict(base.transformer.h[min(T + k, L - 1)].state_dict())
+    return model.to(base.device)
+
+
+class ThesisCollator:
+    """The thesis' batches: right-padded with EOS, labels = the ids with only the prompt masked, so the padding EOS
+    tokens are scored (its collator did this; the workbook's own masks padding)."""
+
+    def __init__(self, eos_token_id: int):
+        self.eos = eos_token_id
+
+    def __call__(self, features):
+        cpu = torch.device("cpu")
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.eos, dtype=torch.long, device=cpu)
+        mask = torch.zeros((len(features), width), dtype=torch.long, device=cpu)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"], device=cpu)
+            mask[i, :n] = 1
+        labels = ids.clone()
+        for i, f in enumerate(features):
+            labels[i, : f["prompt_len"]] = -100
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _check_room(model, ids, max_new_tokens, extra):
+    n_pos = model.config.n_positions
+    if ids.shape[1] + max_new_tokens + extra > n_pos:
+        raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) + {extra} (the loop's "
+                         f"overshoot) overflows the context ({n_pos})")
+
+
+@torch.inference_mode()
+def thesis_mtp_generate(model, input_ids, max_new_tokens: int = 100):
+    """The thesis' ``enhanced_speculative_generate`` (batch 1). Each cycle: a full forward (no cache) gives every
+    head's argmax at the last position as candidates; a second full forward over the sequence + candidates[:-1]
+    checks them with head 1; the longest matching prefix is kept, at least one token. Runs until at least
+    ``max_new_tokens`` are generated (so up to n - 1 more), and ignores EOS."""
+    ids = input_ids.to(model_device(model))[:1]
+    n = model.num_heads + 1
+    _check_room(model, ids, max_new_tokens, n - 1)
+    new = cycles = 0
+    while new < max_new_tokens:
+        out = model(ids, output_head_logits=True)
+        cand = torch.stack([out.logits[0, -1].argmax()] + [h[0, -1].argmax() for h in out.head_logits])   # (n,)
+        check = model(torch.cat([ids, cand[None, :-1]], 1)).logits[0, -n:].argmax(-1)                       # (n,)
+        k = max(1, int((check == cand).long().cumprod(0).sum()))
+        ids = torch.cat([ids, cand[None, :k]], 1)
+        new, cycles = new + k, cycles + 1
+    return ids, {"new_tokens": new, "forward_passes": 2 * cycles, "cycles": cycles,
+                 "tokens_per_cycle": new / max(cycles, 1)}
+
+
+@torch.inference_mode()
+def thesis_medusa_generate(model, input_ids, max_new_tokens: int = 100, branching=BRANCHING,
+                           threshold: float = TYPICAL["threshold"], epsilon: float = TYPICAL["epsilon"],
+                           eos_token_id: int | None = None):
+    """The thesis' ``generate_text_with_medusa`` (greedy, batch 1). Each step: a full forward (no cache); the
+    backbone's argmax, then the top-``branching[i]`` tokens of head i, every combination a branch (5x5x3x3x2 = 450
+    for 5 heads); the backbone runs on the branches alone, *without the prompt*; typical acceptance keeps token i of
+    a branch while p(token | branch[:i]) >= max(epsilon, threshold * exp(-entropy)); the branch that keeps most
+    is appended (its first token always). Stops at ``max_new_tokens`` (cut there) or when the last token is EOS."""
+    ids = input_ids.to(model_device(model))[:1]
+    plen = ids.shape[1]
+    _check_room(model, ids, max_new_tokens, 0)
+    eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
+    branching = tuple(branching)[: model.num_heads]
+    steps = 0
+    while ids.shape[1] < plen + max_new_tokens:
+        out = model(ids, output_head_logits=True)
+        x0 = out.logits[0, -1].argmax().view(1)
+        tops = [h[0, -1].topk(k).indices for h, k in zip(out.head_logits, branching)]
+        branches = torch.stack([torch.cat([x0, torch.stack(c)]) for c in itertools.product(*tops)])  # (B, 1+D)
+        logp = F.log_softmax(model(branches).logits.float(), -1)                                     # (B, 1+D, V)
+        entropy = -(logp.exp() * logp).sum(-1)
+        p_tok = logp[:, :-1].gather(-1, branches[:, 1:, None]).squeeze(-1).exp()                      # (B, D)
+        ok = p_tok >= torch.clamp(threshold * torch.exp(-entropy[:, :-1]), min=epsilon)
+        kept = 1 + ok.long().cumprod(1).sum(1)
+        best = int(kept.argmax())                                     # the first branch that keeps the most
+        ids = torch.cat([ids, branches[best, : int(kept[best])][None]], 1)[:, : plen + max_new_tokens]
+        steps += 1
+        if int(ids[0, -1]) == eos:
+            break
+    new = ids.shape[1] - plen
+    return ids, {"new_tokens": new, "forward_passes": 2 * steps, "cycles": steps, "tokens_per_cycle": new / steps}
+
+
+# --- the thesis' timing protocol -----------------------------------------------------------------------------------
+
+def protocol(methods: dict, prompts: list, runs: int = 5, new_tokens: int = 100, warmup_tokens: int = 20,
+             baseline: str = "ntp_generate") -> list[dict]:
+    """Time ``methods`` (name -> fn(ids, max_new_tokens) -> (sequences, stats)) the thesis' way: one warm-up call
+    of ``warmup_tokens`` each, then every prompt ``runs`` times with ``new_tokens``. Two speedups against
+    ``baseline``: Table 1's ratio of mean time per call, and the ratio of tokens/s (they differ when a method emits
+    more or fewer tokens per call); each with a 95% bootstrap interval over the (prompt, run) calls."""
+    for fn, dev in methods.values():
+        fn(prompts[0].view(1, -1), warmup_tokens)
+    calls = {name: [] for name in methods}
+    for run in range(runs):
+        for i, p in enumerate(prompts):
+            for name, (fn, dev) in methods.items():
+                sync(dev)
+                t0 = time.perf_counter()
+                seq, st = fn(p.view(1, -1), new_tokens)
+                sync(dev)
+                calls[name].append((time.perf_counter() - t0, seq.shape[1] - p.numel()))
+    base_t = [t for t, _ in calls[baseline]]
+    base_n = [n for _, n in calls[baseline]]
+    rows = []
+    for name, c in calls.items():
+        t, n = [x for x, _ in c], [x for _, x in c]
+        by_time = S.bootstrap(lambda a, b: b.mean() / a.mean(), t, base_t)
+        by_tps = S.speedup_ci(n, t, base_n, base_t)
+        rows.append({"method": name, "calls": len(c), "mean_s_per_call": sum(t) / len(t),
+                     "tokens_per_call": sum(n) / len(n), "tokens_per_s": sum(n) / sum(t),
+                     "speedup_time_ratio": by_time.value, "speedup_time_lo": by_time.lo, "speedup_time_hi": by_time.hi,
+                     "speedup_tps": by_tps.value, "speedup_tps_lo": by_tps.lo, "speedup_tps_hi": by_tps.hi})
+    return rows

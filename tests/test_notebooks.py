@@ -1,0 +1,38 @@
+"""What a reader sees: an executed notebook embeds every figure as PNG, and the HTML report holds the figures and
+the thesis table with no external resources (it opens offline)."""
+import json
+import re
+
+import pytest
+
+from multitoken.report import build_report
+from multitoken.utils import repo_root
+
+
+def test_executed_notebook_shows_every_figure_and_the_report_embeds_them(tmp_path):
+    papermill = pytest.importorskip("papermill")
+    root = repo_root()
+    run = tmp_path / "runs" / "smoke"
+    out = run / "notebooks" / "00_data.ipynb"
+    out.parent.mkdir(parents=True)
+    papermill.execute_notebook(str(root / "notebooks" / "00_data.ipynb"), str(out), kernel_name="multitoken",
+                               cwd=str(root), progress_bar=False, parameters={"max_examples": 60})
+    nb = json.loads(out.read_text())
+    figure_cells = [c for c in nb["cells"] if c["cell_type"] == "code" and "plots." in "".join(c["source"])]
+    assert figure_cells
+    for c in figure_cells:
+        assert any("image/png" in o.get("data", {}) for o in c["outputs"]), "".join(c["source"])
+    assert any("text/markdown" in o.get("data", {}) for c in nb["cells"] if c["cell_type"] == "code"
+               for o in c.get("outputs", []))  # the closing sentence written from the results
+    (run / "figures").mkdir()
+    (run / "figures" / "thesis_table.md").write_text("| variant | speedup (ours) |\n|---|---|\n| mtp | 2.21 [2.1, 2.3] |\n")
+    html = build_report("smoke", root=tmp_path).read_text()
+    assert html.count("data:image/png;base64,") >= len(figure_cells)
+    assert "The thesis table" in html and "2.21 [2.1, 2.3]" in html
+    assert not re.findall(r'(?:src|href)="https?://', html)   # nothing fetched from the network
+    assert "pipeline.run_data(cfg)" not in html               # code hidden
+
+
+def test_report_without_executed_notebooks_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make all PROFILE=nothing"):
+        build_report("nothing", root=tmp_path)
