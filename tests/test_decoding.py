@@ -258,3 +258,22 @@ def test_medusa_batched_drafting_equals_one_head_at_a_time():
             alone = torch.stack([model._head_logits(s, model._head_step(s, h0, h0, None))[0, 0]
                                  for s in range(1, model.num_heads + 1)])
             torch.testing.assert_close(model.spec_head_logits(ctx, j), alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(head_type="mlp"), dict(head_type="mlp", head_own_unembedding=True),
+                                dict(head_type="linear", head_own_unembedding=True)], ids=str)
+def test_mtp_batched_drafting_equals_one_head_at_a_time(kw):
+    """Position-wise MTP heads draft in batched matmuls too; equal to running each head alone, also after the weights
+    change."""
+    model = mtp(**kw, num_predict_tokens=4, initializer_range=0.4)
+    assert model._batchable()
+    ctx = {"h0": torch.randn(1, 5, model.config.n_embd)}
+    for _ in range(2):
+        with torch.no_grad():
+            for p in [*model.mtp_heads.parameters(), *model.mtp_unembed.parameters()]:
+                p.copy_(torch.randn_like(p) * 0.3)
+        for j in (0, 4):
+            h0 = ctx["h0"][:, j: j + 1]
+            alone = torch.stack([model._head_logits(s, model._head_step(s, h0, h0, None))[0, 0]
+                                 for s in range(1, model.num_heads + 1)])
+            torch.testing.assert_close(model.spec_head_logits(ctx, j), alone, atol=1e-5, rtol=1e-5)

@@ -201,6 +201,13 @@ class HeadsMixin:
         return tuple(out)
 
     # -- decoding hooks -------------------------------------------------------------------------------------------
+    def _cached_stack(self, params, build):
+        """``build()`` (the heads' weights stacked for batched drafting), rebuilt only when a parameter changes."""
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if getattr(self, "_stack_key", None) != key:
+            self._stack, self._stack_key = build(), key
+        return self._stack
+
     def spec_new_cache(self):
         from transformers import DynamicCache
 

@@ -99,15 +99,14 @@ class MedusaGPT2(HeadsMixin, GPT2LMHeadModel):
 
     def _stacked_heads(self):
         """Every head's weights stacked (cached until a parameter changes), so drafting is a few batched matmuls."""
-        params = list(self.medusa_heads.parameters())
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        if getattr(self, "_stack_key", None) != key:
-            heads = self.medusa_heads
+        heads = self.medusa_heads
+
+        def build():
             layers = [(torch.stack([h.blocks[i].linear.weight.mT for h in heads]),
                        torch.stack([h.blocks[i].linear.bias for h in heads]).unsqueeze(1))
                       for i in range(self.config.medusa_num_layers)]
-            self._stack, self._stack_key = (layers, torch.stack([h.unembed.weight.mT for h in heads])), key
-        return self._stack
+            return layers, torch.stack([h.unembed.weight.mT for h in heads])
+        return self._cached_stack(list(heads.parameters()), build)
 
     def spec_head_logits(self, ctx, j: int):
         """Every head's logits at step-local position j, ``(S, V)``: all heads at once, in batched matmuls."""

@@ -271,11 +271,46 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
             ctx["states"] = states
         return self.lm_head(hidden), ctx
 
+    def _batchable(self) -> bool:
+        """Independent position-wise heads (linear / mlp bodies on h0, each with its own norm) draft together."""
+        c = self.config
+        return c.head_type in ("linear", "mlp") and not c.sequential and not c.share_weights_across_steps
+
+    def _stacked_heads(self):
+        """The heads' weights stacked along a head dimension (cached until a parameter changes)."""
+        heads, un = self.mtp_heads, self.mtp_unembed
+
+        def build():
+            st = lambda ws: torch.stack(list(ws))  # noqa: E731
+            if self.config.head_type == "mlp":
+                body = (st(h.fc.weight.mT for h in heads), st(h.fc.bias for h in heads).unsqueeze(1),
+                        st(h.out.weight.mT for h in heads), st(h.out.bias for h in heads).unsqueeze(1))
+            else:
+                body = (st(h.proj.weight.mT for h in heads), st(h.proj.bias for h in heads).unsqueeze(1))
+            norm = st(h.ln.weight for h in heads).unsqueeze(1), st(h.ln.bias for h in heads).unsqueeze(1)
+            unembed = st(u.weight.mT for u in un) if len(un) else self.lm_head.weight.mT   # (S, d, V) or (d, V)
+            return body, norm, unembed
+        return self._cached_stack([*heads.parameters(), *un.parameters(), self.lm_head.weight], build)
+
+    def spec_head_logits(self, ctx, j: int):
+        """Every head's logits at step-local position j, ``(S, V)``, in batched matmuls (position-wise heads)."""
+        body, (ln_w, ln_b), unembed = self._stacked_heads()
+        x = ctx["h0"][0, j].expand(self.num_heads, 1, -1)                       # (S, 1, d)
+        if self.config.head_type == "mlp":
+            w1, b1, w2, b2 = body
+            x = x + torch.baddbmm(b2, F.gelu(torch.baddbmm(b1, x, w1)), w2)
+        else:
+            x = torch.baddbmm(body[1], x, body[0])
+        x = F.layer_norm(x, x.shape[-1:], eps=self.config.layer_norm_epsilon) * ln_w + ln_b
+        return torch.matmul(x, unembed)[:, 0]                                    # (S, V)
+
     def spec_head_topk(self, ctx, j, k):
-        if "states" not in ctx:
-            return super().spec_head_topk(ctx, j, k)
-        return torch.stack([self._head_logits(s, ctx["states"][s][:, j])[0].topk(k).indices
-                            for s in range(1, self.num_heads + 1)])
+        if "states" in ctx:
+            return torch.stack([self._head_logits(s, ctx["states"][s][:, j])[0].topk(k).indices
+                                for s in range(1, self.num_heads + 1)])
+        if self._batchable():
+            return self.spec_head_logits(ctx, j).topk(k, -1).indices
+        return super().spec_head_topk(ctx, j, k)
 
     def spec_propose(self, ctx, j, x0, tree):
         if not self.config.sequential:

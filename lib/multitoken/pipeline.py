@@ -125,7 +125,9 @@ def train_variant(cfg, variant: str):
                 raw = prep["raw"][split]
                 if split == "train" and cfg["medusa_max_examples"] and len(raw) > cfg["medusa_max_examples"]:
                     raw = raw.select(range(cfg["medusa_max_examples"]))  # already shuffled by the split
-                raw = T.self_distill(base_model, tok, raw, max_new_tokens=cfg["max_seq_len"])
+                # continuations as long as the ones decoding will verify (max_new_tokens), within max_seq_len
+                raw = T.self_distill(base_model, tok, raw,
+                                     max_new_tokens=min(cfg["max_new_tokens"], cfg["max_seq_len"]))
                 return D.make_dataloader(D.tokenize_dataset(raw, tok, cfg["max_seq_len"]), tok, cfg["batch_size"],
                                          shuffle)
 
@@ -230,17 +232,20 @@ def decoding_methods(cfg, models: dict, trees: dict):
     return meths
 
 
-def fitted_trees(cfg, models, loader, budget, prompts=None):
-    """The tree per head family: fitted to measured top-k accuracy (on ``loader``, the validation split) under
-    ``budget`` nodes, or with ``"auto"`` the fitted budget that was fastest in this machine's tree sweep
-    (``results/tree_sweep.csv``, run on ``prompts`` if missing)."""
-    budgets = {v: budget for v in ("mtp", "medusa")}
-    if budget == "auto":
-        f = paths(cfg)["results"] / "tree_sweep.csv"
-        sweep = pd.read_csv(f) if f.exists() else run_tree_sweep(cfg, models, loader, prompts)
-        fitted = sweep[sweep.tree == "fitted"]
-        budgets = {v: int(fitted[fitted.variant == v].sort_values("speedup").budget.iloc[-1]) for v in budgets}
-    return {v: fitted_tree(head_topk_accuracy(models[v], loader), budgets[v]) for v in budgets}
+def bench_trees(cfg, models, loader, budget, prompts=None):
+    """The tree per head family for the benchmark: fitted to measured top-k accuracy (on ``loader``, the validation
+    split) under ``budget`` nodes; or with ``"auto"`` the tree that was fastest in this machine's sweep
+    (``results/tree_sweep.csv``, run on ``prompts`` if missing), fitted or Medusa's sparse tree, whichever won."""
+    if budget != "auto":
+        return {v: fitted_tree(head_topk_accuracy(models[v], loader), budget) for v in ("mtp", "medusa")}
+    f = paths(cfg)["results"] / "tree_sweep.csv"
+    sweep = pd.read_csv(f) if f.exists() else run_tree_sweep(cfg, models, loader, prompts)
+    trees = {}
+    for v in ("mtp", "medusa"):
+        best = sweep[sweep.variant == v].sort_values("speedup").iloc[-1]
+        trees[v] = (fitted_tree(head_topk_accuracy(models[v], loader), int(best.budget)) if best.tree == "fitted"
+                    else medusa_tree(int(best.budget), models[v].num_heads))
+    return trees
 
 
 def bench_prompts(cfg, prompts, n):
@@ -264,7 +269,7 @@ def run_decoding_benchmark(cfg, models=None, prep=None, write=True):
     tok = prep["tokenizer"]
     val = D.make_dataloader(prep["tokenized"]["validation"], tok, cfg["batch_size"])
     prompts = bench_prompts(cfg, eval_set(cfg, tok, prep)["prompts"], cfg["bench_prompts"])
-    trees = fitted_trees(cfg, models, val, cfg["tree_budget"], prompts)
+    trees = bench_trees(cfg, models, val, cfg["tree_budget"], prompts)
     meths = decoding_methods(cfg, models, trees)
     rows, per = E.benchmark_decoding(meths, prompts, {}, warmup=cfg["bench_warmup"])
     dev, dtype = E.model_device(models["ntp"]), next(models["ntp"].parameters()).dtype
