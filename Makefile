@@ -34,9 +34,11 @@ figures: $(STAMP)
 report: $(STAMP)
 	$(PY) -m multitoken report --profile $(PROFILE)
 
-# JupyterLab on notebooks/ with the workbook's kernel (the notebooks name it in their metadata).
+# JupyterLab on notebooks/ with the workbook's kernel (the notebooks name it in their metadata). Extra flags:
+# make lab LAB_ARGS="--no-browser --port 8890". As root (containers) JupyterLab needs --allow-root.
+LAB_ARGS ?=
 lab: $(STAMP)
-	$(PY) -m jupyter lab --notebook-dir=notebooks
+	$(PY) -m jupyter lab --notebook-dir=notebooks $$( [ "$$(id -u)" = 0 ] && echo --allow-root ) $(LAB_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m multitoken bench -f notebooks/params/$(PROFILE).yaml

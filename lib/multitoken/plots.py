@@ -237,7 +237,7 @@ def thesis_table(quality: dict, bench: list, memory_: dict, out_dir, profile: st
             acc = verdict(d["accuracy"])
             row["reproduced?"] = f"speed: {speed}; perplexity: {ppl}; answer accuracy vs NTP: {acc}"
         rows.append(row)
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows).fillna("—")
     note = (f"\n\nProfile `{profile}`, {quality['ntp'].get('n_eval', '?')} held-out problems "
             f"({quality['ntp'].get('split', '?')} split). Intervals: 95% percentile bootstrap, over problems for quality "
             "and over prompts for speed; Δ = variant − NTP on the same problems. Speedup: best lossless method of the "

@@ -103,8 +103,12 @@ def build_report(profile: str, root: Path | None = None) -> Path:
     book = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("\n\n".join(head))])
     for f in executed:
         nb = nbformat.read(f, as_version=4)
-        book.cells += [c for c in nb.cells if "parameters" not in c.metadata.get("tags", [])
-                       and "injected-parameters" not in c.metadata.get("tags", [])]
+        for c in nb.cells:
+            if {"parameters", "injected-parameters"} & set(c.metadata.get("tags", [])):
+                continue
+            if c.cell_type == "code":  # progress bars and warnings (stderr) are for the console, not the reader
+                c.outputs = [o for o in c.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+            book.cells.append(c)
     book.metadata = nb.metadata
     exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True, embed_images=True)
