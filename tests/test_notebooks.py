@@ -31,6 +31,7 @@ def test_executed_notebook_shows_every_figure_and_the_report_embeds_them(tmp_pat
     assert "The thesis table" in html and "2.21 [2.1, 2.3]" in html
     assert not re.findall(r'(?:src|href)="https?://', html)   # nothing fetched from the network
     assert "pipeline.run_data(cfg)" not in html               # code hidden
+    assert "drop prompt-only" not in html                     # progress bars stay in the console
 
 
 def test_report_without_executed_notebooks_says_what_to_run(tmp_path):

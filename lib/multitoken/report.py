@@ -106,8 +106,9 @@ def build_report(profile: str, root: Path | None = None) -> Path:
         for c in nb.cells:
             if {"parameters", "injected-parameters"} & set(c.metadata.get("tags", [])):
                 continue
-            if c.cell_type == "code":  # progress bars and warnings (stderr) are for the console, not the reader
-                c.outputs = [o for o in c.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+            if c.cell_type == "code":  # progress bars (stderr, tqdm widgets) are for the console, not the reader
+                c.outputs = [o for o in c.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")
+                             and "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
             book.cells.append(c)
     book.metadata = nb.metadata
     exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
