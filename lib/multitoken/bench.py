@@ -5,10 +5,8 @@ Both measure side by side in one run and write JSON under ``runs/<profile>/resul
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import torch

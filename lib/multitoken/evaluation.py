@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import stats as S
 from .decoding import model_device, speculative_generate, sync
+from .trees import parse_tree
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +114,20 @@ def prompts_and_references(dataloader, limit: int | None = None):
     return pairs
 
 
-def fit_prompts(prompts, n_positions: int, min_new_tokens: int = 1, what: str = "prompts"):
-    """The prompts that leave room for ``min_new_tokens`` in the context, and how many were skipped (logged)."""
-    keep = [p for p in prompts if len(p) + min_new_tokens <= n_positions]
+def fitting(prompts, n_positions: int, min_new_tokens: int = 1, what: str = "prompts") -> list[int]:
+    """Indices of the prompts that leave room for ``min_new_tokens`` in the context; the others are counted in the
+    log."""
+    keep = [i for i, p in enumerate(prompts) if len(p) + min_new_tokens <= n_positions]
     if len(keep) < len(prompts):
         log.warning("%s: skipped %d of %d prompts too long for the context (%d tokens) plus %d new token(s)",
                     what, len(prompts) - len(keep), len(prompts), n_positions, min_new_tokens)
-    return keep, len(prompts) - len(keep)
+    return keep
+
+
+def fit_prompts(prompts, n_positions: int, min_new_tokens: int = 1, what: str = "prompts"):
+    """The prompts that leave room for ``min_new_tokens`` in the context, and how many were skipped (logged)."""
+    keep = fitting(prompts, n_positions, min_new_tokens, what)
+    return [prompts[i] for i in keep], len(prompts) - len(keep)
 
 
 def generate_responses(model, tokenizer, prompts, max_new_tokens=256, tree=None, desc="generate"):
@@ -139,7 +147,8 @@ def generate_responses(model, tokenizer, prompts, max_new_tokens=256, tree=None,
 
 # --- speed ---------------------------------------------------------------------------------------------------------
 
-def _run(fn, ids, device):
+def timed(fn, ids, device):
+    """``fn(ids)`` with its wall time, fenced by ``torch.cuda.synchronize()`` on CUDA: (sequences, stats, seconds)."""
     sync(device)
     t0 = time.perf_counter()
     seq, st = fn(ids)
@@ -199,7 +208,7 @@ def benchmark_decoding(methods: dict, prompts: list, baseline: dict, warmup: int
             fn = methods[name][0]
             times = []
             for _ in range(repeats):
-                seq, st, dt = _run(fn, ids, getattr(fn, "device", "cpu"))
+                seq, st, dt = timed(fn, ids, getattr(fn, "device", "cpu"))
                 times.append(dt)
             new = seq.shape[1] - ids.shape[1]
             per.append({"method": name, "prompt": i, "new_tokens": new, "seconds": statistics.median(times),
@@ -237,10 +246,24 @@ def benchmark_decoding(methods: dict, prompts: list, baseline: dict, warmup: int
     return rows, df
 
 
+def best_methods(rows: list[dict]) -> dict:
+    """The benchmark row each variant is judged by: HF greedy for NTP, the faster of chain and tree for MTP and
+    MEDUSA-1 (``None`` where neither ran)."""
+    b = {r["method"]: r for r in rows}
+    return {"ntp": b.get("hf_greedy"), **{v: max((b[m] for m in (f"{v}_chain", f"{v}_tree") if m in b),
+                                                 key=lambda r: r["speedup_vs_hf_greedy"], default=None)
+                                          for v in ("mtp", "medusa")}}
+
+
+def speedup_of(row: dict) -> S.CI:
+    """A benchmark row's speedup over HF greedy of the same model, with its interval."""
+    return S.CI(row["speedup_vs_hf_greedy"], row["speedup_lo"], row["speedup_hi"])
+
+
 @torch.inference_mode()
 def first_divergences(model, prompts, per: pd.DataFrame, method: str, baseline: str) -> list[dict]:
     """Where ``method``'s output first leaves ``baseline``'s (same model), and the model's top-2 logit gap there,
-    recomputed with one plain forward over prompt + the shared prefix (in the model's dtype and in float32).
+    recomputed with one plain forward over prompt + the shared prefix in the model's dtype (the gap in float32).
     A small gap is a near-tie that rounding in a differently shaped (multi-token) forward can flip."""
     dev = model_device(model)
     a = per[per.method == method].set_index("prompt").seq
@@ -263,9 +286,10 @@ def first_divergences(model, prompts, per: pd.DataFrame, method: str, baseline: 
 # --- memory --------------------------------------------------------------------------------------------------------
 
 def peak_memory_mb(device=None) -> float:
-    """CUDA max allocated on a GPU, else the process' peak RSS (MB)."""
+    """Peak CUDA memory allocated on ``device`` (any GPU when None and one is present), else the process' peak RSS
+    (MB)."""
     if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
-        return torch.cuda.max_memory_allocated() / 2 ** 20
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -285,25 +309,15 @@ def generation_memory(model, prompts, max_new_tokens: int, tree=None) -> dict:
     longest = max(prompts, key=len)
     hf_method(model, max_new_tokens)(longest.view(1, -1))
     seq, _ = engine_method(model, max_new_tokens, tree if getattr(model, "num_heads", 0) else "none")(longest.view(1, -1))
-    c = model.config
-    kv = 2 * c.n_layer * seq.shape[1] * c.n_embd * weights_dtype_bytes(model) / 2 ** 20
-    logits = c.vocab_size * (1 + (tree_nodes(tree, model) if getattr(model, "num_heads", 0) else 0)) * 4 / 2 ** 20
+    c, drafts = model.config, len(parse_tree(tree, model.num_heads)) if getattr(model, "num_heads", 0) else 0
+    kv = 2 * c.n_layer * seq.shape[1] * c.n_embd * next(model.parameters()).element_size() / 2 ** 20
+    logits = c.vocab_size * (1 + drafts) * 4 / 2 ** 20                  # one step's float32 logits, root + drafts
     out = {"weights_mb": weights, "kv_cache_mb": kv, "logits_mb": logits, "device": str(dev)}
     if dev.type == "cuda":
         out.update(peak_mb=torch.cuda.max_memory_allocated(dev) / 2 ** 20, measured="cuda_max_allocated")
     else:
         out.update(peak_mb=weights + kv + logits, measured="weights+kv+logits (computed)")
     return out
-
-
-def weights_dtype_bytes(model) -> int:
-    return next(model.parameters()).element_size()
-
-
-def tree_nodes(tree, model) -> int:
-    from .trees import parse_tree
-
-    return len(parse_tree(tree, model.num_heads))
 
 
 def train_time_per_epoch(log_csv) -> float:

@@ -157,10 +157,6 @@ def s_per_step(log: pd.DataFrame) -> float:
 
 # --- the ledger ----------------------------------------------------------------------------------------------------
 
-def _ci(d) -> S.CI:
-    return S.CI(d["value"], d["lo"], d["hi"])
-
-
 def _speed(r, kind="time"):
     """A protocol row's speedup over NTP generate: Table 1's time ratio ("time") or the tokens/s ratio ("tps")."""
     key = "speedup_time_ratio" if kind == "time" else "speedup_tps"
@@ -176,16 +172,15 @@ def claims(cfg) -> pd.DataFrame:
     proto = {r["method"]: r for r in X["protocol"]}
     dec = {r["method"]: r for r in X["decoding"]}
     bench = {r["method"]: r for r in R["decoding_benchmark"]}
-    best = {v: max((bench[k] for k in (f"{v}_chain", f"{v}_tree")), key=lambda r: r["speedup_vs_hf_greedy"])
-            for v in ("mtp", "medusa")}
-    wb_sp = {v: S.CI(b["speedup_vs_hf_greedy"], b["speedup_lo"], b["speedup_hi"]) for v, b in best.items()}
+    best = E.best_methods(R["decoding_benchmark"])
+    wb_sp = {v: E.speedup_of(best[v]) for v in ("mtp", "medusa")}
     t_mtp, t_leak, t_med = (_speed(proto[k]) for k in ("thesis_mtp_loop", "thesis_mtp_leak_loop", "thesis_medusa_loop"))
     tps = {k: _speed(proto[k], "tps") for k in proto}
     ppl = X["perplexity"]
-    d_c, d_l = (_ci(ppl[a]["diff_vs_ntp_thesis_recipe"]) for a in ("thesis_mtp", "thesis_mtp_leak"))
+    d_c, d_l = (S.ci(ppl[a]["diff_vs_ntp_thesis_recipe"]) for a in ("thesis_mtp", "thesis_mtp_leak"))
     q = R["quality"]
-    wb_dppl = _ci(q["mtp"]["diff_vs_ntp"]["perplexity"])
-    med_d = _ci(q["medusa"]["diff_vs_ntp"]["perplexity"])
+    wb_dppl = S.ci(q["mtp"]["diff_vs_ntp"]["perplexity"])
+    med_d = S.ci(q["medusa"]["diff_vs_ntp"]["perplexity"])
     steps = X["steps"]
     logs = R["logs"]
     wb_step = s_per_step(logs["mtp"]) / s_per_step(logs["ntp"])
@@ -229,8 +224,8 @@ def claims(cfg) -> pd.DataFrame:
              verdict=f"(a) MTP {sp(t_mtp, 2.0)}, MEDUSA {sp(t_med, 1.6)}; (c) MTP {sp(wb_sp['mtp'], 2.0)}, "
                      f"MEDUSA {sp(wb_sp['medusa'], 1.6)}"),
         dict(claim="MTP improves perplexity by 12.7% (17.45 → 15.23)", thesis="−12.7%",
-             a=f"Δ {d_c.fmt(3)} (head 1, thesis recipe; NTP {_ci(ppl['ntp']['thesis_recipe']).value:.3f})",
-             b=f"Δ {d_l.fmt(3)} (ppl {_ci(ppl['thesis_mtp_leak']['thesis_recipe']).value:.3f})",
+             a=f"Δ {d_c.fmt(3)} (head 1, thesis recipe; NTP {S.ci(ppl['ntp']['thesis_recipe']).value:.3f})",
+             b=f"Δ {d_l.fmt(3)} (ppl {S.ci(ppl['thesis_mtp_leak']['thesis_recipe']).value:.3f})",
              c=f"Δ {wb_dppl.fmt(3)} (workbook MTP − NTP, test split)",
              verdict=f"(a) causal: {S.verdict(d_c)}; (b) with the leak: {S.verdict(d_l)}; (c) {S.verdict(wb_dppl)}. " +
                      ("The gain appears only with the leak: position t reads later tokens, a gain it did not earn"

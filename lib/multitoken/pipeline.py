@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -203,10 +202,7 @@ def eval_set(cfg, tok, prep) -> dict:
     raw = raw.select(range(min(cfg["eval_examples"], len(raw))))
     prompts = [torch.tensor(tok(D.format_prompt(q), add_special_tokens=False)["input_ids"], dtype=torch.long)
                for q in raw["query"]]
-    keep = [i for i, pr in enumerate(prompts) if len(pr) < cfg["n_positions"]]
-    if len(keep) < len(prompts):
-        E.log.warning("evaluation: skipped %d of %d prompts longer than the context (%d tokens)",
-                      len(prompts) - len(keep), len(prompts), cfg["n_positions"])
+    keep = E.fitting(prompts, cfg["n_positions"], 1, "evaluation")
     raw = raw.select(keep)
     tokenized = D.tokenize_dataset(raw, tok, cfg["max_seq_len"])
     return {"split": split, "prompts": [prompts[i] for i in keep], "references": list(raw["response"]),

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from .stats import CI, verdict
+from .evaluation import best_methods, speedup_of
+from .stats import CI, ci, verdict
 from .utils import atomic_write_text
 
 sns.set_theme(style="whitegrid", context="notebook")
@@ -30,11 +31,6 @@ def _save(fig, out_dir, name):
     plt.close(fig)
     fig.saved = out / f"{name}.png"
     return fig
-
-
-def ci(d) -> CI:
-    """A quality.json entry ({value, lo, hi}) as a CI."""
-    return CI(d["value"], d["lo"], d["hi"])
 
 
 def token_lengths(lengths: pd.DataFrame, out_dir):
@@ -205,14 +201,11 @@ def _speed_verdict(c: CI, thesis: float) -> str:
 def thesis_table(quality: dict, bench: list, memory_: dict, out_dir, profile: str) -> pd.DataFrame:
     """One row per variant: our speed, perplexity, accuracy, BLEU (each with its 95% bootstrap interval), memory,
     beside the thesis' numbers, and a verdict drawn from the intervals (never from two point estimates)."""
-    b = {r["method"]: r for r in bench}
-    best = {"ntp": b.get("hf_greedy"), **{v: max((b[m] for m in (f"{v}_chain", f"{v}_tree") if m in b),
-                                                 key=lambda r: r["speedup_vs_hf_greedy"], default=None)
-                                          for v in ("mtp", "medusa")}}
+    best = best_methods(bench)
     rows = []
     for v, t in THESIS.items():
         q, r = quality[v], best[v]
-        sp = CI(r["speedup_vs_hf_greedy"], r["speedup_lo"], r["speedup_hi"]) if r else None
+        sp = speedup_of(r) if r else None
         row = {"variant": v, "method": r["method"] if r else None,
                "speedup (ours)": sp.fmt(2) if sp else "n/a", "speedup (thesis)": t["speedup"],
                "τ": r["mean_accepted_length"] if r else None,

@@ -12,14 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .stats import CI
+from .stats import ci
 from .utils import atomic_write_text, repo_root
 
 NAMES = {"ntp": "NTP", "mtp": "MTP", "medusa": "MEDUSA-1"}
-
-
-def _ci(d) -> CI:
-    return CI(d["value"], d["lo"], d["hi"])
 
 
 def data_summary(prep, cfg) -> str:
@@ -48,12 +44,12 @@ def quality_summary(quality: dict) -> str:
     lines = [f"**Quality** on {q0['n_eval']} held-out problems ({q0['split']} split), 95% bootstrap intervals over "
              "problems; Δ = variant − NTP on the same problems:", ""]
     for v, q in quality.items():
-        s = (f"- {NAMES[v]}: perplexity {_ci(q['perplexity']).fmt(3)}, answer accuracy {_ci(q['accuracy']).fmt(3)}, "
-             f"BLEU {_ci(q['bleu']).fmt(1)}")
+        s = (f"- {NAMES[v]}: perplexity {ci(q['perplexity']).fmt(3)}, answer accuracy {ci(q['accuracy']).fmt(3)}, "
+             f"BLEU {ci(q['bleu']).fmt(1)}")
         if "diff_vs_ntp" in q:
             d = q["diff_vs_ntp"]
-            s += (f"; Δ perplexity {_ci(d['perplexity']).fmt(3)}, Δ accuracy {_ci(d['accuracy']).fmt(3)}, "
-                  f"Δ BLEU {_ci(d['bleu']).fmt(1)}")
+            s += (f"; Δ perplexity {ci(d['perplexity']).fmt(3)}, Δ accuracy {ci(d['accuracy']).fmt(3)}, "
+                  f"Δ BLEU {ci(d['bleu']).fmt(1)}")
         lines.append(s)
     return "\n".join(lines)
 

@@ -32,6 +32,11 @@ class CI:
         return asdict(self)
 
 
+def ci(d: dict) -> CI:
+    """A stored interval (``{value, lo, hi}``, as in quality.json) as a CI."""
+    return CI(d["value"], d["lo"], d["hi"])
+
+
 def bootstrap(stat, *columns, n_boot: int = N_BOOT, alpha: float = 0.05, seed: int = 0) -> CI:
     """``stat(*columns)`` with a percentile interval; the columns are paired (resampled by the same indices)."""
     cols = [np.asarray(c, dtype=float) for c in columns]

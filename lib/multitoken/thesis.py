@@ -18,14 +18,14 @@ Garipov (2025), code in ``Goldenwert/thesis_iml``; the facts are collected in ``
 from __future__ import annotations
 
 import itertools
-import time
 
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from . import stats as S
-from .decoding import model_device, sync
+from .decoding import model_device
+from .evaluation import timed
 from .models import MTPConfig, MultiTokenGPT2
 
 BRANCHING = (5, 5, 3, 3, 2)           # its Medusa tree: top-k per head
@@ -162,11 +162,8 @@ def protocol(methods: dict, prompts: list, runs: int = 5, new_tokens: int = 100,
     for run in range(runs):
         for i, p in enumerate(prompts):
             for name, (fn, dev) in methods.items():
-                sync(dev)
-                t0 = time.perf_counter()
-                seq, st = fn(p.view(1, -1), new_tokens)
-                sync(dev)
-                calls[name].append((time.perf_counter() - t0, seq.shape[1] - p.numel()))
+                seq, _, dt = timed(lambda ids: fn(ids, new_tokens), p.view(1, -1), dev)
+                calls[name].append((dt, seq.shape[1] - p.numel()))
     base_t = [t for t, _ in calls[baseline]]
     base_n = [n for _, n in calls[baseline]]
     rows = []

@@ -6,7 +6,6 @@ accuracy for multi-head models) atomically after each log event, and safetensors
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments, set_seed)
 
+from .evaluation import peak_memory_mb
 from .medusa import MedusaGPT2
 from .models import MTPConfig, MultiTokenGPT2
 from .utils import write_csv
@@ -21,12 +21,6 @@ from .utils import write_csv
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 log = logging.getLogger(__name__)
 
-
-def peak_memory_mb(device) -> float:
-    """Peak CUDA memory allocated on ``device`` so far, or the process' peak RSS on the CPU (MB)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def check_checkpoint_dir(path) -> Path:
@@ -71,7 +65,7 @@ class CSVLogCallback(TrainerCallback):
         row = {"step": state.global_step, "epoch": state.epoch, "train_loss": logs.get("loss"),
                "eval_loss": logs.get("eval_loss"), "elapsed_s": round(elapsed, 3),
                "tokens_per_s": round(dtok / dt, 1) if "loss" in logs and dt > 0 else None,
-               "peak_mem_mb": round(peak_memory_mb(args.device), 1)}
+               "peak_mem_mb": round(peak_memory_mb(args.device), 1)}  # CUDA max allocated, or peak RSS
         row.update({k: v for k, v in logs.items() if k.startswith(("head", "eval_head"))})
         if "loss" in logs:
             self.last_t, self.last_tokens = now, state.num_input_tokens_seen
