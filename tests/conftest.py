@@ -32,7 +32,7 @@ def medusa(**kw):
 # every head design the workbook offers
 VARIANTS = [dict(head_type=h, sequential=s, share_weights_across_steps=sh)
             for h in ("linear", "mlp", "transformer", "shared_lm_head")
-            for s in (False, True) for sh in (False, True) if not (s and h == "transformer")]
+            for s in (False, True) for sh in (False, True)]
 
 
 @pytest.fixture(scope="session")

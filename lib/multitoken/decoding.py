@@ -162,6 +162,9 @@ def _generate_row(model, ids, max_new_tokens, temperature, top_p, tree, eos, n_p
     last = logits[0, -1]
     x0 = int(last.argmax()) if greedy else int(torch.multinomial(target_probs(last, temperature, top_p), 1,
                                                                   generator=gen))
+    accept = getattr(model, "spec_accept", None)  # models with drafting state of their own (sequential modules)
+    if accept is not None:
+        accept(ctx, None, x0)
     j, out = L - 1, []
     while True:
         out.append(x0)
@@ -200,6 +203,8 @@ def _generate_row(model, ids, max_new_tokens, temperature, top_p, tree, eos, n_p
             break
         keep = [0] + path
         _compact(caches, L, keep)
+        if accept is not None:
+            accept(ctx, keep, x_next)
         L, j, x0 = L + len(keep), path[-1] if path else 0, x_next
     return out
 

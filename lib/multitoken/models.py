@@ -6,7 +6,9 @@ Head designs (``head_type``):
   transformer     one GPT-2 block per head (Meta), initialised from the trunk's last block, own LayerNorm
   shared_lm_head  Medusa-style residual SiLU block, then the model's own ln_f and lm_head (no new unembedding)
 Modes:
-  sequential                 DeepSeek-V3: head k sees M [RMSNorm(h_{k-1}); RMSNorm(Emb(t_{i+k}))]
+  sequential                 DeepSeek-V3: head k sees M [RMSNorm(h_{k-1}); RMSNorm(Emb(t_{i+k}))]; with
+                             transformer heads these are DeepSeek-V3's MTP modules, each with its own KV cache
+                             when drafting (``multitoken.sequential``)
   share_weights_across_steps FastMTP: one head applied recursively, h_k = head(h_{k-1})
   num_trunk_layers           heads branch off after this many blocks (default: after the last)
 Layouts (``layout``):
@@ -28,7 +30,7 @@ from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from . import fastpath
+from . import fastpath, sequential
 from .heads import (WEIGHTINGS, EyeLinear, HeadsMixin, MultiTokenOutput, ResBlock, ZeroLinear, init_special, loss_weights,
                     shifted_ce, warmup_factor)
 
@@ -76,9 +78,6 @@ class MTPConfig(GPT2Config):
         if self.thesis_padding_only_mask and self.layout != "thesis":
             raise ValueError("thesis_padding_only_mask reproduces the causal leak of the thesis' MTP forward (its "
                              "blocks called with a padding-only mask); it applies to layout='thesis' only")
-        if self.sequential and self.head_type == "transformer":
-            raise ValueError("sequential heads must be position-wise (linear, mlp, shared_lm_head): a sequential "
-                             "transformer head would need its own KV cache of teacher-forced tokens at decoding time")
 
 
 def token_embeddings_ahead(wte, input_ids, k, h_prev):
@@ -189,10 +188,13 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
     def _body(self, k):
         return self.mtp_heads[0 if len(self.mtp_heads) == 1 else k - 1]
 
-    def _head_step(self, k, h_prev, h0, input_ids, cache=None, mask=None):
+    def _head_step(self, k, h_prev, h0, input_ids, cache=None, mask=None, token_emb=None):
+        """Head k's state. Sequential heads read Emb(t_{i+k}): teacher-forced from ``input_ids``, or ``token_emb``
+        given row by row (the drafting of :mod:`multitoken.sequential`)."""
         body, cfg = self._body(k), self.config
         if cfg.sequential:
-            emb = token_embeddings_ahead(self.transformer.wte, input_ids, k, h_prev)
+            emb = token_emb if token_emb is not None else token_embeddings_ahead(self.transformer.wte, input_ids, k,
+                                                                                 h_prev)
             x = body.combine(torch.cat([body.norm_h(h_prev), body.norm_e(emb)], -1))
         else:
             x = h_prev if cfg.share_weights_across_steps else h0
@@ -257,14 +259,20 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
                                 past_key_values=out.past_key_values)
 
     # -- decoding hooks (transformer heads keep one KV cache per head application) ------------------------------
+    def _seq_modules(self) -> bool:
+        """Sequential transformer modules (DeepSeek-V3 / FastMTP): own KV caches, drafted by multitoken.sequential."""
+        return self.config.sequential and self.config.head_type == "transformer"
+
     def spec_new_cache(self):
+        if self._seq_modules():
+            return sequential.ModuleCaches(self.num_heads)
         n = 1 + (self.num_heads if self.config.head_type == "transformer" else 0)
         return [DynamicCache() for _ in range(n)]
 
     def spec_forward(self, input_ids, caches, position_ids=None, attention_mask=None):
         h0, hidden = self._trunk(input_ids, caches[0], position_ids, attention_mask)
-        ctx = {"h0": h0, "ids": input_ids}
-        if self.config.head_type == "transformer":
+        ctx = {"h0": h0, "ids": input_ids, "caches": caches}
+        if self.config.head_type == "transformer" and not self.config.sequential:
             states = [h0]
             for k in range(1, self.num_heads + 1):
                 states.append(self._head_step(k, states[-1], h0, None, cache=caches[k], mask=attention_mask))
@@ -312,7 +320,14 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
             return self.spec_head_logits(ctx, j).topk(k, -1).indices
         return super().spec_head_topk(ctx, j, k)
 
+    def spec_accept(self, ctx, keep, x_next):
+        """The engine's note that step positions ``keep`` (None: the whole prefill) are committed, ``x_next`` next."""
+        if self._seq_modules():
+            sequential.accept(ctx["caches"], ctx, keep, x_next)
+
     def spec_propose(self, ctx, j, x0, tree):
+        if self._seq_modules():
+            return sequential.propose(self, ctx["caches"], tree)
         if not self.config.sequential:
             return HeadsMixin.spec_propose(self, ctx, j, x0, tree)
         # Sequential heads draft autoregressively: head d sees the state of the parent node and the parent's token.
@@ -333,7 +348,10 @@ class MTPWrapper(HeadsMixin, nn.Module):
     def __init__(self, model, config: MTPConfig):
         super().__init__()
         if config.head_type == "transformer":
-            raise ValueError("wrap_model_with_mtp supports position-wise heads (linear, mlp, shared_lm_head)")
+            raise ValueError("wrap_model_with_mtp supports position-wise heads (linear, mlp, shared_lm_head): a "
+                             "transformer head (Meta's, or a DeepSeek-V3 module) must be the base family's own decoder "
+                             "layer, with its positional encoding (e.g. Llama's rotary embeddings) and cache layout; "
+                             "MultiTokenGPT2 builds transformer heads for GPT-2")
         self.model, self.config = model, config
         self.num_heads = config.num_predict_tokens - 1
         self.memory_efficient_loss = config.memory_efficient_loss
@@ -365,6 +383,9 @@ class MTPWrapper(HeadsMixin, nn.Module):
         return out.last_hidden_state, out.last_hidden_state
 
     spec_propose = MultiTokenGPT2.spec_propose
+
+    def _seq_modules(self) -> bool:
+        return False  # transformer heads are refused above
 
     def forward(self, input_ids, attention_mask=None, labels=None, output_head_logits=False, **kw):
         h0, hidden = self._trunk(input_ids, None, attention_mask=attention_mask)
