@@ -13,7 +13,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m multitoken")
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train one variant with a profile's parameters")
-    tr.add_argument("--variant", choices=["ntp", "mtp", "medusa"], required=True)
+    tr.add_argument("--variant", choices=list(pipeline.VARIANTS), required=True)
     for name in ("train", "bench", "bench-train", "data"):
         p = tr if name == "train" else sub.add_parser(name)
         p.add_argument("-f", "--params", default=None, help="papermill parameter YAML (a profile)")

@@ -20,7 +20,7 @@ COLS = ["method", "tokens_per_s", "speedup_vs_hf_greedy", "mean_accepted_length"
 
 def decoding_bench(cfg):
     try:
-        models = {v: pipeline.load_variant(cfg, v) for v in ("ntp", "mtp", "medusa")}
+        models = {v: pipeline.load_variant(cfg, v) for v in pipeline.VARIANTS}
     except FileNotFoundError as e:
         sys.exit(f"make bench needs the trained {cfg['profile']} models: run `make all PROFILE={cfg['profile']}` "
                  f"first ({e})")

@@ -49,7 +49,7 @@ class PlainLM:
         tr = getattr(self.model, "transformer", None)
         if fastpath.supported(tr):  # GPT-2: the lean forward, as the head models use
             _, hidden = fastpath.trunk(tr, input_ids, caches[0], position_ids, attention_mask)
-            return self.model.lm_head(hidden), None
+            return fastpath.linear(self.model.lm_head, hidden), None
         out = self.model(input_ids, past_key_values=caches[0], position_ids=position_ids,
                          attention_mask=attention_mask, use_cache=True)
         return out.logits, None

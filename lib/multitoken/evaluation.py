@@ -247,12 +247,12 @@ def benchmark_decoding(methods: dict, prompts: list, baseline: dict, warmup: int
 
 
 def best_methods(rows: list[dict]) -> dict:
-    """The benchmark row each variant is judged by: HF greedy for NTP, the faster of chain and tree for MTP and
-    MEDUSA-1 (``None`` where neither ran)."""
+    """The benchmark row each variant is judged by: HF greedy for NTP, the faster of chain and tree for MTP,
+    MEDUSA-1 and the MTP modules (``None`` where neither ran)."""
     b = {r["method"]: r for r in rows}
     return {"ntp": b.get("hf_greedy"), **{v: max((b[m] for m in (f"{v}_chain", f"{v}_tree") if m in b),
                                                  key=lambda r: r["speedup_vs_hf_greedy"], default=None)
-                                          for v in ("mtp", "medusa")}}
+                                          for v in ("mtp", "medusa", "mtp_seq")}}
 
 
 def speedup_of(row: dict) -> S.CI:

@@ -9,6 +9,8 @@ attention and other architectures go through transformers.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block, GPT2Model
@@ -25,8 +27,69 @@ def supported(module) -> bool:
     return not module.training and not c.add_cross_attention and c._attn_implementation == "sdpa"
 
 
+_TRANSPOSED_FASTER: dict = {}  # (rows, in, out, dtype) -> bool, timed once per process on the CPU
+
+
+def _time(f, reps=10) -> float:
+    f()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _transposed_faster(m: int, k: int, n: int, dtype) -> bool:
+    """Whether ``(W_nk @ x.T).T`` beats ``x @ W_kn`` for ``m`` rows on this CPU. Profiling the step loop showed
+    MKL's row-major product of 2-16 rows (a verification step, a module's rows) costing as much as that many
+    single-row products on the 2-core AMD EPYC here, while the transposed product of the same numbers took about
+    half; other CPUs may differ, so each shape is timed once (both ways) rather than assumed."""
+    key = (m, k, n, dtype)
+    if key not in _TRANSPOSED_FASTER:
+        cpu = torch.device("cpu")
+        x, w = torch.randn(m, k, dtype=dtype, device=cpu), torch.randn(k, n, dtype=dtype, device=cpu)
+        wt, b = w.t().contiguous(), torch.zeros(n, dtype=dtype, device=cpu)
+        with torch.no_grad():
+            _TRANSPOSED_FASTER[key] = (_time(lambda: torch.addmm(b[:, None], wt, x.t()).t().contiguous())
+                                       < _time(lambda: torch.addmm(b, x, w)))
+    return _TRANSPOSED_FASTER[key]
+
+
+def _weight_nk(w):
+    """A (K, N) weight's contiguous (N, K) copy, cached on the parameter until it changes."""
+    cached = getattr(w, "_fastpath_nk", None)
+    if cached is None or cached[0] != w._version:
+        cached = (w._version, w.detach().t().contiguous())
+        w._fastpath_nk = cached
+    return cached[1]
+
+
+def matmul(x, w, b=None, w_is_kn: bool = True):
+    """``x @ W + b`` for ``x`` (..., K) and a weight stored (K, N) (Conv1D) or, with ``w_is_kn=False``, (N, K)
+    (``nn.Linear``). Several rows on the CPU take the faster of the two layouts (:func:`_transposed_faster`);
+    one row (plain decoding) and every GPU product take the usual one."""
+    x2 = x.reshape(-1, x.shape[-1])
+    m, k = x2.shape
+    n = w.shape[1] if w_is_kn else w.shape[0]
+    if x.device.type == "cpu" and 1 < m <= 32 and _transposed_faster(m, k, n, x.dtype):
+        w_nk = _weight_nk(w) if w_is_kn else w
+        out = (torch.mm(w_nk, x2.t()) if b is None else torch.addmm(b[:, None], w_nk, x2.t())).t()
+    elif w_is_kn:
+        out = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
+    else:
+        out = F.linear(x2, w, b)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def linear(module, x):
+    """An ``nn.Linear`` (e.g. the LM head) through :func:`matmul`."""
+    return matmul(x, module.weight, module.bias, w_is_kn=False)
+
+
 def _linear(conv, x):  # transformers' Conv1D: x @ W + b with W (in, out)
-    return torch.addmm(conv.bias, x.view(-1, x.shape[-1]), conv.weight).view(*x.shape[:-1], -1)
+    return matmul(x, conv.weight, conv.bias)
 
 
 def block(blk, h, cache, layer_idx: int, mask):

@@ -216,7 +216,7 @@ class HeadsMixin:
     def spec_forward(self, input_ids, caches, position_ids=None, attention_mask=None):
         """One cached forward; returns next-token logits ``(1, T, V)`` and a context the heads draft from."""
         h0, hidden = self._trunk(input_ids, caches[0], position_ids, attention_mask)
-        return self.lm_head(hidden), {"h0": h0}
+        return fastpath.linear(self.lm_head, hidden), {"h0": h0}
 
     def spec_head_topk(self, ctx, j: int, k: int):
         """Top-k tokens of every head at step-local position j: ``(S, k)``."""

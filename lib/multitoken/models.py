@@ -184,6 +184,13 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
             un.weight.copy_(self.lm_head.weight)
         return self
 
+    def freeze_backbone(self):
+        """Train the heads only (MEDUSA-1's recipe applied to MTP heads): the trunk, ln_f and LM head stop
+        requiring grad, so the next-token distribution stays the base model's exactly."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith(("mtp_heads.", "mtp_unembed.")))
+        return self
+
     # -- head interface used by HeadsMixin ----------------------------------------------------------------------
     def _body(self, k):
         return self.mtp_heads[0 if len(self.mtp_heads) == 1 else k - 1]
@@ -195,7 +202,8 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
         if cfg.sequential:
             emb = token_emb if token_emb is not None else token_embeddings_ahead(self.transformer.wte, input_ids, k,
                                                                                  h_prev)
-            x = body.combine(torch.cat([body.norm_h(h_prev), body.norm_e(emb)], -1))
+            x = torch.cat([body.norm_h(h_prev), body.norm_e(emb)], -1)
+            x = body.combine(x) if cache is None else fastpath.linear(body.combine, x)
         else:
             x = h_prev if cfg.share_weights_across_steps else h0
         if body.kind == "transformer" and mask is None and self._leak_mask is not None and cache is None:
@@ -208,7 +216,8 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
     def _head_logits(self, k, h):
         body = self._body(k)
         x = body.ln(h) if body.ln is not None else self.transformer.ln_f(h)
-        return self.mtp_unembed[0 if len(self.mtp_unembed) == 1 else k - 1](x) if len(self.mtp_unembed) else self.lm_head(x)
+        un = self.mtp_unembed[0 if len(self.mtp_unembed) == 1 else k - 1] if len(self.mtp_unembed) else self.lm_head
+        return un(x) if self.training else fastpath.linear(un, x)
 
     def loss_weights(self):
         c = self.config
@@ -277,7 +286,7 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
             for k in range(1, self.num_heads + 1):
                 states.append(self._head_step(k, states[-1], h0, None, cache=caches[k], mask=attention_mask))
             ctx["states"] = states
-        return self.lm_head(hidden), ctx
+        return fastpath.linear(self.lm_head, hidden), ctx
 
     def _batchable(self) -> bool:
         """Independent position-wise heads (linear / mlp bodies on h0, each with its own norm) draft together."""

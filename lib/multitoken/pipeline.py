@@ -14,11 +14,13 @@ from . import evaluation as E
 from . import stats as S
 from . import training as T
 from .medusa import MedusaGPT2
-from .models import MultiTokenGPT2
+from .models import HEAD_TYPES, MultiTokenGPT2
 from .trees import fitted_tree, medusa_tree
-from .utils import repo_root, resolve_device, resolve_dtype, write_csv, write_json
+from .utils import repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
 
-VARIANTS = ("ntp", "mtp", "medusa")
+VARIANTS = ("ntp", "mtp", "medusa", "mtp_seq")
+HEADED = VARIANTS[1:]  # the variants with heads that draft
+NOTEBOOK_OF = {"ntp": "01_train_ntp", "mtp": "02_train_mtp", "medusa": "03_train_medusa", "mtp_seq": "03_train_medusa"}
 
 DEFAULTS = dict(
     profile="smoke", source="synthetic", max_examples=240, first_examples=False, seed=0, val_fraction=0.1,
@@ -30,7 +32,12 @@ DEFAULTS = dict(
     mtp_n=3, mtp_head_type="mlp", mtp_sequential=False, mtp_share=False, mtp_own_unembedding=False,
     mtp_weighting="uniform", mtp_beta=0.8, mtp_lambda=1.0, mtp_warmup_steps=0, mtp_epochs=1, mtp_lr=3e-3, mtp_grad_accum=1, mtp_memory_efficient=True,
     medusa_heads=3, medusa_layers=1, medusa_epochs=1, medusa_lr=3e-3, medusa_self_distill=True,
-    medusa_max_examples=None, device="auto", inference_dtype="float32", warmup_steps=0, eval_examples=8, max_new_tokens=48, bench_prompts=4, bench_warmup=1, tree_budgets=[4, 8, 16], tree_budget="auto",
+    medusa_max_examples=None,
+    # MTP modules on the frozen NTP model (DeepSeek-V3's sequential transformer heads; FastMTP with mtpseq_share),
+    # trained like MEDUSA-1 on the model's own continuations (mtpseq_self_distill)
+    mtpseq_n=4, mtpseq_share=False, mtpseq_freeze=True, mtpseq_self_distill=True, mtpseq_weighting="uniform",
+    mtpseq_epochs=1, mtpseq_lr=3e-3,
+    device="auto", inference_dtype="float32", warmup_steps=0, eval_examples=8, max_new_tokens=48, bench_prompts=4, bench_warmup=1, tree_budgets=[4, 8, 16], tree_budget="auto",
     ablation_n=[2, 3], ablation_lrs=[3e-3], ablation_head_types=["linear", "mlp"],
     ablation_weightings=["uniform", "exponential"], ablation_steps=8,
     # 07: the thesis' own experiment (multitoken.ledger): its layout with n heads, its recipe, loops and protocol
@@ -45,6 +52,8 @@ def config(**overrides) -> dict:
     cfg = dict(DEFAULTS)
     cfg.update({k: v for k, v in overrides.items() if k in DEFAULTS})
     resolve_dtype(cfg["inference_dtype"], resolve_device(cfg["device"]))
+    for name in cfg["ablation_head_types"]:
+        head_design(name)
     return cfg
 
 
@@ -113,41 +122,71 @@ def train_variant(cfg, variant: str):
         model, _ = T.train_multi_token_gpt2(tr, va, tok, out, num_tokens_to_predict=cfg["mtp_n"],
                                             base_model=cfg["model_name"], model_config=model_config(cfg),
                                             log_csv=log, mtp=mtp_fields(cfg), **_common(cfg, "mtp"))
-    elif variant == "medusa":
-        base = p["models"] / "ntp" / "final"
-        if not base.exists():
-            raise FileNotFoundError(f"{base} is missing: train the NTP baseline first (notebooks/01_train_ntp.ipynb)")
-        if cfg["medusa_self_distill"]:
-            base_model = T.GPT2LMHeadModel.from_pretrained(str(base)).to(device(cfg))
-
-            def distilled(split, shuffle):
-                raw = prep["raw"][split]
-                if split == "train" and cfg["medusa_max_examples"] and len(raw) > cfg["medusa_max_examples"]:
-                    raw = raw.select(range(cfg["medusa_max_examples"]))  # already shuffled by the split
-                # continuations as long as the ones decoding will verify (max_new_tokens), within max_seq_len
-                raw = T.self_distill(base_model, tok, raw,
-                                     max_new_tokens=min(cfg["max_new_tokens"], cfg["max_seq_len"]))
-                return D.make_dataloader(D.tokenize_dataset(raw, tok, cfg["max_seq_len"]), tok, cfg["batch_size"],
-                                         shuffle)
-
+    elif variant in ("medusa", "mtp_seq"):
+        base = _ntp_checkpoint(p)
+        prefix = "medusa" if variant == "medusa" else "mtpseq"
+        if cfg[f"{prefix}_self_distill"]:
             # train *and* validate on the base model's own greedy continuations: that is what the heads must
             # predict at decoding time (validation on the references would show a loss that rises as heads improve)
-            tr, va = distilled("train", True), distilled("validation", False)
-        model, _ = T.train_medusa(base, tr, va, tok, out, num_medusa_heads=cfg["medusa_heads"],
-                                  medusa_num_layers=cfg["medusa_layers"], log_csv=log, **_common(cfg, "medusa"))
+            tr, va = distilled_loaders(cfg, prep, tok)
+        if variant == "medusa":
+            model, _ = T.train_medusa(base, tr, va, tok, out, num_medusa_heads=cfg["medusa_heads"],
+                                      medusa_num_layers=cfg["medusa_layers"], log_csv=log, **_common(cfg, "medusa"))
+        else:
+            model, _ = T.train_multi_token_gpt2(tr, va, tok, out, num_tokens_to_predict=cfg["mtpseq_n"],
+                                                base_model=str(base), log_csv=log, mtp=mtpseq_fields(cfg),
+                                                freeze_backbone=cfg["mtpseq_freeze"], **_common(cfg, "mtpseq"))
     else:
-        raise ValueError(f"unknown variant {variant!r}: ntp, mtp or medusa")
+        raise ValueError(f"unknown variant {variant!r}: one of {VARIANTS}")
     return model
+
+
+def _ntp_checkpoint(p):
+    base = p["models"] / "ntp" / "final"
+    if not base.exists():
+        raise FileNotFoundError(f"{base} is missing: train the NTP baseline first (notebooks/01_train_ntp.ipynb)")
+    return base
+
+
+def mtpseq_fields(cfg) -> dict:
+    """DeepSeek-V3 MTP modules (sequential transformer heads); FastMTP's one shared module with ``mtpseq_share``."""
+    return dict(head_type="transformer", sequential=True, share_weights_across_steps=cfg["mtpseq_share"],
+                loss_weighting=cfg["mtpseq_weighting"], memory_efficient_loss=cfg["mtp_memory_efficient"])
+
+
+def distilled_loaders(cfg, prep, tok):
+    """Medusa's self-distillation data: the frozen NTP model's greedy continuations of the first
+    ``medusa_max_examples`` training prompts and of the validation prompts, as long as decoding will verify
+    (``max_new_tokens``, within ``max_seq_len``). Generated once per NTP checkpoint and cached under
+    ``runs/<profile>/data/distilled/``: MEDUSA-1's heads and the MTP modules train on the same text."""
+    from datasets import load_from_disk
+
+    base = _ntp_checkpoint(paths(cfg))
+    n_new = min(cfg["max_new_tokens"], cfg["max_seq_len"])
+    key = dict(model_sha256=sha256_of(base / "model.safetensors"), max_new_tokens=n_new,
+               max_examples=cfg["medusa_max_examples"])
+    cache = paths(cfg)["run"] / "data" / "distilled"
+    meta = cache / "key.json"
+    if not (meta.exists() and json.loads(meta.read_text()) == key):
+        model = T.GPT2LMHeadModel.from_pretrained(str(base)).to(device(cfg))
+        for split in ("train", "validation"):
+            raw = prep["raw"][split]
+            if split == "train" and cfg["medusa_max_examples"] and len(raw) > cfg["medusa_max_examples"]:
+                raw = raw.select(range(cfg["medusa_max_examples"]))  # already shuffled by the split
+            T.self_distill(model, tok, raw, max_new_tokens=n_new).save_to_disk(str(cache / split))
+        write_json(meta, key)
+    return tuple(D.make_dataloader(D.tokenize_dataset(load_from_disk(str(cache / split)), tok, cfg["max_seq_len"]),
+                                   tok, cfg["batch_size"], split == "train") for split in ("train", "validation"))
 
 
 def load_variant(cfg, variant: str):
     """A trained variant on the profile's device (``device``) in its ``inference_dtype``, in eval mode."""
     d = paths(cfg)["models"] / variant / "final"
-    nb = {"ntp": "01_train_ntp", "mtp": "02_train_mtp", "medusa": "03_train_medusa"}[variant]
     if not d.exists():
-        raise FileNotFoundError(f"{d} is missing: run notebooks/{nb}.ipynb (profile {cfg['profile']}) first")
+        raise FileNotFoundError(f"{d} is missing: run notebooks/{NOTEBOOK_OF[variant]}.ipynb (profile "
+                                f"{cfg['profile']}) first")
     T.check_checkpoint_dir(d)
-    cls = {"ntp": T.GPT2LMHeadModel, "mtp": MultiTokenGPT2, "medusa": MedusaGPT2}[variant]
+    cls = {"ntp": T.GPT2LMHeadModel, "mtp": MultiTokenGPT2, "medusa": MedusaGPT2, "mtp_seq": MultiTokenGPT2}[variant]
     dev = device(cfg)
     return cls.from_pretrained(str(d)).to(dev, resolve_dtype(cfg["inference_dtype"], dev)).eval()
 
@@ -211,18 +250,18 @@ def eval_set(cfg, tok, prep) -> dict:
 
 def variant_of(method: str) -> str:
     """The variant whose model a benchmark method runs."""
-    return next((v for v in ("mtp", "medusa") if v in method), "ntp")
+    return next((v for v in ("mtp_seq", "mtp", "medusa") if method.endswith(v) or f"{v}_" in method), "ntp")
 
 
 def decoding_methods(cfg, models: dict, trees: dict):
     m = cfg["max_new_tokens"]
     meths = {}
     meths["hf_greedy"] = (E.hf_method(models["ntp"], m), "hf_greedy")
-    for v in ("mtp", "medusa"):
+    for v in HEADED:
         meths[f"hf_greedy_{v}"] = (E.hf_method(models[v], m), f"hf_greedy_{v}")
     meths["hf_prompt_lookup"] = (E.hf_method(models["ntp"], m, prompt_lookup_num_tokens=10), "hf_greedy")
     meths["greedy_kv"] = (E.engine_method(models["ntp"], m, "none"), "hf_greedy")
-    for v in ("mtp", "medusa"):
+    for v in HEADED:
         meths[f"{v}_chain"] = (E.engine_method(models[v], m, "chain"), f"hf_greedy_{v}")
         meths[f"{v}_tree"] = (E.engine_method(models[v], m, trees[v]), f"hf_greedy_{v}")
     return meths
@@ -233,11 +272,11 @@ def bench_trees(cfg, models, loader, budget, prompts=None):
     split) under ``budget`` nodes; or with ``"auto"`` the tree that was fastest in this machine's sweep
     (``results/tree_sweep.csv``, run on ``prompts`` if missing), fitted or Medusa's sparse tree, whichever won."""
     if budget != "auto":
-        return {v: fitted_tree(head_topk_accuracy(models[v], loader), budget) for v in ("mtp", "medusa")}
+        return {v: fitted_tree(head_topk_accuracy(models[v], loader), budget) for v in HEADED}
     f = paths(cfg)["results"] / "tree_sweep.csv"
     sweep = pd.read_csv(f) if f.exists() else run_tree_sweep(cfg, models, loader, prompts)
     trees = {}
-    for v in ("mtp", "medusa"):
+    for v in HEADED:
         best = sweep[sweep.variant == v].sort_values("speedup").iloc[-1]
         trees[v] = (fitted_tree(head_topk_accuracy(models[v], loader), int(best.budget)) if best.tree == "fitted"
                     else medusa_tree(int(best.budget), models[v].num_heads))
@@ -288,7 +327,7 @@ def run_tree_sweep(cfg, models, loader, prompts):
     """Speedup vs tree node budget (fitted trees and Medusa's sparse tree) for both head families."""
     prompts = bench_prompts(cfg, prompts, max(2, cfg["bench_prompts"] // 2))
     out = []
-    for v in ("mtp", "medusa"):
+    for v in HEADED:
         acc = head_topk_accuracy(models[v], loader)
         meths = {"hf": (E.hf_method(models[v], cfg["max_new_tokens"]), "hf")}
         for b in cfg["tree_budgets"]:
@@ -373,7 +412,7 @@ def load_results(cfg) -> dict:
                                 f"{cfg['profile']} first")
     out = {f.split(".")[0]: (json.loads((res / f).read_text()) if f.endswith(".json") else pd.read_csv(res / f))
            for f in need}
-    out["logs"] = {v: pd.read_csv(res / f"{v}_train_log.csv") for v in ("ntp", "mtp", "medusa")
+    out["logs"] = {v: pd.read_csv(res / f"{v}_train_log.csv") for v in VARIANTS
                    if (res / f"{v}_train_log.csv").exists()}
     abl = res / "ablations.csv"
     out["ablations"] = pd.read_csv(abl) if abl.exists() else None
@@ -381,6 +420,20 @@ def load_results(cfg) -> dict:
 
 
 # --- 06 ablations --------------------------------------------------------------------------------------------------
+
+# head designs by name: the four head types, and DeepSeek-V3's sequential transformer modules (FastMTP: one shared)
+HEAD_DESIGNS = {"seq_transformer": dict(head_type="transformer", sequential=True, share_weights_across_steps=False),
+                "fastmtp": dict(head_type="transformer", sequential=True, share_weights_across_steps=True)}
+
+
+def head_design(name: str) -> dict:
+    """MTP config fields of a head design named in ``ablation_head_types`` (a head type, or a HEAD_DESIGNS key)."""
+    if name in HEAD_DESIGNS:
+        return HEAD_DESIGNS[name]
+    if name not in HEAD_TYPES:
+        raise ValueError(f"unknown head design {name!r}: one of {HEAD_TYPES + tuple(HEAD_DESIGNS)}")
+    return dict(head_type=name)
+
 
 def run_ablations(cfg):
     """Short MTP runs over n x learning rate (the thesis' grid), head types and weighting schemes."""
@@ -393,7 +446,7 @@ def run_ablations(cfg):
              for w in cfg["ablation_weightings"]]
     rows = []
     for g in grid:
-        fields = dict(mtp_fields(cfg), head_type=g["head_type"], loss_weighting=g["weighting"])
+        fields = dict(mtp_fields(cfg), **head_design(g["head_type"]), loss_weighting=g["weighting"])
         out = paths(cfg)["run"] / "ablations" / f"{g['group'].replace(' ', '')}_{g['n']}_{g['lr']}_{g['head_type']}_{g['weighting']}"
         model, trainer = T.train_multi_token_gpt2(tr, va, tok, out, num_tokens_to_predict=g["n"],
                                                   base_model=cfg["model_name"], model_config=model_config(cfg),

@@ -15,7 +15,7 @@ import pandas as pd
 from .stats import ci
 from .utils import atomic_write_text, repo_root
 
-NAMES = {"ntp": "NTP", "mtp": "MTP", "medusa": "MEDUSA-1"}
+NAMES = {"ntp": "NTP", "mtp": "MTP", "medusa": "MEDUSA-1", "mtp_seq": "MTP modules (frozen backbone)"}
 
 
 def data_summary(prep, cfg) -> str:

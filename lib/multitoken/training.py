@@ -229,10 +229,17 @@ def build_mtp_model(tokenizer, num_tokens_to_predict=4, base_model=None, model_c
 
 def train_multi_token_gpt2(train_dataloader, val_dataloader, tokenizer, output_dir, num_tokens_to_predict=4,
                            num_train_epochs=1, learning_rate=5e-5, gradient_accumulation_steps=8, base_model=None,
-                           model_config=None, log_csv=None, resume_from_checkpoint=None, mtp=None, **args_kw):
-    """MTP training: ``mtp`` holds the head design (head_type, sequential, weighting, warm-up, ...)."""
+                           model_config=None, log_csv=None, resume_from_checkpoint=None, mtp=None,
+                           freeze_backbone=False, **args_kw):
+    """MTP training: ``mtp`` holds the head design (head_type, sequential, weighting, warm-up, ...).
+    ``freeze_backbone`` (with a ``base_model``) trains the heads only, on a frozen pretrained model, as MEDUSA-1."""
     set_seed(args_kw.get("seed", 0))
     model = build_mtp_model(tokenizer, num_tokens_to_predict, base_model, model_config, **(mtp or {}))
+    if freeze_backbone:
+        if base_model is None:
+            raise ValueError("freeze_backbone needs a base_model: a fresh backbone frozen at random would never learn")
+        model.freeze_backbone()
+        args_kw["gradient_checkpointing"] = False  # nothing to recompute for a frozen backbone
     trainer = _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv, resume_from_checkpoint,
                    MultiHeadTrainer, dict(num_train_epochs=num_train_epochs, learning_rate=learning_rate,
                                           gradient_accumulation_steps=gradient_accumulation_steps, **args_kw))
