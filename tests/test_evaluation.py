@@ -176,3 +176,30 @@ def test_prompts_without_room_are_skipped_and_counted(caplog):
         keep, skipped = E.fit_prompts(prompts, n_positions=64, min_new_tokens=8, what="benchmark")
     assert [len(p) for p in keep] == [5, 10] and skipped == 1
     assert "benchmark: skipped 1 of 3 prompts" in caplog.text
+
+
+def test_speed_targets_need_the_interval_above_the_target():
+    from multitoken.report import speed_targets, targets_summary
+
+    def row(method, sp, lo, hi, kv, kv_lo, kv_hi, same=1.0):
+        return dict(method=method, speedup_vs_hf_greedy=sp, speedup_lo=lo, speedup_hi=hi, speedup_vs_greedy_kv=kv,
+                    speedup_vs_greedy_kv_lo=kv_lo, speedup_vs_greedy_kv_hi=kv_hi, efficiency_vs_greedy_kv=kv / 3,
+                    identical_to_greedy=same, tree=None)
+
+    rows = [row("greedy_kv", 1.5, 1.4, 1.6, 1, 1, 1), row("medusa_chain", 3.2, 3.05, 3.4, 2.1, 1.9, 2.3),
+            row("mtp_chain", 9.0, 8.0, 10.0, 6.0, 5.0, 7.0, same=0.9)]      # fastest, but not lossless: ignored
+    res = speed_targets(rows, {"hf": 3.0, "greedy_kv": 2.0, "efficiency": 0.8})
+    assert res["method"] == "medusa_chain"
+    assert (res["hf"]["status"], res["greedy_kv"]["status"], res["efficiency"]["status"]) == ("met", "undecided",
+                                                                                                "not met")
+    assert "medusa_chain" in targets_summary(res) and "target ≥ 3.0: met" in targets_summary(res)
+    assert speed_targets(rows, None)["hf"]["status"] is None
+
+
+def test_unknown_head_design_fails_in_config():
+    from multitoken import pipeline
+
+    with pytest.raises(ValueError, match="unknown head design 'rnn'"):
+        pipeline.config(ablation_head_types=["mlp", "rnn"])
+    assert pipeline.head_design("fastmtp") == dict(head_type="transformer", sequential=True,
+                                                   share_weights_across_steps=True)

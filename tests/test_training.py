@@ -151,3 +151,46 @@ def test_self_distill_skips_prompts_longer_than_the_context(loaders, caplog):
     assert "skipped 1 of 4 records" in caplog.text
     with pytest.raises(ValueError, match="every prompt is longer than the context"):
         T.self_distill(model, tok, Dataset.from_list([recs[1]]), max_new_tokens=8)
+
+
+def test_mtp_modules_on_a_frozen_backbone_share_the_cached_self_distillation(tmp_path, monkeypatch):
+    """mtp_seq: DeepSeek-V3 modules on the frozen NTP model, trained on its own greedy continuations, which are
+    generated once per NTP checkpoint and reused (MEDUSA-1 reads the same files)."""
+    import yaml
+
+    from multitoken import __main__ as cli
+    from multitoken import pipeline
+
+    monkeypatch.setattr(pipeline, "repo_root", lambda: tmp_path)
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"profile": "seqtest", "max_examples": 60, "max_steps": 2, "eval_steps": 2,
+                                      "max_new_tokens": 12, "medusa_max_examples": 16, "mtpseq_n": 3}))
+    assert cli.main(["data", "-f", str(params)]) == 0
+    assert cli.main(["train", "--variant", "ntp", "-f", str(params)]) == 0
+    calls = []
+    real = T.self_distill
+    monkeypatch.setattr(T, "self_distill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert cli.main(["train", "--variant", "mtp_seq", "-f", str(params)]) == 0
+    assert len(calls) == 2                                       # train and validation, generated once
+    assert cli.main(["train", "--variant", "medusa", "-f", str(params)]) == 0
+    assert len(calls) == 2                                       # reused from the cache
+    cfg = pipeline.config(**yaml.safe_load(params.read_text()))
+    ntp, seq = pipeline.load_variant(cfg, "ntp"), pipeline.load_variant(cfg, "mtp_seq")
+    assert seq.config.sequential and seq.config.head_type == "transformer" and seq.num_heads == 2
+    for (n, p), q in zip(ntp.named_parameters(), seq.transformer.parameters()):
+        torch.testing.assert_close(p, q, msg=n) if n.startswith("transformer.") else None
+    ids = torch.randint(3, 60, (1, 9))
+    torch.testing.assert_close(seq(ids).logits, ntp(ids).logits)  # frozen: the base model's next-token logits
+    heads_moved = any(not torch.equal(h.block.attn.c_attn.weight, ntp.transformer.h[-1].attn.c_attn.weight)
+                      for h in seq.mtp_heads)
+    assert heads_moved                                           # the modules themselves trained
+    # a new NTP checkpoint invalidates the cached continuations
+    assert cli.main(["train", "--variant", "ntp", "-f", str(params), "--set", "ntp_lr=0.001"]) == 0
+    assert cli.main(["train", "--variant", "mtp_seq", "-f", str(params)]) == 0
+    assert len(calls) == 4
+
+
+def test_freeze_backbone_needs_a_base_model(loaders):
+    tr, va, tok = loaders
+    with pytest.raises(ValueError, match="needs a base_model"):
+        T.train_multi_token_gpt2(tr, va, tok, "/tmp/x", num_tokens_to_predict=2, model_config=MC, freeze_backbone=True)

@@ -11,7 +11,7 @@ import sys
 import pandas as pd
 import torch
 
-from . import pipeline
+from . import pipeline, report
 from .utils import write_json
 
 COLS = ["method", "tokens_per_s", "speedup_vs_hf_greedy", "mean_accepted_length", "efficiency",
@@ -27,7 +27,8 @@ def decoding_bench(cfg):
     torch.set_grad_enabled(False)
     rows, _ = pipeline.run_decoding_benchmark(cfg, models)
     print(pd.DataFrame(rows)[COLS].to_string(index=False))
-    print(f"\nwritten: {pipeline.paths(cfg)['results'] / 'decoding_benchmark.json'}")
+    print("\n" + report.targets_summary(report.speed_targets(rows, cfg["speed_targets"])))
+    print(f"\nwritten: {pipeline.paths(cfg)['results'] / 'decoding_benchmark.json'}, speed_targets.json")
     return rows
 
 

@@ -11,6 +11,7 @@ import torch
 
 from . import data as D
 from . import evaluation as E
+from . import report as R
 from . import stats as S
 from . import training as T
 from .medusa import MedusaGPT2
@@ -38,12 +39,14 @@ DEFAULTS = dict(
     mtpseq_n=4, mtpseq_share=False, mtpseq_freeze=True, mtpseq_self_distill=True, mtpseq_weighting="uniform",
     mtpseq_epochs=1, mtpseq_lr=3e-3,
     device="auto", inference_dtype="float32", warmup_steps=0, eval_examples=8, max_new_tokens=48, bench_prompts=4, bench_warmup=1, tree_budgets=[4, 8, 16], tree_budget="auto",
-    ablation_n=[2, 3], ablation_lrs=[3e-3], ablation_head_types=["linear", "mlp"],
+    ablation_n=[2, 3], ablation_lrs=[3e-3], ablation_head_types=["linear", "mlp", "seq_transformer"],
     ablation_weightings=["uniform", "exponential"], ablation_steps=8,
     # 07: the thesis' own experiment (multitoken.ledger): its layout with n heads, its recipe, loops and protocol
     thesis_mtp_n=2, thesis_examples=60, thesis_epochs=1, thesis_lr=3e-3, thesis_batch_size=8, thesis_grad_accum=1,
     thesis_eval_steps=3, thesis_bench_prompts=2, thesis_protocol_runs=1, thesis_protocol_tokens=12,
     thesis_protocol_warmup=4,
+    # the benchmark's targets for the fastest lossless head method: {hf: x, greedy_kv: x, efficiency: x} (None: none)
+    speed_targets=None,
 )
 
 
@@ -317,6 +320,7 @@ def run_decoding_benchmark(cfg, models=None, prep=None, write=True):
     if write:
         res = paths(cfg)["results"]
         write_json(res / "decoding_benchmark.json", rows)
+        write_json(res / "speed_targets.json", R.speed_targets(rows, cfg["speed_targets"]))
         write_csv(res / "decoding_per_prompt.csv", per.drop(columns=["seq"]))
         write_csv(res / "divergences.csv", div if div else pd.DataFrame(columns=["method", "prompt", "position",
                                                                                   "top2_gap"]))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .stats import ci
+from .stats import CI, ci
 from .utils import atomic_write_text, repo_root
 
 NAMES = {"ntp": "NTP", "mtp": "MTP", "medusa": "MEDUSA-1", "mtp_seq": "MTP modules (frozen backbone)"}
@@ -68,6 +68,37 @@ def bench_summary(rows: list[dict]) -> str:
                      f"{r['speedup_hi']:.2f}]{kv}, {r['tokens_per_s']:.0f} tokens/s, τ {r['mean_accepted_length']:.2f}; "
                      f"identical outputs {same}/{r['prompts']}, identical tokens {r.get('identical_tokens', 1):.1%}")
     return "\n".join(lines)
+
+
+def speed_targets(rows: list[dict], targets: dict | None) -> dict:
+    """The fastest lossless head method (outputs identical to greedy on every prompt) against ``targets``
+    (``hf``: speedup over HF generate, ``greedy_kv``: over this engine without drafts, ``efficiency``: speedup
+    over greedy_kv / τ). A target is "met" when the interval lies above it, "not met" when below, else
+    "undecided"; efficiency has no interval."""
+    heads = [r for r in rows if r["method"].endswith(("_chain", "_tree")) and r["identical_to_greedy"] == 1]
+    if not heads or "speedup_vs_greedy_kv" not in heads[0]:
+        return {}
+    best = max(heads, key=lambda r: r["speedup_vs_hf_greedy"])
+    got = {"hf": CI(best["speedup_vs_hf_greedy"], best["speedup_lo"], best["speedup_hi"]),
+           "greedy_kv": CI(best["speedup_vs_greedy_kv"], best["speedup_vs_greedy_kv_lo"], best["speedup_vs_greedy_kv_hi"]),
+           "efficiency": CI(best["efficiency_vs_greedy_kv"], best["efficiency_vs_greedy_kv"],
+                            best["efficiency_vs_greedy_kv"])}
+    out = {"method": best["method"], "tree": best.get("tree")}
+    for k, c in got.items():
+        t = (targets or {}).get(k)
+        out[k] = {**c.as_dict(), "target": t,
+                  "status": None if t is None else "met" if c.lo >= t else "not met" if c.hi < t else "undecided"}
+    return out
+
+
+def targets_summary(res: dict) -> str:
+    if not res:
+        return ""
+    names = {"hf": "x HF generate", "greedy_kv": "x greedy_kv", "efficiency": " efficiency vs greedy_kv"}
+    parts = [(f"{res[m]['value']:.2f}" if m == "efficiency" else ci(res[m]).fmt(2)) + names[m]
+             + (f" (target ≥ {res[m]['target']}: {res[m]['status']})" if res[m]["target"] is not None else "")
+             for m in names]
+    return f"**Fastest lossless head method**: {res['method']}: " + "; ".join(parts) + "."
 
 
 def thesis_summary(table: pd.DataFrame) -> str:
