@@ -448,10 +448,14 @@ def run_ablations(cfg):
              for h in cfg["ablation_head_types"]]
     grid += [dict(n=cfg["mtp_n"], lr=cfg["mtp_lr"], head_type=cfg["mtp_head_type"], weighting=w, group="weighting")
              for w in cfg["ablation_weightings"]]
-    rows = []
+    rows, done = [], {}
     for g in grid:
+        setting = (g["n"], g["lr"], g["head_type"], g["weighting"])
+        if setting in done:  # the same run in another group (e.g. the profile's own head type and weighting)
+            rows.append(dict(done[setting], group=g["group"]))
+            continue
         fields = dict(mtp_fields(cfg), **head_design(g["head_type"]), loss_weighting=g["weighting"])
-        out = paths(cfg)["run"] / "ablations" / f"{g['group'].replace(' ', '')}_{g['n']}_{g['lr']}_{g['head_type']}_{g['weighting']}"
+        out = paths(cfg)["run"] / "ablations" / "_".join(map(str, setting))
         model, trainer = T.train_multi_token_gpt2(tr, va, tok, out, num_tokens_to_predict=g["n"],
                                                   base_model=cfg["model_name"], model_config=model_config(cfg),
                                                   mtp=fields, learning_rate=g["lr"], max_steps=cfg["ablation_steps"],
@@ -462,5 +466,6 @@ def run_ablations(cfg):
         ppl = E.perplexity(model, va, max_batches=5)
         rows.append(dict(g, val_ppl=ppl, next_token_acc=acc[0], head2_acc=acc[1] if len(acc) > 1 else None,
                          mean_head_acc=sum(acc[1:]) / max(1, len(acc) - 1)))
+        done[setting] = rows[-1]
     write_csv(paths(cfg)["results"] / "ablations.csv", rows)
     return pd.DataFrame(rows)
