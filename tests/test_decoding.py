@@ -299,3 +299,12 @@ def test_mtp_batched_drafting_equals_one_head_at_a_time(kw):
             alone = torch.stack([model._head_logits(s, model._head_step(s, h0, h0, None))[0, 0]
                                  for s in range(1, model.num_heads + 1)])
             torch.testing.assert_close(model.spec_head_logits(ctx, j), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_layout_timings_cover_every_shape_and_row_count():
+    from multitoken import fastpath
+
+    t = fastpath.layout_timings([(8, 16), (16, 8)], rows=(1, 3))
+    assert [(r["in_features"], r["out_features"], r["rows"]) for r in t] == [(8, 16, 1), (8, 16, 3), (16, 8, 1),
+                                                                            (16, 8, 3)]
+    assert all(r["row_major_us"] > 0 and r["transposed_us"] > 0 for r in t)

@@ -11,11 +11,11 @@ import sys
 import pandas as pd
 import torch
 
-from . import pipeline, report
+from . import fastpath, pipeline, report
 from .utils import write_json
 
-COLS = ["method", "tokens_per_s", "speedup_vs_hf_greedy", "mean_accepted_length", "efficiency",
-        "identical_to_greedy", "tree"]
+COLS = ["method", "tokens_per_s", "speedup_vs_hf_greedy", "speedup_vs_greedy_kv", "mean_accepted_length",
+        "efficiency_vs_greedy_kv", "identical_to_greedy", "tree"]
 
 
 def decoding_bench(cfg):
@@ -28,6 +28,11 @@ def decoding_bench(cfg):
     rows, _ = pipeline.run_decoding_benchmark(cfg, models)
     print(pd.DataFrame(rows)[COLS].to_string(index=False))
     print("\n" + report.targets_summary(report.speed_targets(rows, cfg["speed_targets"])))
+    if pipeline.device(cfg).type == "cpu":  # what a step of several positions costs here, layout by layout
+        d, v = models["ntp"].config.n_embd, models["ntp"].config.vocab_size
+        t = pd.DataFrame(fastpath.layout_timings([(d, 3 * d), (d, 4 * d), (4 * d, d), (d, v)]))
+        write_json(pipeline.paths(cfg)["results"] / "matmul_layouts.json", t.round(1).to_dict("records"))
+        print("\nmatmul time per layout (µs):\n" + t.round(1).to_string(index=False))
     print(f"\nwritten: {pipeline.paths(cfg)['results'] / 'decoding_benchmark.json'}, speed_targets.json")
     return rows
 

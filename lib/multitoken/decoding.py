@@ -5,7 +5,9 @@ are tree nodes proposed by the heads. Tree attention = causal over the cached pr
 ancestors; position id = prefix length + depth. Greedy keeps the longest root-to-leaf path whose tokens equal the
 model's own argmax at each parent, so the output is token-for-token what plain greedy decoding returns. Sampling
 uses recursive rejection across siblings (drafts are deterministic, q(x) = 1), which keeps the target distribution
-exactly. Then only the accepted path's KV entries are kept (cropped when contiguous, gathered otherwise).
+exactly. Then only the accepted path's KV entries are kept (cropped when contiguous, gathered otherwise), and a
+model with drafting state of its own (sequential transformer modules, ``multitoken.sequential``) hears which positions
+were accepted through its optional ``spec_accept`` hook.
 
 Batches run row by row (each row's prompt stripped of padding): exact, but without batching's throughput.
 Every tensor of the step loop is made on the model's device (never torch's default device); the model's dtype is

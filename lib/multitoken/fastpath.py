@@ -57,6 +57,23 @@ def _transposed_faster(m: int, k: int, n: int, dtype) -> bool:
     return _TRANSPOSED_FASTER[key]
 
 
+def layout_timings(shapes, rows=(1, 2, 4, 5, 8, 16)) -> list[dict]:
+    """Microseconds per product in both layouts (row-major ``x @ W``, transposed ``(W_nk @ x.T).T``) for each
+    ``(in, out)`` shape and row count, on the CPU: the measurement behind :func:`_transposed_faster`."""
+    cpu, out = torch.device("cpu"), []
+    with torch.no_grad():
+        for k, n in shapes:
+            w = torch.randn(k, n, device=cpu)
+            wt, b = w.t().contiguous(), torch.zeros(n, device=cpu)
+            for m in rows:
+                x = torch.randn(m, k, device=cpu)
+                out.append(dict(in_features=k, out_features=n, rows=m,
+                                row_major_us=_time(lambda: torch.addmm(b, x, w), 200) / 200 * 1e6,
+                                transposed_us=_time(lambda: torch.addmm(b[:, None], wt, x.t()).t().contiguous(),
+                                                    200) / 200 * 1e6))
+    return out
+
+
 def _weight_nk(w):
     """A (K, N) weight's contiguous (N, K) copy, cached on the parameter until it changes."""
     cached = getattr(w, "_fastpath_nk", None)

@@ -8,6 +8,8 @@ A model with extra heads implements three small methods (see ``HeadsMixin``):
 - ``num_heads``                                the number of extra heads.
 
 Parallel heads ignore ``h_prev``; chained heads (sequential / shared-recursive) use it (``h_prev = h0`` for k=1).
+The decoding engine calls ``spec_new_cache``, ``spec_forward``, ``spec_propose`` and, where a model defines it,
+``spec_accept`` (sequential transformer modules keep KV caches of their own: ``multitoken.sequential``).
 """
 from __future__ import annotations
 

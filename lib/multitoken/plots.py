@@ -94,7 +94,8 @@ def head_acceptance(bench: pd.DataFrame, out_dir):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if rows:
         sns.lineplot(pd.DataFrame(rows), x="depth", y="acceptance", hue="method", marker="o", ax=ax)
-    ax.set(title="Draft acceptance by head (depth)", ylim=(0, 1))
+        ax.set_xticks(sorted({r["depth"] for r in rows}))
+    ax.set(title="Draft acceptance by depth (share of steps whose accepted path reached it)", ylim=(0, 1))
     return _save(fig, out_dir, "head_acceptance")
 
 

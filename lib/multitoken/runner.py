@@ -42,7 +42,11 @@ def run_notebooks(profile: str, only: list[str] | None = None, kernel: str = "mu
             break
     total = time.perf_counter() - t_all
     table = pd.DataFrame(rows)
-    write_csv(root / "runs" / profile / "notebook_times.csv", table)
+    times = root / "runs" / profile / "notebook_times.csv"
+    if only and times.exists():  # a partial run updates its own rows and keeps the others' times
+        old = pd.read_csv(times)
+        table = pd.concat([old[~old.notebook.isin(table.notebook)], table]).sort_values("notebook")
+    write_csv(times, table)
     print(f"\n{table.to_string(index=False)}\ntotal: {_mmss(total)} ({profile})", flush=True)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

@@ -87,8 +87,8 @@ def propose(model, caches: ModuleCaches, tree) -> torch.Tensor:
     pend = caches.pending
     h_prev = pend[0]                                       # h_{k-1} at [c_k, lo_{k-1}): for k = 1, h0 at [c_1, L)
     prev_branch, prev_parents = None, [()]                 # module k-1's temporary rows per branch (B, r_{k-1}, d)
-    node_at, offset = {}, 0
-    for k, (parents, b_idx, rank, topk) in enumerate(_plan(tree, dev), 1):
+    node_at, offset, plan = {}, 0, _plan(tree, dev)
+    for k, (parents, b_idx, rank, topk) in enumerate(plan, 1):
         c, lo = caches.seen[k - 1], max(0, L - k + 1)      # committed rows [c, lo), temporary rows [lo, L)
         n_c, r = lo - c, L - lo
         h_rows, t_rows, B = [h_prev[:, :n_c]], [known[c + k: lo + k]], len(parents)
@@ -119,5 +119,5 @@ def propose(model, caches: ModuleCaches, tree) -> torch.Tensor:
         node_at.update((p, offset + i) for i, p in enumerate(tree.paths[offset: offset + n]))
         offset += n
         prev_branch, prev_parents = branch, parents
-    pend[len(_plan(tree, dev))] = h_prev                    # the deepest module ran: its committed states wait
+    pend[len(plan)] = h_prev                                # the deepest module ran: its committed states wait
     return out
