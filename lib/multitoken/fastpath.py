@@ -41,6 +41,17 @@ def _time(f, reps=10) -> float:
     return best
 
 
+def _layout_seconds(m: int, k: int, n: int, dtype=torch.float32, reps: int = 10) -> tuple[float, float]:
+    """Best-of-3 seconds for ``reps`` products of ``m`` random rows with a (``k``, ``n``) weight on the CPU:
+    (row-major ``x @ W``, transposed ``(W_nk @ x.T).T``)."""
+    cpu = torch.device("cpu")
+    x, w = torch.randn(m, k, dtype=dtype, device=cpu), torch.randn(k, n, dtype=dtype, device=cpu)
+    wt, b = w.t().contiguous(), torch.zeros(n, dtype=dtype, device=cpu)
+    with torch.no_grad():
+        return (_time(lambda: torch.addmm(b, x, w), reps),
+                _time(lambda: torch.addmm(b[:, None], wt, x.t()).t().contiguous(), reps))
+
+
 def _transposed_faster(m: int, k: int, n: int, dtype) -> bool:
     """Whether ``(W_nk @ x.T).T`` beats ``x @ W_kn`` for ``m`` rows on this CPU. Profiling the step loop showed
     MKL's row-major product of 2-16 rows (a verification step, a module's rows) costing as much as that many
@@ -48,29 +59,20 @@ def _transposed_faster(m: int, k: int, n: int, dtype) -> bool:
     half; other CPUs may differ, so each shape is timed once (both ways) rather than assumed."""
     key = (m, k, n, dtype)
     if key not in _TRANSPOSED_FASTER:
-        cpu = torch.device("cpu")
-        x, w = torch.randn(m, k, dtype=dtype, device=cpu), torch.randn(k, n, dtype=dtype, device=cpu)
-        wt, b = w.t().contiguous(), torch.zeros(n, dtype=dtype, device=cpu)
-        with torch.no_grad():
-            _TRANSPOSED_FASTER[key] = (_time(lambda: torch.addmm(b[:, None], wt, x.t()).t().contiguous())
-                                       < _time(lambda: torch.addmm(b, x, w)))
+        row_major, transposed = _layout_seconds(m, k, n, dtype)
+        _TRANSPOSED_FASTER[key] = transposed < row_major
     return _TRANSPOSED_FASTER[key]
 
 
-def layout_timings(shapes, rows=(1, 2, 4, 5, 8, 16)) -> list[dict]:
-    """Microseconds per product in both layouts (row-major ``x @ W``, transposed ``(W_nk @ x.T).T``) for each
-    ``(in, out)`` shape and row count, on the CPU: the measurement behind :func:`_transposed_faster`."""
-    cpu, out = torch.device("cpu"), []
-    with torch.no_grad():
-        for k, n in shapes:
-            w = torch.randn(k, n, device=cpu)
-            wt, b = w.t().contiguous(), torch.zeros(n, device=cpu)
-            for m in rows:
-                x = torch.randn(m, k, device=cpu)
-                out.append(dict(in_features=k, out_features=n, rows=m,
-                                row_major_us=_time(lambda: torch.addmm(b, x, w), 200) / 200 * 1e6,
-                                transposed_us=_time(lambda: torch.addmm(b[:, None], wt, x.t()).t().contiguous(),
-                                                    200) / 200 * 1e6))
+def layout_timings(shapes, rows=(1, 2, 4, 5, 8, 16), reps: int = 200) -> list[dict]:
+    """Microseconds per product in both layouts for each ``(in, out)`` shape and row count, on the CPU: the
+    measurement behind :func:`_transposed_faster` (``make bench`` writes it to ``results/matmul_layouts.json``)."""
+    out = []
+    for k, n in shapes:
+        for m in rows:
+            row_major, transposed = _layout_seconds(m, k, n, reps=reps)
+            out.append(dict(in_features=k, out_features=n, rows=m, row_major_us=row_major / reps * 1e6,
+                            transposed_us=transposed / reps * 1e6))
     return out
 
 
