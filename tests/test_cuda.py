@@ -18,7 +18,22 @@ def hf(model, ids, n):
 
 MODELS = {"medusa": lambda: medusa(initializer_range=0.4, seed=9),
           **{f"mtp-{i}": (lambda i=i: mtp(**VARIANTS[i], num_predict_tokens=4, initializer_range=0.4, seed=i))
-             for i in (0, 2, 4, 6)}}
+             for i in (0, 2, 4, 6, 10, 11)}}  # ..., 10/11: DeepSeek-V3 modules, FastMTP's shared module
+
+
+def test_module_drafts_and_caches_on_cuda_equal_a_fresh_run(monkeypatch):
+    """The sequential modules' drafting state on the GPU: every draft equals the no-cache reference."""
+    from test_sequential import Spy, naive_draft, seq
+
+    model = seq(seed=3).to(CUDA)
+    spy = Spy(model)
+    monkeypatch.setattr(model, "spec_propose", spy)
+    ids = torch.randint(2, V, (1, 5), generator=torch.Generator().manual_seed(0)).to(CUDA)
+    out, _ = speculative_generate(model, ids, 30, tree="medusa:20")
+    assert torch.equal(out, hf(model, ids, 30)) and len(spy.steps) > 3
+    with torch.inference_mode():
+        for s in spy.steps:
+            assert torch.equal(s["drafts"], naive_draft(model, s["text"], s["tree"]))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -72,13 +72,14 @@ def naive_draft(model, text, tree):
     L = text.numel() - 1
     tokens = {}
     for p in tree.paths:
-        ids = torch.cat([text, torch.tensor([tokens[p[:d]] for d in range(1, len(p))], dtype=torch.long)]).view(1, -1)
+        drafts = torch.tensor([tokens[p[:d]] for d in range(1, len(p))], dtype=torch.long, device=text.device)
+        ids = torch.cat([text, drafts]).view(1, -1)
         h0 = model.transformer(ids[:, :L]).last_hidden_state
         h = h0
         for k in range(1, len(p) + 1):
             h = model._head_step(k, h, h0, ids[:, : L + k])
         tokens[p] = int(model._head_logits(len(p), h[:, -1]).topk(p[-1] + 1).indices[0, -1])
-    return torch.tensor([tokens[p] for p in tree.paths])
+    return torch.tensor([tokens[p] for p in tree.paths], device=text.device)
 
 
 class Spy:

@@ -184,6 +184,11 @@ def test_mtp_modules_on_a_frozen_backbone_share_the_cached_self_distillation(tmp
     heads_moved = any(not torch.equal(h.block.attn.c_attn.weight, ntp.transformer.h[-1].attn.c_attn.weight)
                       for h in seq.mtp_heads)
     assert heads_moved                                           # the modules themselves trained
+    # co-trained instead of frozen: the backbone learns the same self-distilled text too
+    assert cli.main(["train", "--variant", "mtp_seq", "-f", str(params), "--set", "mtpseq_freeze=false"]) == 0
+    cotrained = pipeline.load_variant(cfg, "mtp_seq")
+    assert not torch.equal(cotrained.transformer.h[0].attn.c_attn.weight, ntp.transformer.h[0].attn.c_attn.weight)
+    assert len(calls) == 2
     # a new NTP checkpoint invalidates the cached continuations
     assert cli.main(["train", "--variant", "ntp", "-f", str(params), "--set", "ntp_lr=0.001"]) == 0
     assert cli.main(["train", "--variant", "mtp_seq", "-f", str(params)]) == 0
