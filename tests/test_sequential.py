@@ -5,7 +5,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from conftest import EOS, PAD, V, mtp
+from conftest import PAD, V, mtp
+from test_decoding import hf
 from multitoken import wrap_model_with_mtp
 from multitoken.decoding import speculative_generate
 from multitoken.trees import Tree
@@ -20,11 +21,6 @@ def seq(share=False, n=4, seed=0, **kw):
         for head in model.mtp_heads:
             head.combine.weight.normal_(0, 0.5)
     return model
-
-
-def hf(model, ids, n):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                          eos_token_id=EOS, pad_token_id=PAD)
 
 
 def teacher_forced(model, ids, upto):

@@ -203,7 +203,7 @@ class MultiTokenGPT2(HeadsMixin, GPT2LMHeadModel):
             emb = token_emb if token_emb is not None else token_embeddings_ahead(self.transformer.wte, input_ids, k,
                                                                                  h_prev)
             x = torch.cat([body.norm_h(h_prev), body.norm_e(emb)], -1)
-            x = body.combine(x) if cache is None else fastpath.linear(body.combine, x)
+            x = body.combine(x) if self.training else fastpath.linear(body.combine, x)
         else:
             x = h_prev if cfg.share_weights_across_steps else h0
         if body.kind == "transformer" and mask is None and self._leak_mask is not None and cache is None:
