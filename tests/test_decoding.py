@@ -63,7 +63,7 @@ class Oracle:
     def __init__(self, model, ref, plen, hit=0.85, seed=0):
         self.m, self.ref, self.plen, self.hit, self.rng = model, ref, plen, hit, random.Random(seed)
         self.num_heads, self.config, self.generation_config = model.num_heads, model.config, model.generation_config
-        self.training = False
+        self.backbone, self.training = model.backbone, False
 
     def parameters(self):
         return self.m.parameters()
@@ -216,14 +216,17 @@ def test_wrapped_llama_decodes_losslessly():
 @pytest.mark.parametrize("kw", [dict(head_type="transformer", num_trunk_layers=1), dict(head_type="mlp")])
 @pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
 def test_lean_forward_equals_transformers(kw, transposed, monkeypatch):
-    """The decoding loop's lean GPT-2 forward (fastpath) gives transformers' logits, head states and KV cache:
+    """The decoding loop's lean GPT-2 forward (backbones.lean_block) gives transformers' logits, head states and KV cache:
     prefill, then a tree-masked verification step on top of the cache; with either matmul layout."""
     from multitoken import fastpath
 
     monkeypatch.setattr(fastpath, "_transposed_faster", lambda *a: transposed)
 
+    from multitoken.backbones import GPT2Backbone
+
     model = mtp(**kw, num_predict_tokens=3, initializer_range=0.4)
-    assert fastpath.supported(model.transformer) and not fastpath.supported(model.train().transformer)
+    blk = model.transformer.h[0]
+    assert model.backbone.lean_ok(blk) and not model.backbone.lean_ok(model.train().transformer.h[0])
     model.eval()
     ids, tree = torch.randint(2, V, (1, 7)), medusa_tree(6, 2)
     step = torch.randint(2, V, (1, len(tree) + 1))
@@ -240,7 +243,7 @@ def test_lean_forward_equals_transformers(kw, transposed, monkeypatch):
 
     with torch.no_grad():
         fast = run()
-        monkeypatch.setattr(fastpath, "supported", lambda module: False)
+        monkeypatch.setattr(GPT2Backbone, "lean_ok", lambda self, block: False)
         slow = run()
     assert len(fast) == len(slow) > 4
     for x, y in zip(fast, slow):  # float32 rounding: the transposed product sums in another order

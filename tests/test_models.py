@@ -99,8 +99,9 @@ def test_loss_weighting_schemes_and_warmup():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(num_predict_tokens=0), "num_predict_tokens"), (dict(head_type="rnn"), "unknown head_type"),
-    (dict(loss_weighting="cosine"), "unknown loss_weighting"), (dict(num_trunk_layers=0), "leaves no trunk"),
-    (dict(layout="thesis", sequential=True, head_type="transformer", num_trunk_layers=1), "block split"),
+    (dict(loss_weighting="cosine"), "unknown loss_weighting"), (dict(num_trunk_layers=0), "branch off after 1..1"),
+    (dict(num_trunk_layers=2), "branch off after 1..1 of the model's 2 layers"),
+    (dict(layout="thesis", sequential=True, head_type="transformer", num_trunk_layers=1), "layer split"),
 ])
 def test_bad_mtp_config(kw, match):
     with pytest.raises(CONFIG_ERRORS, match=match):

@@ -3,11 +3,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 from conftest import PAD, V, mtp
 from test_decoding import hf
-from multitoken import wrap_model_with_mtp
 from multitoken.decoding import speculative_generate
 from multitoken.trees import Tree
 
@@ -157,10 +156,3 @@ def test_tree_deeper_than_the_modules_is_refused_before_any_work():
         speculative_generate(model, torch.tensor([[3, 4]]), 5, tree="chain:3")
     with pytest.raises(ValueError, match="deeper than the model's 2 heads"):
         speculative_generate(model, torch.tensor([[3, 4]]), 5, tree=Tree(((0,), (0, 0), (0, 0, 0))))
-
-
-def test_wrapping_another_family_with_transformer_modules_says_why_not():
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
-    with pytest.raises(ValueError, match="own decoder layer"):
-        wrap_model_with_mtp(llama, num_predict_tokens=3, **SEQ)

@@ -23,7 +23,14 @@ def main(argv=None):
     nb.add_argument("--only", nargs="*", help="notebook names, e.g. 02_train_mtp")
     rp = sub.add_parser("report", help="runs/<profile>/report.html from the executed notebooks")
     rp.add_argument("--profile", default="cpu")
+    st = sub.add_parser("bench-steps", help="one decoding step's cost for 1..32 tokens, HF generate vs the engine")
+    st.add_argument("--model", default="smollm2-135m-instruct", help="a registry name, local directory or hub name")
     args = ap.parse_args(argv)
+    if args.cmd == "bench-steps":
+        from .bench import step_costs
+
+        step_costs(args.model)
+        return 0
     if args.cmd == "notebooks":
         from .runner import run_notebooks
 

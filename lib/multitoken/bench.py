@@ -40,18 +40,20 @@ def decoding_bench(cfg):
 _CHILD = r"""
 import contextlib, json, resource, statistics, sys, time, torch
 from multitoken import pipeline
-from multitoken.training import GPT2LMHeadModel, _fresh_config, build_mtp_model
+from multitoken.pretrained import load_model
+from multitoken.training import GPT2LMHeadModel, _fresh_config, _sync_vocab, build_mtp_model
 cfg, n, eff, steps = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 dev = pipeline.device(cfg)
 cuda = dev.type == "cuda"
 torch.manual_seed(0)
 tr, _, tok, _ = pipeline.loaders(cfg)
 batch = {k: v.to(dev) for k, v in next(iter(tr)).items()}
-mc = pipeline.model_config(cfg)
+mc, base = pipeline.model_config(cfg), cfg["model_name"]
 if n == 1:
-    model = GPT2LMHeadModel(_fresh_config(tok, mc))
+    model = _sync_vocab(load_model(base), tok) if base else GPT2LMHeadModel(_fresh_config(tok, mc))
 else:
-    model = build_mtp_model(tok, n, model_config=mc, **{**pipeline.mtp_fields(cfg), "memory_efficient_loss": eff})
+    model = build_mtp_model(tok, n, base_model=base, model_config=None if base else mc,
+                            **{**pipeline.mtp_fields(cfg), "memory_efficient_loss": eff})
 model.to(dev).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
@@ -75,6 +77,76 @@ print(json.dumps({"step_s": statistics.median(times), "peak_mb": peak, "rest_mb"
                   "memory": "cuda_max_allocated" if cuda else "peak_rss", "device": str(dev),
                   "tokens": int(batch["attention_mask"].sum()), "params_m": sum(p.numel() for p in model.parameters()) / 1e6}))
 """
+
+
+def step_costs(name: str, dtypes=("float32", "bfloat16"), context: int = 300, sizes=(1, 2, 4, 8, 16, 32),
+               reps: int = 15, prompts: int = 6, new_tokens: int = 64, out=None) -> dict:
+    """What one decoding step of a pretrained model costs on this machine: a forward of T new tokens on top of a
+    ``context``-token KV cache, for each T in ``sizes`` (median of ``reps``), through transformers' own forward and
+    through the engine's (the backbone adapter calling the decoder layers directly), in each dtype; then HF
+    ``generate``'s and the engine's greedy tokens/s on GSM8K test prompts, interleaved (``prompts`` x ``new_tokens``).
+    The ratio step(T) / step(1) is what speculation must beat: a chain of T-1 drafts pays off only if
+    τ > step(T) / step(1)."""
+    import statistics
+    import time
+
+    from . import data as D
+    from .backbones import backbone_of
+    from .decoding import speculative_generate
+    from .evaluation import hf_method
+    from .pretrained import load
+    from .utils import DTYPES
+
+    torch.set_grad_enabled(False)
+    model, tok = load(name)
+    gsm = D.load_metamathqa("gsm8k", max_examples=10, test_examples=prompts)["test"]
+    texts = [tok(D.format_prompt(q), return_tensors="pt").input_ids for q in gsm["query"]]
+    rows, speed = [], []
+    for dt in dtypes:
+        model = model.to(DTYPES[dt])
+        bb = backbone_of(model)
+        g = torch.Generator().manual_seed(0)
+        ctx = torch.randint(0, model.config.vocab_size, (1, context), generator=g)
+
+        def timed_step(T, via):
+            cache = bb.new_cache()
+            model(ctx, past_key_values=cache, use_cache=True)
+            x = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                if via == "hf":
+                    model(x, past_key_values=cache, use_cache=True)
+                else:
+                    fastpath.linear(bb.unembed, bb.trunk(x, cache)[1])
+                ts.append(time.perf_counter() - t0)
+                cache.crop(-T)  # transformers 5: a negative count removes that many tokens
+            return statistics.median(ts[2:])
+        for T in sizes:
+            hf_s, eng_s = timed_step(T, "hf"), timed_step(T, "engine")
+            rows.append(dict(dtype=dt, tokens=T, hf_ms=round(hf_s * 1e3, 2), engine_ms=round(eng_s * 1e3, 2)))
+        base = {r["tokens"]: r for r in rows if r["dtype"] == dt}[1]
+        for r in rows:
+            if r["dtype"] == dt:
+                r["engine_vs_1_token"] = round(r["engine_ms"] / base["engine_ms"], 2)
+        gen = hf_method(model, new_tokens)
+        tot = {"hf_generate": [0, 0.0], "engine_greedy_kv": [0, 0.0]}
+        gen(texts[0])
+        for i, ids in enumerate(texts):
+            for which in (["hf_generate", "engine_greedy_kv"] if i % 2 == 0 else ["engine_greedy_kv", "hf_generate"]):
+                t0 = time.perf_counter()
+                seq = gen(ids)[0] if which == "hf_generate" else speculative_generate(model, ids, new_tokens,
+                                                                                      tree="none")[0]
+                tot[which][1] += time.perf_counter() - t0
+                tot[which][0] += seq.shape[1] - ids.shape[1]
+        speed.append(dict(dtype=dt, **{f"{k}_tokens_per_s": round(n / s, 1) for k, (n, s) in tot.items()}))
+    res = dict(model=name, context=context, reps=reps, torch_threads=torch.get_num_threads(), steps=rows,
+               generation=speed)
+    out = out or pipeline.repo_root() / "runs" / "bench" / f"step_costs_{name}.json"
+    write_json(out, res)
+    print(pd.DataFrame(rows).to_string(index=False) + "\n\n" + pd.DataFrame(speed).to_string(index=False))
+    print(f"\nwritten: {out}")
+    return res
 
 
 def training_bench(cfg, steps: int = 10):

@@ -139,12 +139,17 @@ def load_metamathqa(source: str = "synthetic", max_examples: int | None = None, 
 
 def build_tokenizer(train_texts=None, name: str | None = None, vocab_size: int = 4096,
                     save_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """The hub/local pretrained tokenizer ``name`` (e.g. ``"gpt2"``), or a byte-level BPE trained on ``train_texts``.
+    """The pretrained tokenizer ``name`` (a registry name such as ``"smollm2-135m-instruct"``, a local directory, a hub
+    name such as ``"gpt2"``), or a byte-level BPE trained on ``train_texts``.
 
-    Either way the tokenizer has an EOS and a *separate* pad token, so padding never hides the end of a response.
+    Either way the tokenizer has an EOS and a pad token. A pretrained tokenizer's own pad token is kept even when it
+    is its EOS (SmolLM2: ``<|im_end|>``): the collator builds labels from lengths, so padding never hides the end of a
+    response, and adding a token would resize the pretrained model's embeddings. One without (GPT-2) gets ``<|pad|>``.
     """
     if name:
-        tok = AutoTokenizer.from_pretrained(name)
+        from .pretrained import load_tokenizer
+
+        tok = load_tokenizer(str(name))
         if tok.eos_token is None:
             tok.add_special_tokens({"eos_token": EOS})
     else:
@@ -156,7 +161,7 @@ def build_tokenizer(train_texts=None, name: str | None = None, vocab_size: int =
         bpe.train_from_iterator(train_texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD],
                                 show_progress=False)
         tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+    if tok.pad_token is None:
         tok.add_special_tokens({"pad_token": PAD})
     tok.padding_side = "right"
     if save_dir is not None:
@@ -231,7 +236,9 @@ def preprocess_data(model_name: str | None = "gpt2", max_seq_len: int = 512, tra
     ``model_name`` names the pretrained tokenizer/config (hub name or local directory); ``None`` trains a BPE.
     """
     if n_positions is None and model_name:
-        n_positions = AutoConfig.from_pretrained(model_name).n_positions
+        from .pretrained import model_dir
+
+        n_positions = AutoConfig.from_pretrained(model_dir(model_name)).max_position_embeddings
     if n_positions is not None:
         check_max_seq_len(max_seq_len, n_positions)
     ds = load_metamathqa(source, max_examples=max_examples, seed=seed)

@@ -16,11 +16,31 @@ whatever it was loaded in, and the sampling maths runs in float32.
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 import torch
 
 from . import fastpath
+from .backbones import Backbone, backbone_of
 from .trees import Tree, parse_tree
+
+
+class Drafter(Protocol):
+    """What the engine asks of a model (MTP heads, Medusa heads, MTP modules, or ``PlainLM`` without drafts).
+
+    ``spec_forward`` runs ``input_ids`` (1, T) through the model on top of ``caches`` with the engine's
+    ``position_ids`` and 4D bool ``attention_mask`` (None: causal) and returns next-token logits (1, T, V) and a context
+    the heads draft from; ``spec_propose`` returns one token per node of ``tree`` for the step-local position ``j``
+    whose chosen next token is ``x0``; ``spec_accept`` (optional) hears which step positions were kept."""
+
+    num_heads: int
+    backbone: Backbone
+
+    def spec_new_cache(self) -> list: ...
+
+    def spec_forward(self, input_ids, caches, position_ids=None, attention_mask=None) -> tuple: ...
+
+    def spec_propose(self, ctx, j: int, x0: int, tree: Tree) -> torch.Tensor: ...
 
 
 def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -35,26 +55,23 @@ def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torc
 
 
 class PlainLM:
-    """Adapter so the engine runs any HF causal LM without heads (KV-cached greedy / sampling, no drafts)."""
+    """Any HF causal LM of a known family without heads, for the engine (KV-cached greedy / sampling, no drafts)."""
 
     num_heads = 0
 
     def __init__(self, model):
         self.model, self.config, self.generation_config = model, model.config, model.generation_config
 
-    def spec_new_cache(self):
-        from transformers import DynamicCache
+    @property
+    def backbone(self):
+        return backbone_of(self.model)
 
-        return [DynamicCache()]
+    def spec_new_cache(self):
+        return [self.backbone.new_cache()]
 
     def spec_forward(self, input_ids, caches, position_ids=None, attention_mask=None):
-        tr = getattr(self.model, "transformer", None)
-        if fastpath.supported(tr):  # GPT-2: the lean forward, as the head models use
-            _, hidden = fastpath.trunk(tr, input_ids, caches[0], position_ids, attention_mask)
-            return fastpath.linear(self.model.lm_head, hidden), None
-        out = self.model(input_ids, past_key_values=caches[0], position_ids=position_ids,
-                         attention_mask=attention_mask, use_cache=True)
-        return out.logits, None
+        _, hidden, _ = self.backbone.trunk(input_ids, caches[0], position_ids, mask=attention_mask)
+        return fastpath.linear(self.backbone.unembed, hidden), None
 
     @property
     def training(self):
@@ -68,11 +85,6 @@ class PlainLM:
 
     def train(self, mode=True):
         self.model.train(mode)
-
-
-def _context_size(model) -> int:
-    cfg = model.config
-    return getattr(cfg, "n_positions", None) or model.model.config.max_position_embeddings
 
 
 def _eos_set(model, eos_token_id):
@@ -208,7 +220,16 @@ def _generate_row(model, ids, max_new_tokens, temperature, top_p, tree, eos, n_p
         if accept is not None:
             accept(ctx, keep, x_next)
         L, j, x0 = L + len(keep), path[-1] if path else 0, x_next
+    stats["kv_cache_bytes"] = max(stats.get("kv_cache_bytes", 0), cache_bytes(caches))
     return out
+
+
+def cache_bytes(caches) -> int:
+    """Bytes held by every KV cache of a decoding row: the trunk's, transformer heads' and MTP modules' own, as
+    stored (grouped key-value heads, dtype)."""
+    every = [*caches, *getattr(caches, "modules", [])]
+    return sum(t.numel() * t.element_size() for c in every for layer in c.layers
+               for t in (layer.keys, layer.values) if t is not None)
 
 
 def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, tree=None,
@@ -237,7 +258,7 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     input_ids = input_ids.to(dev)
     if attention_mask is not None:
         attention_mask = attention_mask.to(dev)
-    n_pos, eos = _context_size(model), _eos_set(model, eos_token_id)
+    n_pos, eos = backbone_of(model).context_size, _eos_set(model, eos_token_id)
     rows = [r[m.bool()] if attention_mask is not None else r
             for r, m in zip(input_ids, attention_mask if attention_mask is not None else input_ids)]
     for r in rows:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import stats as S
+from .backbones import backbone_of
 from .decoding import model_device, speculative_generate, sync
 from .trees import parse_tree
 
@@ -133,7 +134,7 @@ def fit_prompts(prompts, n_positions: int, min_new_tokens: int = 1, what: str = 
 def generate_responses(model, tokenizer, prompts, max_new_tokens=256, tree=None, desc="generate"):
     """Greedy responses (decoded) for a list of prompt-id tensors, via the speculative engine (output == greedy).
     The caller drops prompts with no room left in the context (``fit_prompts``)."""
-    n_pos = model.config.n_positions
+    n_pos = backbone_of(model).context_size
     texts, stats = [], []
     for p in tqdm(prompts, desc=desc, leave=False):
         room = min(max_new_tokens, n_pos - len(p))
@@ -298,8 +299,9 @@ def generation_memory(model, prompts, max_new_tokens: int, tree=None) -> dict:
     """Memory of one model generating (batch 1, HF greedy and this engine), in MB.
 
     On CUDA: ``max_memory_allocated`` after ``empty_cache`` + ``reset_peak_memory_stats`` (the caller keeps only this
-    model on the GPU). On the CPU, where no allocator reports a per-model peak, it is computed: weights + the KV cache
-    of the longest generation + one step's logits.
+    model on the GPU). On the CPU, where no allocator reports a per-model peak, it is computed: weights + the KV caches
+    the engine held at the end of the longest generation (their real tensors: head and module caches, grouped
+    key-value heads included) + one step's logits.
     """
     dev = model_device(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
@@ -308,10 +310,10 @@ def generation_memory(model, prompts, max_new_tokens: int, tree=None) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
     longest = max(prompts, key=len)
     hf_method(model, max_new_tokens)(longest.view(1, -1))
-    seq, _ = engine_method(model, max_new_tokens, tree if getattr(model, "num_heads", 0) else "none")(longest.view(1, -1))
-    c, drafts = model.config, len(parse_tree(tree, model.num_heads)) if getattr(model, "num_heads", 0) else 0
-    kv = 2 * c.n_layer * seq.shape[1] * c.n_embd * next(model.parameters()).element_size() / 2 ** 20
-    logits = c.vocab_size * (1 + drafts) * 4 / 2 ** 20                  # one step's float32 logits, root + drafts
+    seq, st = engine_method(model, max_new_tokens, tree if getattr(model, "num_heads", 0) else "none")(longest.view(1, -1))
+    drafts = len(parse_tree(tree, model.num_heads)) if getattr(model, "num_heads", 0) else 0
+    kv = st["kv_cache_bytes"] / 2 ** 20                                 # every cache's real tensors at the end
+    logits = model.config.vocab_size * (1 + drafts) * 4 / 2 ** 20      # one step's float32 logits, root + drafts
     out = {"weights_mb": weights, "kv_cache_mb": kv, "logits_mb": logits, "device": str(dev)}
     if dev.type == "cuda":
         out.update(peak_mb=torch.cuda.max_memory_allocated(dev) / 2 ** 20, measured="cuda_max_allocated")

@@ -166,18 +166,13 @@ class HeadsMixin:
 
     num_heads: int = 0
     memory_efficient_loss: bool = True
-    _trunk_cut: int | None = None  # heads branch off after this many blocks (MultiTokenGPT2's num_trunk_layers)
-    _captured = None               # the hidden state after block _trunk_cut, set by a forward hook
+    _trunk_cut: int | None = None  # heads branch off after this many layers (the MTP config's num_trunk_layers)
 
     def _trunk(self, input_ids, cache, position_ids=None, attention_mask=None):
-        """GPT-2 trunk: (hidden state the heads read, final hidden after ln_f). Other bodies override this.
-        Cached inference takes the lean forward of :mod:`multitoken.fastpath`; everything else, transformers'."""
-        if cache is not None and fastpath.supported(self.transformer):
-            return fastpath.trunk(self.transformer, input_ids, cache, position_ids, attention_mask, self._trunk_cut)
-        out = self.transformer(input_ids, past_key_values=cache, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=cache is not None)
-        hidden = out.last_hidden_state
-        return (self._captured if self._trunk_cut is not None else hidden), hidden
+        """(hidden state the heads read, final hidden after the final norm), through the backbone adapter; with a
+        cache (the decoding loop) ``attention_mask`` is the engine's 4D bool mask or None (causal)."""
+        h0, hidden, _ = self.backbone.trunk(input_ids, cache, position_ids, mask=attention_mask, cut=self._trunk_cut)
+        return h0, hidden
 
     # -- training ---------------------------------------------------------------------------------------------------
     def heads_loss(self, h0, input_ids, labels, weights):
@@ -211,9 +206,7 @@ class HeadsMixin:
         return self._stack
 
     def spec_new_cache(self):
-        from transformers import DynamicCache
-
-        return [DynamicCache()]
+        return [self.backbone.new_cache()]
 
     def spec_forward(self, input_ids, caches, position_ids=None, attention_mask=None):
         """One cached forward; returns next-token logits ``(1, T, V)`` and a context the heads draft from."""

@@ -15,15 +15,15 @@ import pandas as pd
 import torch
 from datasets import DatasetDict
 from torch.utils.data import DataLoader
-from transformers import GPT2LMHeadModel, set_seed
+from transformers import set_seed
 
 from . import data as D
 from . import evaluation as E
 from . import pipeline as PL
+from . import pretrained as P
 from . import stats as S
 from . import thesis as TH
 from . import training as T
-from .models import MultiTokenGPT2
 from .utils import atomic_write_text, write_csv, write_json
 
 ARMS = ("ntp", "thesis_mtp", "thesis_mtp_leak")
@@ -63,8 +63,8 @@ def train_arms(cfg):
     args.pop("batch_size")
     for arm in ARMS:
         set_seed(cfg["seed"])
-        model = (GPT2LMHeadModel.from_pretrained(str(base)) if arm == "ntp" else
-                 TH.from_gpt2(str(base), cfg["thesis_mtp_n"], leak=arm.endswith("leak")))
+        model = (P.load_model(str(base)) if arm == "ntp" else
+                 TH.from_lm(str(base), cfg["thesis_mtp_n"], leak=arm.endswith("leak")))
         T.fit_model(model, tr, va, tok, _arm_dir(cfg, arm), log_csv=p["results"] / f"thesis_{arm}_train_log.csv", **args)
 
 
@@ -72,9 +72,8 @@ def load_arm(cfg, arm):
     d = _arm_dir(cfg, arm) / "final"
     if not d.exists():
         raise FileNotFoundError(f"{d} is missing: run train_arms (notebooks/07_thesis_claims.ipynb) first")
-    cls = GPT2LMHeadModel if arm == "ntp" else MultiTokenGPT2
     dev = PL.device(cfg)
-    return cls.from_pretrained(str(d)).to(dev, PL.resolve_dtype(cfg["inference_dtype"], dev)).eval()
+    return P.load_model(str(d), dtype=PL.resolve_dtype(cfg["inference_dtype"], dev), device=dev)
 
 
 def run_thesis_experiment(cfg):
@@ -110,7 +109,7 @@ def run_thesis_experiment(cfg):
         r["greedy_prefix"] = float(sum(_prefix_ok(x, y, tok.eos_token_id) for x, y in zip(d.seq, b.seq)) / len(d))
 
     n_protocol, dev = cfg["thesis_protocol_tokens"], PL.device(cfg)
-    proto_prompts = E.fit_prompts(ev["prompts"][:3], cfg["n_positions"], n_protocol + cfg["thesis_mtp_n"])[0]
+    proto_prompts = E.fit_prompts(ev["prompts"][:3], PL.context_size(cfg), n_protocol + cfg["thesis_mtp_n"])[0]
     mtp = PL.load_variant(cfg, "mtp")
     proto = TH.protocol({
         "ntp_generate": (lambda ids, n: E.hf_method(arms["ntp"], n)(ids), dev),

@@ -1,27 +1,30 @@
-"""MEDUSA-1: extra decoding heads on a frozen GPT-2 backbone (Cai et al., 2024).
+"""MEDUSA-1: extra decoding heads on a frozen backbone (Cai et al., 2024), on any family with a backbone adapter.
 
 Head i (0-based) = ``medusa_num_layers`` residual blocks ``x + SiLU(W x)`` (W zero-initialised, distinct weights per
 layer) then its own unembedding initialised from the LM head; it reads the backbone's last hidden state at t and
 predicts token t+i+2. Head losses are weighted ``medusa_decay ** i`` (0.8 in the paper). With the backbone frozen the
-model's next-token logits are exactly the base model's.
+model's next-token logits are exactly the base model's. ``MedusaGPT2`` (the thesis' name) and ``MedusaLlama`` are
+the faces of one class body; ``wrap_model_with_medusa(model, ...)`` puts heads on any model of a known family.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers import initialization as init
 
+from .backbones import backbone_of
 from .heads import HeadsMixin, MultiTokenOutput, ResBlock, init_special, shifted_ce
+from .models import build_face
 
 
-@strict
-class MedusaConfig(GPT2Config):
-    model_type = "medusa_gpt2"
+@dataclass(kw_only=True)
+class MedusaFields:
     num_medusa_heads: int = 4
     medusa_num_layers: int = 1
     medusa_decay: float = 0.8
@@ -35,27 +38,39 @@ class MedusaConfig(GPT2Config):
             raise ValueError(f"medusa_num_layers must be >= 1, got {self.medusa_num_layers}")
 
 
+@strict
+class MedusaConfig(MedusaFields, GPT2Config):
+    model_type = "medusa_gpt2"
+
+
+@strict
+class MedusaLlamaConfig(MedusaFields, LlamaConfig):
+    model_type = "medusa_llama"
+
+
 class MedusaUnembed(nn.Linear):
     """A head's own unembedding; initialised from the LM head."""
 
 
 class MedusaHead(nn.Module):
-    def __init__(self, config: MedusaConfig):
+    def __init__(self, config, d: int):
         super().__init__()
-        d = config.n_embd
         self.blocks = nn.Sequential(*[ResBlock(d) for _ in range(config.medusa_num_layers)])  # distinct weights
         self.unembed = MedusaUnembed(d, config.vocab_size, bias=False)
 
 
-class MedusaGPT2(HeadsMixin, GPT2LMHeadModel):
-    config_class = MedusaConfig
-
-    def __init__(self, config: MedusaConfig):
+class MedusaMixin(HeadsMixin):
+    def __init__(self, config):
         super().__init__(config)
         self.num_heads = config.num_medusa_heads
         self.memory_efficient_loss = config.memory_efficient_loss
-        self.medusa_heads = nn.ModuleList([MedusaHead(config) for _ in range(config.num_medusa_heads)])
+        d = self.backbone.hidden_size
+        self.medusa_heads = nn.ModuleList([MedusaHead(config, d) for _ in range(config.num_medusa_heads)])
         self.post_init()
+
+    @property
+    def backbone(self):
+        return backbone_of(self)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -65,25 +80,18 @@ class MedusaGPT2(HeadsMixin, GPT2LMHeadModel):
             init.copy_(module.weight, self.lm_head.weight)
 
     @classmethod
-    def from_base(cls, base, num_medusa_heads: int = 4, medusa_num_layers: int = 1, **kw) -> "MedusaGPT2":
-        """Medusa heads on a base GPT-2: a model object, a hub name or a local ``save_pretrained`` directory."""
+    def from_base(cls, base, num_medusa_heads: int = 4, medusa_num_layers: int = 1, **kw):
+        """Medusa heads on a base model of this face's family: a model object, a hub name or a local
+        ``save_pretrained`` directory. The backbone is not frozen here (``freeze_backbone``)."""
         if isinstance(base, (str, Path)):
-            if Path(base).is_dir():
-                missing = [f for f in ("config.json",) if not (Path(base) / f).exists()]
-                weights = list(Path(base).glob("*.safetensors")) + list(Path(base).glob("*.bin"))
-                if missing or not weights:
-                    raise FileNotFoundError(f"base checkpoint {base} is missing {missing or ['model weights']}")
-            base = GPT2LMHeadModel.from_pretrained(str(base))
-        cfg = MedusaConfig(**{**base.config.to_dict(), "num_medusa_heads": num_medusa_heads,
-                              "medusa_num_layers": medusa_num_layers, **kw})
-        cfg.architectures = ["MedusaGPT2"]
-        model = cls(cfg)
-        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("medusa_heads") for k in missing), (missing, unexpected)
-        with torch.no_grad():  # re-initialise heads from the now-loaded LM head
-            for head in model.medusa_heads:
-                head.unembed.weight.copy_(model.lm_head.weight)
-        return model
+            from .pretrained import load_model
+
+            base = load_model(str(base))
+        face = wrap_model_with_medusa(base, num_medusa_heads, medusa_num_layers, freeze=False, **kw)
+        if not isinstance(face, cls):
+            raise ValueError(f"{cls.__name__} cannot hold a {type(base).__name__} (another family): use "
+                             "wrap_model_with_medusa, which picks the family's face")
+        return face
 
     def freeze_backbone(self):
         """Train the heads only: every backbone parameter stops requiring grad."""
@@ -119,12 +127,10 @@ class MedusaGPT2(HeadsMixin, GPT2LMHeadModel):
     def spec_head_topk(self, ctx, j: int, k: int):
         return self.spec_head_logits(ctx, j).topk(k, -1).indices              # (S, k)
 
-
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, labels=None,
                 use_cache=None, output_head_logits=False, logits_to_keep=0, **kwargs):
-        out = self.transformer(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=use_cache, **kwargs)
-        hidden = out.last_hidden_state                                       # (B, T, d)
+        _, hidden, pkv = self.backbone.trunk(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                             past_key_values=past_key_values, use_cache=use_cache, **kwargs)
         logits = self.lm_head(hidden if not logits_to_keep else hidden[:, -logits_to_keep:])
         loss = lm_loss = step_losses = step_acc = None
         if labels is not None:
@@ -133,9 +139,32 @@ class MedusaGPT2(HeadsMixin, GPT2LMHeadModel):
             loss, hl, ha = self.heads_loss(hidden, input_ids, labels, weights)
             step_losses = torch.cat([lm_loss.detach().float().view(1).cpu(), hl.cpu()])
             step_acc = torch.cat([lm_acc.float().view(1).cpu(), ha.cpu()])
-            if any(p.requires_grad for p in self.transformer.parameters()):
+            if any(p.requires_grad for n, p in self.named_parameters() if not n.startswith("medusa_heads")):
                 loss = loss + lm_loss  # backbone trained too (Medusa-2-like); Medusa-1 keeps it frozen
         head_logits = self.all_head_logits(hidden, input_ids) if output_head_logits else None
         return MultiTokenOutput(loss=loss, lm_loss=lm_loss, mtp_loss=loss, mtp_step_losses=step_losses,
                                 mtp_step_accuracy=step_acc, logits=logits, head_logits=head_logits,
-                                past_key_values=out.past_key_values)
+                                past_key_values=pkv)
+
+
+class MedusaGPT2(MedusaMixin, GPT2LMHeadModel):
+    config_class = MedusaConfig
+
+
+class MedusaLlama(MedusaMixin, LlamaForCausalLM):
+    config_class = MedusaLlamaConfig
+
+
+MEDUSA_FACES = {"gpt2": MedusaGPT2, "llama": MedusaLlama}
+
+
+def wrap_model_with_medusa(model, num_medusa_heads: int = 4, medusa_num_layers: int = 1, freeze: bool = True, **kw):
+    """MEDUSA-1 heads on ``model`` (any causal LM with a backbone adapter), sharing its parameters. ``freeze``
+    (MEDUSA-1): the backbone stops requiring grad, so next-token logits stay the base model's exactly."""
+    face, missing = build_face(model, MEDUSA_FACES, num_medusa_heads=num_medusa_heads,
+                               medusa_num_layers=medusa_num_layers, **kw)
+    assert all(k.startswith("medusa_heads.") for k in missing), missing
+    with torch.no_grad():  # the heads' unembeddings start as the (now loaded) LM head
+        for head in face.medusa_heads:
+            head.unembed.weight.copy_(face.lm_head.weight)
+    return face.freeze_backbone() if freeze else face

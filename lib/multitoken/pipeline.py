@@ -11,11 +11,12 @@ import torch
 
 from . import data as D
 from . import evaluation as E
+from . import pretrained as P
 from . import report as R
 from . import stats as S
 from . import training as T
-from .medusa import MedusaGPT2
-from .models import HEAD_TYPES, MultiTokenGPT2
+from .medusa import MedusaMixin
+from .models import HEAD_TYPES, MultiTokenMixin
 from .trees import fitted_tree, medusa_tree
 from .utils import repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
 
@@ -51,9 +52,12 @@ DEFAULTS = dict(
 
 
 def config(**overrides) -> dict:
-    """The profile's parameters over the defaults; the device and dtype are checked here, before any work."""
+    """The profile's parameters over the defaults; the device and dtype are checked here, before any work. A profile
+    that names a pretrained ``model_name`` uses that model's own tokenizer unless it names another."""
     cfg = dict(DEFAULTS)
     cfg.update({k: v for k, v in overrides.items() if k in DEFAULTS})
+    if cfg["model_name"] and not cfg["tokenizer_name"]:
+        cfg["tokenizer_name"] = cfg["model_name"]
     resolve_dtype(cfg["inference_dtype"], resolve_device(cfg["device"]))
     for name in cfg["ablation_head_types"]:
         head_design(name)
@@ -62,6 +66,20 @@ def config(**overrides) -> dict:
 
 def device(cfg) -> torch.device:
     return resolve_device(cfg["device"])
+
+
+def context_size(cfg) -> int:
+    """The model's context: ``n_positions`` of a GPT-2 trained from scratch, or the pretrained model's own."""
+    if not cfg["model_name"]:
+        return cfg["n_positions"]
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(P.model_dir(str(cfg["model_name"]))).max_position_embeddings
+
+
+def family(cfg) -> str:
+    """The backbone family the profile's models belong to ('gpt2' for the from-scratch profiles)."""
+    return P.family(str(cfg["model_name"])) if cfg["model_name"] else "gpt2"
 
 
 def paths(cfg) -> dict:
@@ -86,7 +104,7 @@ def run_data(cfg) -> dict:
 def loaders(cfg):
     prep = D.load_prepared(paths(cfg)["run"])
     tok = prep["tokenizer"]
-    D.check_max_seq_len(cfg["max_seq_len"], cfg["n_positions"])
+    D.check_max_seq_len(cfg["max_seq_len"], context_size(cfg))
     t = prep["tokenized"]
     return (D.make_dataloader(t["train"], tok, cfg["batch_size"], shuffle=True, seed=cfg["seed"]),
             D.make_dataloader(t["validation"], tok, cfg["batch_size"]), tok, prep)
@@ -171,7 +189,7 @@ def distilled_loaders(cfg, prep, tok):
     cache = paths(cfg)["run"] / "data" / "distilled"
     meta = cache / "key.json"
     if not (meta.exists() and json.loads(meta.read_text()) == key):
-        model = T.GPT2LMHeadModel.from_pretrained(str(base)).to(device(cfg))
+        model = P.load_model(str(base), device=device(cfg))
         for split in ("train", "validation"):
             raw = prep["raw"][split]
             if split == "train" and cfg["medusa_max_examples"] and len(raw) > cfg["medusa_max_examples"]:
@@ -188,10 +206,29 @@ def load_variant(cfg, variant: str):
     if not d.exists():
         raise FileNotFoundError(f"{d} is missing: run notebooks/{NOTEBOOK_OF[variant]}.ipynb (profile "
                                 f"{cfg['profile']}) first")
-    T.check_checkpoint_dir(d)
-    cls = {"ntp": T.GPT2LMHeadModel, "mtp": MultiTokenGPT2, "medusa": MedusaGPT2, "mtp_seq": MultiTokenGPT2}[variant]
+    check_family(cfg, d)
     dev = device(cfg)
-    return cls.from_pretrained(str(d)).to(dev, resolve_dtype(cfg["inference_dtype"], dev)).eval()
+    model = P.load_model(str(d), dtype=resolve_dtype(cfg["inference_dtype"], dev), device=dev)
+    want = {"ntp": None, "mtp": MultiTokenMixin, "medusa": MedusaMixin, "mtp_seq": MultiTokenMixin}[variant]
+    if want is not None and not isinstance(model, want):
+        raise ValueError(f"{d} holds a {type(model).__name__}, not a {variant} model: retrain it "
+                         f"(notebooks/{NOTEBOOK_OF[variant]}.ipynb)")
+    return model
+
+
+def check_family(cfg, checkpoint) -> None:
+    """A clear error when a checkpoint belongs to another backbone family than the profile's model (e.g. runs/ of a
+    GPT-2 profile left under a profile that now names a Llama)."""
+    from transformers import AutoConfig
+
+    from .backbones import family_of
+
+    P.check_checkpoint_dir(checkpoint)
+    got, want = family_of(AutoConfig.from_pretrained(str(checkpoint))), family(cfg)
+    if got != want:
+        raise ValueError(f"{checkpoint} holds a {got} checkpoint, but profile {cfg['profile']!r} names a {want} model "
+                         f"({cfg['model_name'] or 'GPT-2 from scratch'}): retrain it, or `make clean` the profile's "
+                         "runs/")
 
 
 def head_accuracy(model, loader, max_batches=20) -> list:
@@ -244,7 +281,7 @@ def eval_set(cfg, tok, prep) -> dict:
     raw = raw.select(range(min(cfg["eval_examples"], len(raw))))
     prompts = [torch.tensor(tok(D.format_prompt(q), add_special_tokens=False)["input_ids"], dtype=torch.long)
                for q in raw["query"]]
-    keep = E.fitting(prompts, cfg["n_positions"], 1, "evaluation")
+    keep = E.fitting(prompts, context_size(cfg), 1, "evaluation")
     raw = raw.select(keep)
     tokenized = D.tokenize_dataset(raw, tok, cfg["max_seq_len"])
     return {"split": split, "prompts": [prompts[i] for i in keep], "references": list(raw["response"]),
@@ -288,7 +325,7 @@ def bench_trees(cfg, models, loader, budget, prompts=None):
 
 def bench_prompts(cfg, prompts, n):
     """The first ``n`` prompts that leave room for ``max_new_tokens`` (the others are skipped, counted in the log)."""
-    return E.fit_prompts(prompts, cfg["n_positions"], cfg["max_new_tokens"], "decoding benchmark")[0][:n]
+    return E.fit_prompts(prompts, context_size(cfg), cfg["max_new_tokens"], "decoding benchmark")[0][:n]
 
 
 def _setup(cfg, models, prep):

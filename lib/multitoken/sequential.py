@@ -19,15 +19,14 @@ teacher-forced (one pass per module over the whole sequence). At decoding time e
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 
 class ModuleCaches(list):
     """The engine's cache list (``[trunk cache]``, compacted by the engine) plus the modules' own state."""
 
-    def __init__(self, num_modules: int):
-        super().__init__([DynamicCache()])
-        self.modules = [DynamicCache() for _ in range(num_modules)]  # module k's cache at index k-1
+    def __init__(self, num_modules: int, new_cache):
+        super().__init__([new_cache()])
+        self.modules = [new_cache() for _ in range(num_modules)]  # module k's cache at index k-1
         self.seen = [0] * num_modules            # c_k: committed positions 0..c_k-1 in module k's cache
         self.pending = [None] * (num_modules + 1)  # pending[0]: h0 at [c_1, L); pending[k]: h_k at [c_{k+1}, c_k)
         self.tokens = None                        # committed tokens t_0..t_{L-1}, then t_L (x0): (L+1,)
@@ -103,9 +102,13 @@ def propose(model, caches: ModuleCaches, tree) -> torch.Tensor:
             h_rows.append(h_b.reshape(1, -1, h_b.shape[-1]))
             t_rows.append(tok_b.reshape(-1))
         h_in, t_in = torch.cat(h_rows, 1), torch.cat(t_rows).view(1, -1)
+        rows = torch.arange(c, lo, device=dev)
+        if r:  # each branch's temporary rows sit at positions lo..L-1 again
+            rows = torch.cat([rows, torch.arange(lo, L, device=dev).repeat(B)])
         cache = caches.modules[k - 1]
         h_out = model._head_step(k, h_in, None, None, cache=cache, mask=_mask(n_c, B, r, c, dev) if r else None,
-                                 token_emb=model.get_input_embeddings()(t_in))
+                                 token_emb=model.get_input_embeddings()(t_in),
+                                 pos=model.backbone.positions(h_in, rows.view(1, -1)))
         for layer in cache.layers:                          # drop the temporary rows
             layer.keys, layer.values = layer.keys[..., :lo, :], layer.values[..., :lo, :]
         caches.seen[k - 1] = lo

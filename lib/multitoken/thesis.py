@@ -2,11 +2,12 @@
 
 Garipov (2025), code in ``Goldenwert/thesis_iml``; the facts are collected in ``shared/THESIS.md``.
 
-- ``thesis_mtp_config`` / ``from_gpt2``: its MTP layout. A GPT-2 of ``L`` blocks becomes a trunk of ``L - (n - 1)``
-  blocks; head 1 (the next token) is the next block, heads 2..n the remaining blocks, the last one reused when there
-  are fewer blocks than heads, all in parallel on the trunk's output, sharing ``ln_f`` and the tied unembedding; the
-  loss is the mean of the n heads' losses. Its next-token path is ``L - n + 2`` blocks (10 of 12 for n = 4).
-  In the workbook this is ``MultiTokenGPT2`` with ``layout="thesis"``: causal, and lossless in the engine.
+- ``thesis_mtp_config`` / ``from_lm`` (``from_gpt2``, its own words): its MTP layout, on any decoder stack. A model of
+  ``L`` layers becomes a trunk of ``L - (n - 1)`` layers; head 1 (the next token) is the next layer, heads 2..n the
+  remaining layers, the last one reused when there are fewer layers than heads, all in parallel on the trunk's output,
+  sharing the final norm and the tied unembedding; the loss is the mean of the n heads' losses. Its next-token path is
+  ``L - n + 2`` layers (10 of 12 for GPT-2 with n = 4, 28 of 30 for SmolLM2). In the workbook this is the family's
+  MTP face (``MultiTokenGPT2``, ``MultiTokenLlama``) with ``layout="thesis"``: causal, and lossless in the engine.
 - ``thesis_padding_only_mask=True`` (a config switch): its forward's causal leak, as a diagnostic.
 - ``ThesisCollator``: its labels (pad = EOS, and padding is scored; the prompt is masked).
 - ``thesis_mtp_generate`` / ``thesis_medusa_generate``: its decoding loops (no KV cache; the MTP loop keeps the longest
@@ -18,50 +19,68 @@ Garipov (2025), code in ``Goldenwert/thesis_iml``; the facts are collected in ``
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from . import stats as S
+from .backbones import backbone_of, family_of
 from .decoding import model_device
 from .evaluation import timed
-from .models import MTPConfig, MultiTokenGPT2
+from .models import MTP_FACES, _base_fields, build_face
 
 BRANCHING = (5, 5, 3, 3, 2)           # its Medusa tree: top-k per head
 TYPICAL = dict(threshold=0.2, epsilon=1e-4)
 
 
-def thesis_mtp_config(base: GPT2Config | dict, num_predict_tokens: int = 4, leak: bool = False, **fields) -> MTPConfig:
-    """The thesis' layout for a GPT-2 of ``base.n_layer`` blocks and n = ``num_predict_tokens`` heads."""
-    b = dict(base.to_dict() if isinstance(base, GPT2Config) else base)
-    L, n = b["n_layer"], num_predict_tokens
+def thesis_mtp_config(base, num_predict_tokens: int = 4, leak: bool = False, **fields):
+    """The thesis' layout for a model of ``L`` decoder layers and n = ``num_predict_tokens`` heads, as the MTP
+    config of the model's family (``base``: a config, or a GPT-2 config's dict)."""
+    if isinstance(base, dict):
+        base = GPT2Config(**{k: v for k, v in base.items() if k not in ("model_type", "architectures")})
+    cls = MTP_FACES[family_of(base)].config_class
+    L, n = base.num_hidden_layers, num_predict_tokens
     if not 2 <= n <= L:
-        raise ValueError(f"the thesis' layout splits the model's {L} blocks into a trunk and {n} heads, head 1 being "
-                         f"block L-n+1: num_predict_tokens must be between 2 and n_layer={L}")
-    for k in ("model_type", "architectures", "transformers_version", "n_layer"):
+        raise ValueError(f"the thesis' layout splits the model's {L} layers into a trunk and {n} heads, head 1 being "
+                         f"layer L-n+1: num_predict_tokens must be between 2 and the number of layers ({L})")
+    b = _base_fields(base)
+    for k in ("n_layer", "num_hidden_layers"):
         b.pop(k, None)
-    keep = {k: v for k, v in b.items() if k in MTPConfig.__dataclass_fields__}
-    return MTPConfig(**{**keep, **fields}, n_layer=L - n + 2, num_trunk_layers=L - n + 1, num_predict_tokens=n,
-                     head_type="transformer", loss_weighting="uniform", loss_normalize=True, layout="thesis",
-                     thesis_padding_only_mask=leak)
+    return cls(**{**b, **fields}, num_hidden_layers=L - n + 2, num_trunk_layers=L - n + 1, num_predict_tokens=n,
+               head_type="transformer", loss_weighting="uniform", loss_normalize=True, layout="thesis",
+               thesis_padding_only_mask=leak)
 
 
 @torch.no_grad()
-def from_gpt2(base: GPT2LMHeadModel | str, num_predict_tokens: int = 4, leak: bool = False, **fields) -> MultiTokenGPT2:
-    """The thesis' MTP model from a plain GPT-2 (a model, a hub name such as ``"gpt2"``, or a local directory):
-    blocks ``0..L-n+1`` form the next-token path, the remaining blocks (the last one repeated) become heads 2..n."""
-    if not isinstance(base, GPT2LMHeadModel):
-        base = GPT2LMHeadModel.from_pretrained(str(base))
-    cfg = thesis_mtp_config(base.config, num_predict_tokens, leak=leak, **fields)
-    cfg.architectures = ["MultiTokenGPT2"]
-    model = MultiTokenGPT2(cfg)
-    src, L, T = base.state_dict(), base.config.n_layer, cfg.num_trunk_layers
-    missing, unexpected = model.load_state_dict(src, strict=False)
-    assert all(k.startswith(("mtp_heads", "transformer.h.")) for k in missing), missing
-    for k, head in enumerate(model.mtp_heads, 1):          # head k+1 (t+k+1) = block T+k, or the last one again
-        head.block.load_state_dict(base.transformer.h[min(T + k, L - 1)].state_dict())
-    return model.to(base.device)
+def from_lm(base, num_predict_tokens: int = 4, leak: bool = False, **fields):
+    """The thesis' MTP model from any causal LM with a backbone adapter (a model, a hub name such as ``"gpt2"``, a
+    local directory, or a name :mod:`multitoken.pretrained` installs): layers ``0..L-n+1`` form the next-token path,
+    the remaining layers (the last one repeated) become heads 2..n, all sharing the final norm and unembedding."""
+    if isinstance(base, (str, Path)):
+        from .pretrained import load_model
+
+        base = load_model(str(base))
+    bb = backbone_of(base)
+    L, n = bb.num_layers, num_predict_tokens
+    cfg = thesis_mtp_config(base.config, n, leak=leak, **fields)
+    keep = L - n + 2
+    dropped = tuple(f"{bb.layer_prefix}{i}." for i in range(keep, L))
+    sd = {k: v for k, v in base.state_dict().items() if not k.startswith(dropped)}
+    face, missing = build_face(base, MTP_FACES, config=cfg, state_dict=sd)
+    assert all(k.startswith("mtp_heads.") for k in missing), missing
+    T = cfg.num_trunk_layers
+    for k, head in enumerate(face.mtp_heads, 1):           # head k+1 (t+k+1) = layer T+k, or the last one again
+        head.block.load_state_dict(bb.layers[min(T + k, L - 1)].state_dict())
+    return face
+
+
+def from_gpt2(base, num_predict_tokens: int = 4, leak: bool = False, **fields):
+    """The thesis' MTP model from a plain GPT-2 (its own words: a model, ``"gpt2"``, or a local directory)."""
+    if not isinstance(base, (str, Path, GPT2LMHeadModel)):
+        raise ValueError(f"from_gpt2 takes a GPT-2; {type(base).__name__} is another family: use thesis.from_lm")
+    return from_lm(base, num_predict_tokens, leak, **fields)
 
 
 class ThesisCollator:
@@ -87,7 +106,7 @@ class ThesisCollator:
 
 
 def _check_room(model, ids, max_new_tokens, extra):
-    n_pos = model.config.n_positions
+    n_pos = backbone_of(model).context_size
     if ids.shape[1] + max_new_tokens + extra > n_pos:
         raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) + {extra} (the loop's "
                          f"overshoot) overflows the context ({n_pos})")

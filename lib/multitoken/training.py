@@ -13,31 +13,15 @@ from pathlib import Path
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments, set_seed)
 
+from .backbones import backbone_of
 from .evaluation import peak_memory_mb
-from .medusa import MedusaGPT2
-from .models import MTPConfig, MultiTokenGPT2
+from .medusa import wrap_model_with_medusa
+from .models import MTP_FIELD_NAMES, MTPConfig, MultiTokenGPT2, wrap_model_with_mtp
+from .pretrained import load_model
 from .utils import write_csv
 
-CHECKPOINT_FILES = ("config.json", "model.safetensors")
 log = logging.getLogger(__name__)
 
-
-
-def check_checkpoint_dir(path) -> Path:
-    """A ``save_pretrained`` directory with config and weights, or a clear error naming what is missing."""
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {p}")
-    missing = [f for f in CHECKPOINT_FILES if not (p / f).exists()]
-    if missing and not list(p.glob("model*.safetensors")) + list(p.glob("pytorch_model*.bin")):
-        raise FileNotFoundError(f"checkpoint directory {p} is missing {missing}")
-    if not (p / "config.json").exists():
-        raise FileNotFoundError(f"checkpoint directory {p} is missing ['config.json']")
-    return p
-
-
-def _is_local(name) -> bool:
-    return isinstance(name, (str, Path)) and (Path(name).exists() or str(name).startswith((".", "/")))
 
 
 class CSVLogCallback(TrainerCallback):
@@ -178,15 +162,22 @@ def _sync_vocab(model, tokenizer):
     return model
 
 
+def _base(model_name):
+    """A pretrained causal LM: a model object, or a name :func:`multitoken.pretrained.load_model` resolves (a
+    registry name such as ``smollm2-135m-instruct``, a local directory, a hub name)."""
+    if isinstance(model_name, torch.nn.Module):
+        return model_name
+    return load_model(str(model_name))
+
+
 def train_standard_gpt2(train_dataloader, val_dataloader, tokenizer, output_dir, num_train_epochs=1,
                         learning_rate=5e-5, gradient_accumulation_steps=1, model_name=None, model_config=None,
                         log_csv=None, resume_from_checkpoint=None, **args_kw):
-    """Next-token-prediction baseline. ``model_name``: hub name or local directory (``from_pretrained``);
-    ``None`` builds a fresh GPT-2 from ``model_config`` (n_layer, n_embd, n_head, n_positions)."""
+    """Next-token-prediction baseline (the thesis' name; any family). ``model_name``: a pretrained model (registry
+    name, local directory, hub name); ``None`` builds a fresh GPT-2 from ``model_config`` (n_layer, n_embd, n_head,
+    n_positions)."""
     if model_name:
-        if _is_local(model_name):
-            check_checkpoint_dir(model_name)
-        model = GPT2LMHeadModel.from_pretrained(str(model_name))
+        model = _base(model_name)
     else:
         set_seed(args_kw.get("seed", 0))  # new weights: seeded here, not by whatever ran before in this process
         model = GPT2LMHeadModel(_fresh_config(tokenizer, model_config))
@@ -197,33 +188,18 @@ def train_standard_gpt2(train_dataloader, val_dataloader, tokenizer, output_dir,
     return trainer.model, trainer
 
 
-MTP_FIELDS = ("head_type", "sequential", "share_weights_across_steps", "num_trunk_layers", "head_own_unembedding",
-              "loss_weighting", "loss_beta", "loss_lambda", "loss_normalize", "mtp_warmup_steps",
-              "memory_efficient_loss")
+MTP_FIELDS = tuple(f for f in MTP_FIELD_NAMES if f not in ("num_predict_tokens", "layout", "thesis_padding_only_mask"))
 
 
-def build_mtp_model(tokenizer, num_tokens_to_predict=4, base_model=None, model_config=None, **mtp) -> MultiTokenGPT2:
-    """A MultiTokenGPT2: fresh (``model_config``) or on a pretrained GPT-2 (hub name / local dir / model)."""
+def build_mtp_model(tokenizer, num_tokens_to_predict=4, base_model=None, model_config=None, **mtp):
+    """An MTP model: a fresh GPT-2 (``model_config``), or heads on a pretrained model of any family (a model object or
+    a name), its heads initialised from the trunk (``wrap_model_with_mtp``)."""
     fields = {k: v for k, v in mtp.items() if k in MTP_FIELDS and v is not None}
     if base_model is None:
         model = MultiTokenGPT2(_fresh_config(tokenizer, model_config, MTPConfig,
                                              num_predict_tokens=num_tokens_to_predict, **fields))
     else:
-        if isinstance(base_model, GPT2LMHeadModel):
-            import tempfile
-
-            tmp = tempfile.mkdtemp()
-            base_model.save_pretrained(tmp)
-            base_model = tmp
-        if _is_local(base_model):
-            check_checkpoint_dir(base_model)
-        base_cfg = GPT2Config.from_pretrained(str(base_model)).to_dict()
-        for k in ("model_type", "architectures", "transformers_version"):
-            base_cfg.pop(k, None)
-        cfg = MTPConfig(**{k: v for k, v in base_cfg.items() if k in MTPConfig.__dataclass_fields__},
-                        num_predict_tokens=num_tokens_to_predict, **fields)
-        cfg.architectures = ["MultiTokenGPT2"]
-        model = MultiTokenGPT2.from_pretrained(str(base_model), config=cfg).init_heads_from_trunk()
+        model = wrap_model_with_mtp(_base(base_model), num_predict_tokens=num_tokens_to_predict, **fields)
     return _sync_vocab(model, tokenizer)
 
 
@@ -249,11 +225,9 @@ def train_multi_token_gpt2(train_dataloader, val_dataloader, tokenizer, output_d
 def train_medusa(base_model, train_dataloader, val_dataloader, tokenizer, output_dir, num_medusa_heads=5,
                  medusa_num_layers=1, freeze_backbone=True, num_train_epochs=1, learning_rate=1e-3,
                  gradient_accumulation_steps=1, log_csv=None, resume_from_checkpoint=None, **args_kw):
-    """MEDUSA-1: heads on a frozen base (hub name, local ``save_pretrained`` dir, or a GPT2LMHeadModel)."""
-    if _is_local(base_model):
-        check_checkpoint_dir(base_model)
+    """MEDUSA-1: heads on a frozen base of any family (a model, a registry name, a local directory, a hub name)."""
     set_seed(args_kw.get("seed", 0))
-    model = MedusaGPT2.from_base(base_model, num_medusa_heads=num_medusa_heads, medusa_num_layers=medusa_num_layers)
+    model = wrap_model_with_medusa(_base(base_model), num_medusa_heads, medusa_num_layers, freeze=False)
     _sync_vocab(model, tokenizer)
     if freeze_backbone:
         model.freeze_backbone()
@@ -274,7 +248,7 @@ def self_distill(model, tokenizer, dataset, max_new_tokens=256, batch_size=16):
     from .data import format_prompt
 
     model.eval()
-    n_pos, dev = model.config.n_positions, next(model.parameters()).device
+    n_pos, dev = backbone_of(model).context_size, next(model.parameters()).device
     lengths = [len(ids) for ids in tokenizer([format_prompt(q) for q in dataset["query"]],
                                                add_special_tokens=False)["input_ids"]]
     keep = [i for i, n in enumerate(lengths) if n < n_pos]
@@ -290,7 +264,7 @@ def self_distill(model, tokenizer, dataset, max_new_tokens=256, batch_size=16):
         for i in tqdm(range(0, len(dataset), batch_size), desc="self-distill"):
             prompts = [format_prompt(q) for q in dataset[i: i + batch_size]["query"]]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-            room = model.config.n_positions - enc.input_ids.shape[1]
+            room = n_pos - enc.input_ids.shape[1]
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max(1, min(max_new_tokens, room)), do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -1,0 +1,197 @@
+"""Every head family on a second backbone family: a tiny random Llama (GQA, RoPE, tied embeddings), under SDPA and
+eager attention. Heads are self-distilled for a few steps first, so drafts are really accepted (asserted)."""
+import functools
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from conftest import EOS, PAD, V, VARIANTS, tiny
+from test_models import perturb_check
+from multitoken import MedusaLlama, MultiTokenLlama, thesis, wrap_model_with_medusa, wrap_model_with_mtp
+from multitoken.backbones import GPT2Backbone, LlamaBackbone, backbone_of
+from multitoken.decoding import speculative_generate
+
+DESIGNS = {"medusa": None, **{d["head_type"] + "-seq" * d["sequential"] + "-shared" * d["share_weights_across_steps"]: d
+                              for d in VARIANTS}}
+
+
+def llama(attn="sdpa", seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{**dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                                bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=True,
+                                initializer_range=0.3), **kw})
+    cfg._attn_implementation = attn
+    return LlamaForCausalLM(cfg).eval()
+
+
+def wrap(base, name):
+    if name == "medusa":
+        return wrap_model_with_medusa(base, num_medusa_heads=3)
+    return wrap_model_with_mtp(base, num_predict_tokens=4, **DESIGNS[name]).freeze_backbone()
+
+
+def hf(model, ids, n, eos=EOS, mask=None):
+    return model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask, max_new_tokens=n,
+                          do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+
+
+@functools.lru_cache(maxsize=None)
+def trained(attn, name):
+    """(heads on a frozen tiny Llama, that Llama), the heads trained 40 steps on the Llama's own greedy text."""
+    base = llama(attn)
+    model = wrap(base, name)
+    g = torch.Generator().manual_seed(1)
+    text = hf(base, torch.randint(2, V, (16, 4), generator=g), 28, eos=[])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    model.train()
+    for _ in range(40):
+        model(input_ids=text, labels=text).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), base
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(DESIGNS))
+def test_every_head_family_decodes_like_generate_on_llama(attn, name):
+    """Chain and tree, EOS inside the output and max_new_tokens mid-draft: token for token what generate returns."""
+    model, base = trained(attn, name)
+    assert model.config._attn_implementation == attn and isinstance(model.backbone, LlamaBackbone)
+    g = torch.Generator().manual_seed(7)
+    taus = []
+    for s in range(4):
+        ids = torch.randint(2, V, (1, 2 + 2 * s), generator=g)
+        free = hf(base, ids, 30, eos=[])[0, ids.shape[1]:]
+        for n, eos in ((30, EOS), (17, int(free[9]))):             # an EOS the output really reaches
+            ref = hf(base, ids, n, eos=eos)
+            for tree in ("chain", "medusa:9"):
+                out, st = speculative_generate(model, ids, n, tree=tree, eos_token_id=eos)
+                assert torch.equal(out, ref), (tree, n, eos)
+                taus.append(st["mean_accepted_length"])
+    assert max(taus) > 1.3, taus                                    # the drafts were really accepted
+
+
+@pytest.mark.parametrize("name", ["medusa", "linear", "transformer", "transformer-seq"])
+def test_batch_with_left_padding_matches_each_row_on_llama(name):
+    model, base = trained("sdpa", name)
+    a, b = torch.randint(2, V, (1, 7)), torch.randint(2, V, (1, 3))
+    batch, mask = torch.full((2, 7), PAD), torch.zeros(2, 7, dtype=torch.long)
+    batch[0], mask[0] = a[0], 1
+    batch[1, 4:], mask[1, 4:] = b[0], 1
+    out, _ = speculative_generate(model, batch, 25, tree="medusa:6", attention_mask=mask)
+    for row, ids in ((0, a), (1, b)):
+        ref = hf(base, ids, 25)[0, ids.shape[1]:]
+        assert torch.equal(out[row, 7: 7 + len(ref)], ref)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_medusa_on_llama_keeps_the_base_logits_and_round_trips(attn, tmp_path):
+    base = llama(attn)
+    model = wrap_model_with_medusa(base, num_medusa_heads=3, medusa_num_layers=2)
+    assert isinstance(model, MedusaLlama) and model.model.embed_tokens.weight is base.model.embed_tokens.weight
+    ids = torch.randint(2, V, (2, 10))
+    assert torch.equal(model.eval()(ids).logits, base(ids).logits)
+    model.train()(ids, labels=ids).loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("medusa_heads"))
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("medusa_heads"))
+    model.eval().save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=attn).eval()
+    assert type(again) is MedusaLlama and again.config._attn_implementation == attn
+    a, b = model(ids, output_head_logits=True), again(ids, output_head_logits=True)
+    assert torch.equal(a.logits, b.logits) and all(torch.equal(x, y) for x, y in zip(a.head_logits, b.head_logits))
+
+
+@pytest.mark.parametrize("name", [n for n in DESIGNS if n != "medusa"])
+def test_every_mtp_design_on_llama_is_causal_and_round_trips(name, tmp_path):
+    v = DESIGNS[name]
+    model = wrap_model_with_mtp(llama(), num_predict_tokens=3, **v).eval()
+    assert isinstance(model, MultiTokenLlama)
+    perturb_check(model, (lambda k: k) if v["sequential"] else (lambda k: 0))
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(again) is MultiTokenLlama
+    ids = torch.randint(2, V, (1, 9))
+    a, b = model(ids, output_head_logits=True), again(ids, output_head_logits=True)
+    assert torch.equal(a.logits, b.logits) and all(torch.equal(x, y) for x, y in zip(a.head_logits, b.head_logits))
+
+
+def test_transformer_heads_are_the_familys_own_layer_initialised_from_the_last():
+    base = llama()
+    model = wrap_model_with_mtp(base, num_predict_tokens=3, head_type="transformer")
+    head = model.mtp_heads[1].block
+    assert isinstance(head, type(base.model.layers[-1])) and head.self_attn.layer_idx == 0
+    for p, q in zip(head.parameters(), base.model.layers[-1].parameters()):
+        assert torch.equal(p, q) and p is not q
+    ids = torch.randint(2, V, (1, 8))
+    torch.testing.assert_close(model.eval()(ids).logits, base(ids).logits)
+
+
+def test_wrapped_model_shares_the_base_parameters():
+    """An optimizer built over the base model before wrapping trains the wrapped model's backbone."""
+    base = llama()
+    opt = torch.optim.SGD(base.parameters(), lr=0.1)
+    model = wrap_model_with_mtp(base, num_predict_tokens=3, head_type="mlp")
+    ids = torch.randint(2, V, (2, 10))
+    before = model.model.layers[0].mlp.up_proj.weight.clone()
+    model.train()(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight   # still tied
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_thesis_layout_from_a_llama_is_causal_and_leaks_with_the_switch(attn):
+    base = llama(attn, num_hidden_layers=4)
+    model = thesis.from_lm(base, 3).eval()
+    assert isinstance(model, MultiTokenLlama) and model.config.num_hidden_layers == 3
+    assert model.config.num_trunk_layers == 2 and model.lm_head.weight is model.model.embed_tokens.weight
+    for p, q in zip(model.mtp_heads[1].block.parameters(), base.model.layers[3].parameters()):
+        assert torch.equal(p, q)
+    perturb_check(model, lambda k: 0)
+    ids = torch.randint(2, V, (1, 6))
+    for tree in ("chain", "medusa:6"):
+        assert torch.equal(speculative_generate(model, ids, 20, tree=tree)[0], hf(model, ids, 20))
+    if attn == "sdpa":
+        leaky = thesis.from_lm(base, 3, leak=True).eval()
+        x = torch.randint(2, V, (1, 10))
+        y = x.clone()
+        y[0, 8] = (y[0, 8] + 1) % V
+        assert not torch.allclose(leaky(x).logits[:, :8], leaky(y).logits[:, :8])   # the past sees the future
+        torch.testing.assert_close(model(x).logits[:, :8], model(y).logits[:, :8])
+    else:
+        with pytest.raises(ValueError, match="under SDPA"):
+            thesis.from_lm(base, 3, leak=True)
+
+
+@pytest.mark.parametrize("kw", [dict(head_type="transformer"), dict(head_type="transformer", sequential=True)],
+                         ids=["transformer", "modules"])
+def test_gpt2_heads_under_eager_attention_decode_like_generate(kw):
+    """GPT-2's blocks outside the lean forward (eager attention) get an additive mask, not the engine's bool one."""
+    torch.manual_seed(3)
+    base = GPT2LMHeadModel(GPT2Config(**tiny(initializer_range=0.4, attn_implementation="eager"))).eval()
+    assert base.config._attn_implementation == "eager"
+    model = wrap_model_with_mtp(base, num_predict_tokens=4, **kw).eval()
+    assert not model.backbone.lean_ok(model.transformer.h[0]) and isinstance(model.backbone, GPT2Backbone)
+    for s in range(3):
+        ids = torch.randint(2, V, (1, 3 + s))
+        for tree in ("chain", "medusa:9"):
+            assert torch.equal(speculative_generate(model, ids, 25, tree=tree)[0], hf(base, ids, 25))
+
+
+def test_bad_input_on_llama():
+    base = llama()
+    with pytest.raises(ValueError, match="longer than the context"):
+        speculative_generate(base, torch.randint(2, V, (1, 100)), 1)
+    with pytest.raises(ValueError, match="overflows the context"):
+        speculative_generate(base, torch.randint(2, V, (1, 10)), 90)
+    with pytest.raises(Exception, match="branch off after 1..2 of the model's 3 layers"):
+        wrap_model_with_mtp(base, num_predict_tokens=3, num_trunk_layers=3)
+    with pytest.raises(ValueError, match="unknown MTP field.*hed_type"):
+        wrap_model_with_mtp(base, num_predict_tokens=3, hed_type="mlp")
+    with pytest.raises(ValueError, match="no backbone adapter for Linear"):
+        backbone_of(torch.nn.Linear(2, 2))
+    base.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="attention implementation 'flex_attention'"):
+        speculative_generate(base, torch.randint(2, V, (1, 5)), 4)
