@@ -51,7 +51,7 @@ bench-train: $(STAMP)
 	$(PY) -m multitoken bench-train -f notebooks/params/$(PROFILE).yaml
 
 # One decoding step of a pretrained model for 1..32 tokens (fp32, bf16), HF generate vs the engine:
-# runs/bench/step_costs_<MODEL>.json
+# figures/bench/step_costs_<MODEL>.json
 MODEL ?= smollm2-135m-instruct
 bench-steps: $(STAMP)
 	$(PY) -m multitoken bench-steps --model $(MODEL)

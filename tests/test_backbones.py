@@ -195,3 +195,50 @@ def test_bad_input_on_llama():
     base.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="attention implementation 'flex_attention'"):
         speculative_generate(base, torch.randint(2, V, (1, 5)), 4)
+
+
+def test_the_pipeline_runs_on_a_pretrained_llama_directory(tmp_path, monkeypatch):
+    """A profile whose model_name is a local Llama directory (its own tokenizer, pad = EOS as SmolLM2's): data
+    formatting uses that tokenizer and EOS, every variant trains and loads as its Llama face, the context is the
+    model's, frozen heads keep the base logits, and a checkpoint of another family is refused."""
+    import yaml
+
+    from multitoken import __main__ as cli
+    from multitoken import data as D
+    from multitoken import pipeline
+    from multitoken.synthetic import generate_records
+
+    recs = generate_records(80, seed=2)
+    tok = D.build_tokenizer((D.format_prompt(r["query"]) + r["response"] for r in recs), vocab_size=300)
+    tok.pad_token = tok.eos_token                                   # as SmolLM2's: pad = EOS = end of turn
+    base = llama(vocab_size=len(tok), max_position_embeddings=512, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id)
+    model_dir = tmp_path / "tiny-llama"
+    base.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    monkeypatch.setattr(pipeline, "repo_root", lambda: tmp_path)
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"profile": "llamatest", "model_name": str(model_dir), "max_examples": 60,
+                                      "max_steps": 2, "eval_steps": 2, "max_new_tokens": 12, "medusa_max_examples": 8,
+                                      "mtpseq_n": 3, "mtp_head_type": "transformer", "n_positions": 64,
+                                      "max_seq_len": 300}))
+    assert cli.main(["data", "-f", str(params)]) == 0
+    for v in pipeline.VARIANTS:
+        assert cli.main(["train", "--variant", v, "-f", str(params)]) == 0
+    cfg = pipeline.config(**yaml.safe_load(params.read_text()))
+    assert pipeline.context_size(cfg) == 512 and pipeline.family(cfg) == "llama"
+    prep = pipeline.loaders(cfg)[3]
+    assert prep["tokenizer"].pad_token_id == prep["tokenizer"].eos_token_id == tok.eos_token_id
+    assert len(prep["tokenizer"]) == len(tok)                      # no token added: the embeddings keep their size
+    ex = next(e for e in prep["tokenized"]["train"] if len(e["input_ids"]) < cfg["max_seq_len"])   # not truncated
+    assert ex["input_ids"][-1] == tok.eos_token_id and ex["labels"][-1] == tok.eos_token_id
+    models = {v: pipeline.load_variant(cfg, v) for v in pipeline.VARIANTS}
+    assert [type(m).__name__ for m in models.values()] == ["LlamaForCausalLM", "MultiTokenLlama", "MedusaLlama",
+                                                          "MultiTokenLlama"]
+    ids = torch.randint(3, len(tok), (1, 9))
+    for v in ("medusa", "mtp_seq"):
+        assert torch.equal(models[v](ids).logits, models["ntp"](ids).logits)      # frozen backbones
+        assert torch.equal(speculative_generate(models[v], ids, 12, tree="medusa:6")[0], hf(models["ntp"], ids, 12,
+                                                                                            eos=tok.eos_token_id))
+    with pytest.raises(ValueError, match="holds a llama checkpoint, but profile 'llamatest' names a gpt2 model"):
+        pipeline.load_variant(dict(cfg, model_name=None), "ntp")

@@ -174,10 +174,22 @@ def test_bad_input_fails_before_any_work():
         parse_tree([(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)], 3)
 
 
-def test_speculative_sampling_keeps_the_distribution():
+def _llama_medusa_of_six_tokens():
+    from multitoken import wrap_model_with_medusa
+
+    torch.manual_seed(3)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=6, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                         bos_token_id=5, eos_token_id=5, pad_token_id=0, initializer_range=0.5))
+    return wrap_model_with_medusa(llama.eval(), num_medusa_heads=3).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_speculative_sampling_keeps_the_distribution(family):
     """First two tokens: empirical joint of speculative sampling vs the exact p(x1) p(x2 | x1), chi-square."""
     torch.manual_seed(0)
-    model = medusa(vocab_size=6, initializer_range=0.5, seed=3, eos_token_id=5, bos_token_id=5)
+    model = (medusa(vocab_size=6, initializer_range=0.5, seed=3, eos_token_id=5, bos_token_id=5) if family == "gpt2"
+             else _llama_medusa_of_six_tokens())
     ids = torch.tensor([[2, 3, 1]])
     T, P = 1.3, 0.9
     with torch.no_grad():

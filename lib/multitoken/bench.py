@@ -80,13 +80,15 @@ print(json.dumps({"step_s": statistics.median(times), "peak_mb": peak, "rest_mb"
 
 
 def step_costs(name: str, dtypes=("float32", "bfloat16"), context: int = 300, sizes=(1, 2, 4, 8, 16, 32),
-               reps: int = 15, prompts: int = 6, new_tokens: int = 64, out=None) -> dict:
+               reps: int = 20, prompts: int = 6, new_tokens: int = 64, out=None) -> dict:
     """What one decoding step of a pretrained model costs on this machine: a forward of T new tokens on top of a
     ``context``-token KV cache, for each T in ``sizes`` (median of ``reps``), through transformers' own forward and
-    through the engine's (the backbone adapter calling the decoder layers directly), in each dtype; then HF
+    through the engine's (the backbone adapter calling the decoder layers directly), in each dtype, every combination
+    once per round in a fresh random order (this machine's speed drifts); then HF
     ``generate``'s and the engine's greedy tokens/s on GSM8K test prompts, interleaved (``prompts`` x ``new_tokens``).
     The ratio step(T) / step(1) is what speculation must beat: a chain of T-1 drafts pays off only if
     τ > step(T) / step(1)."""
+    import random
     import statistics
     import time
 
@@ -106,29 +108,31 @@ def step_costs(name: str, dtypes=("float32", "bfloat16"), context: int = 300, si
         model = model.to(DTYPES[dt])
         bb = backbone_of(model)
         g = torch.Generator().manual_seed(0)
-        ctx = torch.randint(0, model.config.vocab_size, (1, context), generator=g)
-
-        def timed_step(T, via):
-            cache = bb.new_cache()
-            model(ctx, past_key_values=cache, use_cache=True)
-            x = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
-            ts = []
-            for _ in range(reps):
+        cache = bb.new_cache()
+        model(torch.randint(0, model.config.vocab_size, (1, context), generator=g), past_key_values=cache,
+              use_cache=True)
+        combos = [(T, via) for T in sizes for via in ("hf", "engine")]
+        times = {c: [] for c in combos}
+        order = random.Random(0)
+        for rep in range(reps + 2):                   # every (tokens, path) once per round, in a fresh order
+            for T, via in order.sample(combos, len(combos)):
+                x = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
                 t0 = time.perf_counter()
                 if via == "hf":
                     model(x, past_key_values=cache, use_cache=True)
                 else:
                     fastpath.linear(bb.unembed, bb.trunk(x, cache)[1])
-                ts.append(time.perf_counter() - t0)
-                cache.crop(-T)  # transformers 5: a negative count removes that many tokens
-            return statistics.median(ts[2:])
+                if rep >= 2:                          # two warm-up rounds
+                    times[(T, via)].append(time.perf_counter() - t0)
+                cache.crop(-T)                        # transformers 5: a negative count removes that many tokens
+        one = statistics.median(times[(1, "engine")])
         for T in sizes:
-            hf_s, eng_s = timed_step(T, "hf"), timed_step(T, "engine")
-            rows.append(dict(dtype=dt, tokens=T, hf_ms=round(hf_s * 1e3, 2), engine_ms=round(eng_s * 1e3, 2)))
-        base = {r["tokens"]: r for r in rows if r["dtype"] == dt}[1]
-        for r in rows:
-            if r["dtype"] == dt:
-                r["engine_vs_1_token"] = round(r["engine_ms"] / base["engine_ms"], 2)
+            hf_t, eng_t = times[(T, "hf")], times[(T, "engine")]
+            q = statistics.quantiles(eng_t, n=4)
+            rows.append(dict(dtype=dt, tokens=T, hf_ms=round(statistics.median(hf_t) * 1e3, 2),
+                             engine_ms=round(statistics.median(eng_t) * 1e3, 2),
+                             engine_iqr_ms=[round(q[0] * 1e3, 1), round(q[2] * 1e3, 1)],
+                             engine_vs_1_token=round(statistics.median(eng_t) / one, 2)))
         gen = hf_method(model, new_tokens)
         tot = {"hf_generate": [0, 0.0], "engine_greedy_kv": [0, 0.0]}
         gen(texts[0])
@@ -142,7 +146,7 @@ def step_costs(name: str, dtypes=("float32", "bfloat16"), context: int = 300, si
         speed.append(dict(dtype=dt, **{f"{k}_tokens_per_s": round(n / s, 1) for k, (n, s) in tot.items()}))
     res = dict(model=name, context=context, reps=reps, torch_threads=torch.get_num_threads(), steps=rows,
                generation=speed)
-    out = out or pipeline.repo_root() / "runs" / "bench" / f"step_costs_{name}.json"
+    out = out or pipeline.repo_root() / "figures" / "bench" / f"step_costs_{name}.json"
     write_json(out, res)
     print(pd.DataFrame(rows).to_string(index=False) + "\n\n" + pd.DataFrame(speed).to_string(index=False))
     print(f"\nwritten: {out}")
