@@ -53,8 +53,11 @@ def trained(attn, name):
     return model.eval(), base
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", list(DESIGNS))
+# eager attention matters where attention runs: the trunk (any design) and transformer heads / modules
+EAGER = ["medusa", "linear", "transformer", "transformer-shared", "transformer-seq", "transformer-seq-shared"]
+
+
+@pytest.mark.parametrize("attn,name", [("sdpa", n) for n in DESIGNS] + [("eager", n) for n in EAGER])
 def test_every_head_family_decodes_like_generate_on_llama(attn, name):
     """Chain and tree, EOS inside the output and max_new_tokens mid-draft: token for token what generate returns."""
     model, base = trained(attn, name)
