@@ -3,6 +3,7 @@ import re
 from fractions import Fraction
 
 import pytest
+from datasets import Dataset
 
 from multitoken import data as D
 from multitoken.synthetic import FAMILIES, TYPES, generate_records
@@ -76,7 +77,7 @@ def test_tokenizer_round_trip_pad_eos_and_label_mask(tmp_path, records):
 
     again = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert again(texts[0])["input_ids"] == tok(texts[0])["input_ids"]
-    ds = D.tokenize_dataset(D.Dataset.from_list(records[:20]), tok, max_seq_len=10_000)
+    ds = D.tokenize_dataset(Dataset.from_list(records[:20]), tok, max_seq_len=10_000)
     for r, ex in zip(records[:20], ds):
         n_prompt = len(tok(D.format_prompt(r["query"]))["input_ids"])
         assert ex["prompt_len"] == n_prompt
@@ -85,11 +86,11 @@ def test_tokenizer_round_trip_pad_eos_and_label_mask(tmp_path, records):
         assert ex["input_ids"][-1] == tok.eos_token_id
     lens = [len(tok(D.format_prompt(r["query"]))["input_ids"]) for r in records[:20]]
     cut = sorted(lens)[10] + 2
-    short = D.tokenize_dataset(D.Dataset.from_list(records[:20]), tok, max_seq_len=cut)
+    short = D.tokenize_dataset(Dataset.from_list(records[:20]), tok, max_seq_len=cut)
     assert all(len(x) <= cut for x in short["input_ids"])
     assert len(short) == sum(n < cut for n in lens)  # prompt-only examples dropped, the rest truncated
     with pytest.raises(ValueError, match="raise max_seq_len"):
-        D.tokenize_dataset(D.Dataset.from_list(records[:5]), tok, max_seq_len=8)
+        D.tokenize_dataset(Dataset.from_list(records[:5]), tok, max_seq_len=8)
     batch = D.Collator(tok.pad_token_id)([ds[0], ds[1]])
     pad = batch["attention_mask"] == 0
     assert (batch["labels"][pad] == -100).all() and (batch["input_ids"][pad] == tok.pad_token_id).all()
