@@ -73,7 +73,7 @@ def test_memory_efficient_gradients_equal_naive(v):
         out = model(ids, labels=labels)
         (out.loss * 0.7).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        losses = out.mtp_step_losses
+        losses = out.step_losses
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
@@ -162,7 +162,7 @@ def test_wrap_tiny_llama_trains_and_is_causal():
     model = wrap_model_with_mtp(llama, num_predict_tokens=3, head_type="mlp").eval()
     ids = torch.randint(2, V, (2, 10))
     out = model(ids, labels=ids, output_head_logits=True)
-    assert out.mtp_step_losses.shape == (3,) and len(out.head_logits) == 2
+    assert out.step_losses.shape == (3,) and len(out.head_logits) == 2
     torch.testing.assert_close(out.logits, llama(ids).logits)
     out.loss.backward()
     assert model.mtp_heads[0].fc.weight.grad is not None

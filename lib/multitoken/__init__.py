@@ -2,6 +2,8 @@
 evaluation. Every head design runs on every family through its backbone adapter (``multitoken.backbones``)."""
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .evaluation import PerformanceTracker
+from .interfaces import MTPTrainer, SpeculativeDecoder, get_mtp_weight
 from .medusa import MedusaConfig, MedusaGPT2, MedusaLlama, MedusaLlamaConfig, wrap_model_with_medusa
 from .models import MTPConfig, MTPLlamaConfig, MultiTokenGPT2, MultiTokenLlama, wrap_model_with_mtp
 
@@ -12,4 +14,5 @@ for _cfg, _cls in ((MTPConfig, MultiTokenGPT2), (MTPLlamaConfig, MultiTokenLlama
     AutoModelForCausalLM.register(_cfg, _cls, exist_ok=True)
 
 __all__ = ["MTPConfig", "MTPLlamaConfig", "MultiTokenGPT2", "MultiTokenLlama", "MedusaConfig", "MedusaLlamaConfig",
-           "MedusaGPT2", "MedusaLlama", "wrap_model_with_mtp", "wrap_model_with_medusa"]
+           "MedusaGPT2", "MedusaLlama", "wrap_model_with_mtp", "wrap_model_with_medusa", "MTPTrainer",
+           "SpeculativeDecoder", "PerformanceTracker", "get_mtp_weight"]

@@ -335,41 +335,76 @@ def train_time_per_epoch(log_csv) -> float:
 # --- thesis API ----------------------------------------------------------------------------------------------------
 
 class PerformanceTracker:
-    """Collects training and inference measurements per model; ``get_summary`` relates them to a baseline."""
+    """Collects training and inference measurements per name and relates them to a baseline (the first name
+    tracked, unless given).
+
+    Both call shapes work: the workbook's ``track_training(name, losses, seconds)`` (a run's losses at once) and the
+    MTP accelerator's ``track_training(name, epoch, loss, seconds)`` (one loss at a time; ``seconds`` since the epoch
+    began, so an epoch's time is its last value). ``get_summary()`` gives one entry per name (final loss, the run's
+    own relative loss reduction, training seconds, tokens/s, speedup vs the baseline) and, as the accelerator reads
+    it, ``summary["training"]["loss_reduction"]`` = (baseline final loss - other final loss) / baseline final loss and
+    ``summary["inference"]["speedup"]`` = other tokens/s / baseline tokens/s, "other" being the first name tracked
+    after the baseline (``"mtp"`` in its example)."""
+
+    SECTIONS = ("training", "inference")
 
     def __init__(self, baseline: str | None = None):
         self.baseline, self.training, self.inference = baseline, {}, {}
 
-    def track_training(self, name: str, losses, seconds: float):
-        losses = list(losses)
-        if not losses:
-            raise ValueError("track_training needs at least one loss value")
+    def _name(self, name):
+        if name in self.SECTIONS:
+            raise ValueError(f"{name!r} is a section of the summary; name the run something else")
         self.baseline = self.baseline or name
-        self.training[name] = {"initial_loss": losses[0], "final_loss": losses[-1], "seconds": seconds}
+        return name
+
+    def track_training(self, name: str, *args):
+        """``(name, losses, seconds)`` or ``(name, epoch, loss, seconds)``."""
+        rec = self.training.setdefault(self._name(name), {"losses": [], "epoch_seconds": {}})
+        if len(args) == 2:
+            losses, seconds = list(args[0]), args[1]
+            if not losses:
+                raise ValueError("track_training needs at least one loss value")
+            rec["losses"] += [float(x) for x in losses]
+            rec["epoch_seconds"][len(rec["epoch_seconds"])] = float(seconds)
+        elif len(args) == 3:
+            epoch, loss, seconds = args
+            rec["losses"].append(float(loss))
+            rec["epoch_seconds"][epoch] = float(seconds)
+        else:
+            raise TypeError("track_training(name, losses, seconds) or track_training(name, epoch, loss, seconds)")
 
     def track_inference(self, name: str, tokens: int, seconds: float):
         if seconds <= 0:
             raise ValueError("seconds must be positive")
-        self.baseline = self.baseline or name
-        rec = self.inference.setdefault(name, {"tokens": 0, "seconds": 0.0})
+        rec = self.inference.setdefault(self._name(name), {"tokens": 0, "seconds": 0.0})
         rec["tokens"] += tokens
         rec["seconds"] += seconds
 
+    def _tps(self, name):
+        i = self.inference[name]
+        return i["tokens"] / i["seconds"]
+
     def get_summary(self) -> dict:
         out, base = {}, self.baseline
-        for name in sorted(set(self.training) | set(self.inference)):
+        for name in dict.fromkeys([*self.training, *self.inference]):
             s = {}
             if name in self.training:
                 t = self.training[name]
-                s.update(final_loss=t["final_loss"], training_seconds=t["seconds"],
-                         loss_reduction=(t["initial_loss"] - t["final_loss"]) / t["initial_loss"])
+                s.update(final_loss=t["losses"][-1], training_seconds=sum(t["epoch_seconds"].values()),
+                         loss_reduction=(t["losses"][0] - t["losses"][-1]) / t["losses"][0])
             if name in self.inference:
-                i = self.inference[name]
-                s["tokens_per_s"] = i["tokens"] / i["seconds"]
+                s["tokens_per_s"] = self._tps(name)
                 if base in self.inference:
-                    b = self.inference[base]
-                    s["speedup"] = s["tokens_per_s"] / (b["tokens"] / b["seconds"])
+                    s["speedup"] = s["tokens_per_s"] / self._tps(base)
             out[name] = s
+        other = lambda d: next((n for n in d if n != base), None)  # noqa: E731
+        o = other(self.training)
+        if base in self.training and o is not None:
+            b, m = self.training[base]["losses"][-1], self.training[o]["losses"][-1]
+            out["training"] = {"baseline": base, "compared": o, "loss_reduction": (b - m) / b}
+        o = other(self.inference)
+        if base in self.inference and o is not None:
+            out["inference"] = {"baseline": base, "compared": o, "speedup": self._tps(o) / self._tps(base)}
         return out
 
 

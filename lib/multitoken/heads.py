@@ -22,14 +22,16 @@ from transformers.utils import ModelOutput
 
 from . import fastpath
 
-WEIGHTINGS = ("uniform", "linear", "exponential", "primary_aux")
+WEIGHTINGS = ("uniform", "linear", "exponential", "primary_aux", "olmo")
 
 
 def loss_weights(scheme: str, n: int, beta: float = 0.8, lam: float = 1.0, normalize: bool = False) -> list[float]:
     """Weights of the n per-offset losses, index 0 = next token (t+1), index k = t+k+1.
 
     uniform: 1 each (Meta's sum of losses); linear: (n-k)/n decay; exponential: beta**k;
-    primary_aux: 1 for the next token, lam * beta**(k-1) for each auxiliary. ``normalize`` divides by the sum.
+    primary_aux: 1 for the next token, lam * beta**(k-1) for each auxiliary (DeepSeek-V3: lam 0.3, beta 1);
+    olmo: 1 for the next token, lam * alpha_k for auxiliary k = 1..n-1 with alpha_k = beta**(k-1) / sum_j beta**(j-1)
+    (OLMo-core's L = L_main + mtp_loss_weight * sum_k alpha_k CE_k). ``normalize`` divides by the sum.
     """
     if scheme not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {scheme!r}; choose one of {WEIGHTINGS}")
@@ -41,8 +43,11 @@ def loss_weights(scheme: str, n: int, beta: float = 0.8, lam: float = 1.0, norma
         w = [(n - k) / n for k in range(n)]
     elif scheme == "exponential":
         w = [beta ** k for k in range(n)]
-    else:
+    elif scheme == "primary_aux":
         w = [1.0] + [lam * beta ** (k - 1) for k in range(1, n)]
+    else:
+        total = sum(beta ** (j - 1) for j in range(1, n))
+        w = [1.0] + [lam * beta ** (k - 1) / total for k in range(1, n)]
     if normalize:
         s = sum(w)
         w = [x / s for x in w]
@@ -54,6 +59,11 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, max(0, step) / warmup_steps)
+
+
+def named_step_losses(step_losses: torch.Tensor | None) -> dict | None:
+    """``{"step_1": ..., "step_K": ...}`` of the auxiliary heads from a step-loss tensor (index 0 = next token)."""
+    return None if step_losses is None else {f"step_{k}": v for k, v in enumerate(step_losses.tolist()[1:], 1)}
 
 
 def shifted_ce(logits: torch.Tensor, labels: torch.Tensor, offset: int):
@@ -147,13 +157,17 @@ class HeadwiseLoss(torch.autograd.Function):
 
 @dataclass
 class MultiTokenOutput(ModelOutput):
-    """Like ``CausalLMOutputWithPast`` plus the per-head losses/accuracies (index 0 = next token)."""
+    """Like ``CausalLMOutputWithPast`` plus the per-head losses and accuracies: ``step_losses`` /
+    ``step_accuracy`` as tensors (index 0 = next token, k = token t+k+1); ``mtp_step_losses`` as OLMo-core's monitoring
+    loop reads them, ``{"step_k": float}`` for the auxiliary heads k = 1..K; ``mtp_loss`` = the weighted auxiliary
+    total, so ``loss = lm weight * lm_loss + mtp_loss``."""
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
-    mtp_step_losses: torch.Tensor | None = None
-    mtp_step_accuracy: torch.Tensor | None = None
+    step_losses: torch.Tensor | None = None
+    step_accuracy: torch.Tensor | None = None
+    mtp_step_losses: dict | None = None
     logits: torch.Tensor | None = None
     head_logits: tuple | None = None
     past_key_values: object | None = None

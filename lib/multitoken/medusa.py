@@ -19,7 +19,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers import initialization as init
 
 from .backbones import backbone_of
-from .heads import HeadsMixin, MultiTokenOutput, ResBlock, init_special, shifted_ce
+from .heads import HeadsMixin, MultiTokenOutput, ResBlock, init_special, named_step_losses, shifted_ce
+from .interfaces import remember_heads
 from .models import build_face
 
 
@@ -142,9 +143,9 @@ class MedusaMixin(HeadsMixin):
             if any(p.requires_grad for n, p in self.named_parameters() if not n.startswith("medusa_heads")):
                 loss = loss + lm_loss  # backbone trained too (Medusa-2-like); Medusa-1 keeps it frozen
         head_logits = self.all_head_logits(hidden, input_ids) if output_head_logits else None
-        return MultiTokenOutput(loss=loss, lm_loss=lm_loss, mtp_loss=loss, mtp_step_losses=step_losses,
-                                mtp_step_accuracy=step_acc, logits=logits, head_logits=head_logits,
-                                past_key_values=pkv)
+        return MultiTokenOutput(loss=loss, lm_loss=lm_loss, mtp_loss=loss, step_losses=step_losses,
+                                step_accuracy=step_acc, mtp_step_losses=named_step_losses(step_losses), logits=logits,
+                                head_logits=head_logits, past_key_values=pkv)
 
 
 class MedusaGPT2(MedusaMixin, GPT2LMHeadModel):
@@ -164,6 +165,7 @@ def wrap_model_with_medusa(model, num_medusa_heads: int = 4, medusa_num_layers: 
     face, missing = build_face(model, MEDUSA_FACES, num_medusa_heads=num_medusa_heads,
                                medusa_num_layers=medusa_num_layers, **kw)
     assert all(k.startswith("medusa_heads.") for k in missing), missing
+    remember_heads(model, face)
     with torch.no_grad():  # the heads' unembeddings start as the (now loaded) LM head
         for head in face.medusa_heads:
             head.unembed.weight.copy_(face.lm_head.weight)

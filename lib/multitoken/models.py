@@ -39,8 +39,9 @@ from transformers import initialization as init
 
 from . import fastpath, sequential
 from .backbones import backbone_of, family_of
+from .interfaces import MTPDecoder, remember_heads
 from .heads import (WEIGHTINGS, EyeLinear, HeadsMixin, MultiTokenOutput, ResBlock, ZeroLinear, init_special, loss_weights,
-                    shifted_ce, warmup_factor)
+                    named_step_losses, shifted_ce, warmup_factor)
 
 HEAD_TYPES = ("linear", "mlp", "transformer", "shared_lm_head")
 
@@ -63,6 +64,11 @@ class MTPFields:
     memory_efficient_loss: bool = True
     layout: str = "default"
     thesis_padding_only_mask: bool = False
+    speculation_lookahead: int | None = None    # drafts per step for ``mtp_decoder`` (OLMo-core's name; None: all)
+    speculation_temperature: float = 0.0         # ``mtp_decoder``'s default temperature (OLMo-core's name)
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**foreign_fields(self, kwargs))
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -100,6 +106,34 @@ class MTPLlamaConfig(MTPFields, LlamaConfig):
 
 
 MTP_FIELD_NAMES = tuple(MTPFields.__dataclass_fields__)
+# OLMo-core's MTPConfig names for the same things (its loss: L_main + mtp_loss_weight * sum_k alpha_k CE_k)
+OLMO_NAMES = {"mtp_head_type": "head_type", "loss_weight_decay": "loss_beta", "mtp_loss_weight": "loss_lambda"}
+REFUSED = {"acceptance_threshold": "the workbook accepts a draft only where it is the token the model itself picks "
+                                   "(greedy) or passes exact rejection sampling, so decoding stays lossless: there is "
+                                   "no threshold to set"}
+
+
+def foreign_fields(cfg, kwargs: dict) -> dict:
+    """Apply OLMo-core's field names to ``cfg`` (``loss_weight_decay`` / ``mtp_loss_weight`` select its weighting),
+    refuse what the workbook does not do, and stop typos of an MTP field (``hed_type``) with the nearest valid name;
+    the other keyword arguments (the base config's own) pass on."""
+    import difflib
+
+    rest, known = {}, [*MTP_FIELD_NAMES, *OLMO_NAMES, *REFUSED]
+    for k, v in kwargs.items():
+        if k in OLMO_NAMES:
+            setattr(cfg, OLMO_NAMES[k], v)
+            if k != "mtp_head_type":
+                cfg.loss_weighting = "olmo"
+        elif k in REFUSED:
+            raise ValueError(f"{k}: {REFUSED[k]}")
+        elif (near := difflib.get_close_matches(k, known, n=1, cutoff=0.75)) or k.startswith(
+                ("mtp_", "loss_", "speculation_", "num_predict")):
+            raise ValueError(f"unknown MTP field {k!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                              f"; the fields are {sorted(known)}"))
+        else:
+            rest[k] = v
+    return rest
 
 
 def token_embeddings_ahead(embed, input_ids, k, h_prev):
@@ -166,6 +200,11 @@ class MultiTokenMixin(HeadsMixin):
     @property
     def backbone(self):
         return backbone_of(self)
+
+    @property
+    def mtp_decoder(self) -> MTPDecoder:
+        """OLMo-core's decoder: ``model.mtp_decoder.generate(input_ids, max_new_tokens, temperature, top_p)``."""
+        return MTPDecoder(self)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -267,9 +306,9 @@ class MultiTokenMixin(HeadsMixin):
             else:
                 loss, step_losses, step_acc = lm_loss, lm_loss.detach().view(1).cpu(), lm_acc.view(1).cpu()
         head_logits = self.all_head_logits(h0, input_ids) if output_head_logits and self.num_heads else None
-        return MultiTokenOutput(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, mtp_step_losses=step_losses,
-                                mtp_step_accuracy=step_acc, logits=logits, head_logits=head_logits,
-                                past_key_values=pkv)
+        return MultiTokenOutput(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, step_losses=step_losses,
+                                step_accuracy=step_acc, mtp_step_losses=named_step_losses(step_losses), logits=logits,
+                                head_logits=head_logits, past_key_values=pkv)
 
     # -- decoding hooks (transformer heads keep one KV cache per head application) ------------------------------
     def _seq_modules(self) -> bool:
@@ -413,9 +452,11 @@ def wrap_model_with_mtp(model, config=None, **overrides):
     if isinstance(config, (MTPConfig, MTPLlamaConfig)):
         config = {k: getattr(config, k) for k in MTP_FIELD_NAMES}
     fields = dict(config or {}, **overrides)
-    unknown = sorted(set(fields) - set(MTP_FIELD_NAMES))
+    unknown = sorted(set(fields) - set(MTP_FIELD_NAMES) - set(OLMO_NAMES) - set(REFUSED))
     if unknown:
-        raise ValueError(f"unknown MTP field(s) {unknown}; the fields are {list(MTP_FIELD_NAMES)}")
+        raise ValueError(f"unknown MTP field(s) {unknown}; the fields are {list(MTP_FIELD_NAMES)} (or OLMo-core's "
+                         f"{list(OLMO_NAMES)})")
     face, missing = build_face(model, MTP_FACES, **fields)
     assert all(k.startswith(("mtp_heads.", "mtp_unembed.")) for k in missing), missing
+    remember_heads(model, face)
     return face.init_heads_from_trunk()

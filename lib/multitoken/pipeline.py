@@ -48,6 +48,9 @@ DEFAULTS = dict(
     thesis_protocol_warmup=4,
     # the benchmark's targets for the fastest lossless head method: {hf: x, greedy_kv: x, efficiency: x} (None: none)
     speed_targets=None,
+    # nanochat's [training] fields (use_mtp: true/false; None: not used): they set mtp_n and the weighting
+    # (interfaces.nanochat_fields), overriding mtp_n / mtp_weighting / mtp_beta / mtp_lambda
+    use_mtp=None, mtp_n_tokens=3, mtp_weight=0.2,
 )
 
 
@@ -58,6 +61,10 @@ def config(**overrides) -> dict:
     cfg.update({k: v for k, v in overrides.items() if k in DEFAULTS})
     if cfg["model_name"] and not cfg["tokenizer_name"]:
         cfg["tokenizer_name"] = cfg["model_name"]
+    if cfg["use_mtp"] is not None:
+        from .interfaces import nanochat_fields
+
+        cfg.update(nanochat_fields(cfg["use_mtp"], cfg["mtp_n_tokens"], cfg["mtp_weight"]))
     resolve_dtype(cfg["inference_dtype"], resolve_device(cfg["device"]))
     for name in cfg["ablation_head_types"]:
         head_design(name)
@@ -239,7 +246,7 @@ def head_accuracy(model, loader, max_batches=20) -> list:
         for i, b in enumerate(loader):
             if i >= max_batches:
                 break
-            accs.append(model(**E.to_device(b, dev)).mtp_step_accuracy.tolist())
+            accs.append(model(**E.to_device(b, dev)).step_accuracy.tolist())
     return pd.DataFrame(accs).mean().tolist()
 
 

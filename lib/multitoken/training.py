@@ -77,8 +77,8 @@ class MultiHeadTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         split = "train" if model.training else "eval"
-        if getattr(outputs, "mtp_step_losses", None) is not None:
-            for k, (l, a) in enumerate(zip(outputs.mtp_step_losses.tolist(), outputs.mtp_step_accuracy.tolist())):
+        if getattr(outputs, "step_losses", None) is not None:
+            for k, (l, a) in enumerate(zip(outputs.step_losses.tolist(), outputs.step_accuracy.tolist())):
                 self._acc[split][f"head{k}_loss"].append(l)
                 self._acc[split][f"head{k}_acc"].append(a)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
