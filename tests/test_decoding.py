@@ -278,7 +278,21 @@ def test_fastpath_matmul_layouts_agree_and_follow_weight_updates(monkeypatch):
         conv.weight.mul_(2.0)  # the cached (N, K) copy must follow the parameter
     x = torch.randn(3, 16)
     torch.testing.assert_close(fastpath.matmul(x, conv.weight, conv.bias), conv(x))
-    assert isinstance(fastpath._TRANSPOSED_FASTER, dict)
+
+
+def test_layout_choice_is_timed_once_per_shape_recorded_and_replayed(monkeypatch):
+    from multitoken import fastpath
+
+    monkeypatch.setattr(fastpath, "_TRANSPOSED_FASTER", {})
+    calls = []
+    monkeypatch.setattr(fastpath, "_layout_seconds", lambda m, k, n, dt: calls.append((m, k, n)) or (2.0, 1.0))
+    assert fastpath._transposed_faster(3, 16, 24, torch.float32) and fastpath._transposed_faster(3, 16, 24, torch.float32)
+    assert calls == [(3, 16, 24)]                                    # timed once, then remembered
+    rec = fastpath.layout_choices()
+    assert rec == [dict(rows=3, in_features=16, out_features=24, dtype="float32", transposed=True)]
+    monkeypatch.setattr(fastpath, "_TRANSPOSED_FASTER", {})
+    fastpath.use_layout_choices(rec)                                 # another process: the same layout, not retimed
+    assert fastpath._transposed_faster(3, 16, 24, torch.float32) and calls == [(3, 16, 24)]
 
 
 def test_medusa_batched_drafting_equals_one_head_at_a_time():
@@ -319,7 +333,21 @@ def test_mtp_batched_drafting_equals_one_head_at_a_time(kw):
 def test_layout_timings_cover_every_shape_and_row_count():
     from multitoken import fastpath
 
-    t = fastpath.layout_timings([(8, 16), (16, 8)], rows=(1, 3))
+    real = fastpath._layout_seconds
+    seen = []
+
+    def fake(m, k, n, dtype=torch.float32, reps=10):
+        seen.append((m, k, n, reps))
+        return m * 1e-6 * reps, 2 * m * 1e-6 * reps                   # known seconds for reps products
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fastpath, "_layout_seconds", fake)
+    try:
+        t = fastpath.layout_timings([(8, 16), (16, 8)], rows=(1, 3), reps=50)
+    finally:
+        mp.undo()
     assert [(r["in_features"], r["out_features"], r["rows"]) for r in t] == [(8, 16, 1), (8, 16, 3), (16, 8, 1),
                                                                             (16, 8, 3)]
-    assert all(r["row_major_us"] > 0 and r["transposed_us"] > 0 for r in t)
+    assert [r["row_major_us"] for r in t] == pytest.approx([1, 3, 1, 3])   # microseconds per product
+    assert [r["transposed_us"] for r in t] == pytest.approx([2, 6, 2, 6]) and all(x[3] == 50 for x in seen)
+    row, tr = real(4, 32, 64, reps=3)                                 # and the real timer times something
+    assert row > 0 and tr > 0

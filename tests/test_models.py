@@ -67,13 +67,16 @@ def test_memory_efficient_gradients_equal_naive(v):
     ids = torch.randint(2, V, (2, 11))
     labels = ids.clone()
     labels[:, :3] = -100
-    grads = []
+    grads, losses, totals = [], [], []
     for eff in (False, True):
         model = mtp(**v, memory_efficient_loss=eff, num_predict_tokens=4, initializer_range=0.1).train()
         out = model(ids, labels=labels)
         (out.loss * 0.7).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        losses = out.step_losses
+        losses.append(out.step_losses)
+        totals.append(out.loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)   # every head's loss, both ways
+    torch.testing.assert_close(totals[0], totals[1], rtol=1e-5, atol=1e-6)
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)

@@ -1,4 +1,6 @@
 """The thesis' own designs (multitoken.thesis): its layout, its leak, its loops, its collator and timing protocol."""
+import itertools
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -97,19 +99,34 @@ def test_thesis_mtp_loop_equals_head1_greedy_when_causal_and_overshoots(base):
     assert torch.equal(new[:stop], ref[:stop])      # greedy up to greedy's EOS, which the loop ignores
 
 
-def test_thesis_medusa_loop_runs_and_reports_whether_it_kept_greedy():
+def test_thesis_medusa_loop_keeps_what_typical_acceptance_keeps_on_context_free_branches():
+    """One cycle of the thesis' Medusa loop against an independent computation of its rule: the backbone's token,
+    then every combination of the heads' top-k as a branch, scored by the backbone on the branch alone (no prompt),
+    the branch keeping the longest prefix of tokens with p >= max(eps, threshold * exp(-entropy)) appended."""
     from conftest import medusa
 
-    model = medusa(num_medusa_heads=4, initializer_range=0.4, seed=4)
-    ids = torch.randint(2, V, (1, 6), generator=torch.Generator().manual_seed(4))
-    out, st = TH.thesis_medusa_generate(model, ids, 25)
-    assert 1 <= st["new_tokens"] <= 25 and st["tokens_per_cycle"] >= 1
+    for seed in range(3):
+        model = medusa(num_medusa_heads=3, initializer_range=0.4, seed=seed)
+        ids = torch.randint(2, V, (1, 6), generator=torch.Generator().manual_seed(seed))
+        out, st = TH.thesis_medusa_generate(model, ids, 1 + 3, branching=(3, 2, 2), threshold=0.2, epsilon=1e-4)
+        with torch.no_grad():
+            o = model(ids, output_head_logits=True)
+            x0 = int(o.logits[0, -1].argmax())
+            tops = [h[0, -1].topk(k).indices.tolist() for h, k in zip(o.head_logits, (3, 2, 2))]
+            best, keep = None, -1
+            for combo in itertools.product(*tops):
+                branch = torch.tensor([[x0, *combo]])
+                logp = torch.log_softmax(model(branch).logits[0].float(), -1)
+                ent = -(logp.exp() * logp).sum(-1)
+                k = 0
+                while k < 3 and logp[k, combo[k]].exp() >= max(1e-4, 0.2 * float(torch.exp(-ent[k]))):
+                    k += 1
+                if k > keep:
+                    best, keep = [x0, *combo[:k]], k
+        assert out[0, 6:6 + len(best)].tolist() == best, seed               # its first cycle, exactly
     ref = hf(model, ids, 25)[0, 6:].tolist()
-    got = out[0, 6:].tolist()
-    assert got[0] == ref[0]          # the backbone's own next token always comes first
-    same = got == ref[: len(got)]
-    # typical acceptance on context-free branches: on this random model it leaves greedy (it is not lossless)
-    assert not same
+    full, _ = TH.thesis_medusa_generate(model, ids, 25)
+    assert full[0, 6] == ref[0]                                           # the backbone's own token comes first
 
 
 def test_thesis_collator_scores_padding_as_eos():
@@ -119,13 +136,31 @@ def test_thesis_collator_scores_padding_as_eos():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
 
 
-def test_protocol_reports_both_speedups(base):
-    model = TH.from_gpt2(base, 3).eval()
-    prompts = [torch.randint(2, V, (4,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    plain = lambda ids, n: (hf(model, ids, n), {})  # noqa: E731
-    methods = {"ntp_generate": (plain, "cpu"), "thesis_mtp": (lambda ids, n: TH.thesis_mtp_generate(model, ids, n), "cpu")}
-    rows = {r["method"]: r for r in TH.protocol(methods, prompts, runs=2, new_tokens=12, warmup_tokens=4)}
-    b = rows["ntp_generate"]
-    assert b["calls"] == 6 and b["speedup_time_ratio"] == pytest.approx(1.0) and b["speedup_tps"] == pytest.approx(1.0)
-    t = rows["thesis_mtp"]
-    assert t["tokens_per_call"] >= 12 and t["speedup_time_lo"] <= t["speedup_time_ratio"] <= t["speedup_time_hi"]
+def test_protocol_times_the_thesis_way_with_intervals_over_prompts(monkeypatch):
+    """Known times: the baseline takes 2 s per call and emits 10 tokens; the method 1 s (3 s on prompt 2) and emits
+    20. Table 1's time ratio = mean baseline time / mean method time; tokens/s ratio apart; the interval resamples the
+    3 prompts (so it spans the slow prompt), and the methods run in a fresh order per call."""
+    order = []
+
+    def fake_timed(fn, ids, dev):
+        seq, st = fn(ids)
+        name, prompt = st["name"], int(ids[0, 0])
+        order.append(name)
+        return seq, st, (2.0 if name == "base" else 3.0 if prompt == 2 else 1.0)
+
+    monkeypatch.setattr(TH, "timed", fake_timed)
+
+    def method(name, n_out):
+        return (lambda ids, n: (torch.cat([ids, torch.zeros(1, n_out, dtype=torch.long)], 1), {"name": name}), "cpu")
+    prompts = [torch.tensor([i, 7, 7]) for i in range(3)]
+    rows = {r["method"]: r for r in TH.protocol({"base": method("base", 10), "fast": method("fast", 20)}, prompts,
+                                                runs=4, new_tokens=10, warmup_tokens=2, baseline="base")}
+    f = rows["fast"]
+    assert f["calls"] == 12 and f["prompts"] == 3 and f["mean_s_per_call"] == pytest.approx(5 / 3)
+    assert f["speedup_time_ratio"] == pytest.approx(2.0 / (5 / 3))          # 1.2
+    assert f["speedup_tps"] == pytest.approx((20 / (5 / 3)) / (10 / 2.0))  # 2.4: twice the tokens per call
+    assert f["speedup_time_lo"] == pytest.approx(2 / 3) and f["speedup_time_hi"] == pytest.approx(2.0)  # all slow / fast
+    assert rows["base"]["speedup_time_lo"] == rows["base"]["speedup_time_hi"] == 1.0
+    calls = order[2:]                                                      # after the two warm-ups
+    pairs = {tuple(calls[i: i + 2]) for i in range(0, len(calls), 2)}
+    assert pairs == {("base", "fast"), ("fast", "base")}                    # the order is drawn, not fixed

@@ -23,12 +23,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GPT2LMHeadModel, LlamaForCausalLM
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
 from . import fastpath
 
 ATTENTION = ("sdpa", "eager")
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views into a buffer that doubles when full: appending costs the
+    new tokens, not a copy of the whole cache (``DynamicLayer`` concatenates at every update, quadratic over a
+    generation). ``keys`` / ``values`` stay ordinary tensors of the cached length; a caller that shortens them by
+    slicing (the engine's compaction, the MTP modules' cropping) keeps the buffer, since the slice starts where it
+    does; one that assigns another tensor makes the next update copy it into a fresh buffer."""
+
+    MIN_CAPACITY = 64
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        buf = getattr(self, "_buf", None)
+        L, n = self.keys.shape[-2] if self.keys.dim() > 1 else 0, key_states.shape[-2]
+        mine = buf is not None and L and self.keys.data_ptr() == buf[0].data_ptr() and self.keys.stride() == buf[0] \
+            .stride()
+        if buf is None or (L and not mine) or L + n > buf[0].shape[-2]:
+            cap = max(L + n, 2 * (buf[0].shape[-2] if buf is not None else 0), self.MIN_CAPACITY)
+            new = tuple(t.new_empty((*t.shape[:-2], cap, t.shape[-1])) for t in (key_states, value_states))
+            if L:
+                new[0][..., :L, :], new[1][..., :L, :] = self.keys, self.values
+            self._buf = buf = new
+        buf[0][..., L: L + n, :], buf[1][..., L: L + n, :] = key_states, value_states
+        self.keys, self.values = buf[0][..., : L + n, :], buf[1][..., : L + n, :]
+        return self.keys, self.values
+
+
+class GrowingCache(DynamicCache):
+    """A ``DynamicCache`` of :class:`GrowingLayer`\ s (the engine's cache: O(new tokens) appends, in-place compaction)."""
+
+    def __init__(self):
+        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
 
 
 class Backbone:
@@ -72,7 +107,7 @@ class Backbone:
 
     @staticmethod
     def new_cache() -> DynamicCache:
-        return DynamicCache()
+        return GrowingCache()
 
     @staticmethod
     def _past(cache, layer_idx: int = 0) -> int:

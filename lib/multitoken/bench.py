@@ -10,6 +10,7 @@ import sys
 
 import pandas as pd
 import torch
+from transformers import DynamicCache
 
 from . import fastpath, pipeline, report
 from .utils import write_json
@@ -33,7 +34,40 @@ def decoding_bench(cfg):
         t = pd.DataFrame(fastpath.layout_timings([(d, 3 * d), (d, 4 * d), (4 * d, d), (d, v)]))
         write_json(pipeline.paths(cfg)["results"] / "matmul_layouts.json", t.round(1).to_dict("records"))
         print("\nmatmul time per layout (µs):\n" + t.round(1).to_string(index=False))
-    print(f"\nwritten: {pipeline.paths(cfg)['results'] / 'decoding_benchmark.json'}, speed_targets.json")
+    lengths = length_bench(models["ntp"], pipeline.context_size(cfg))
+    write_json(pipeline.paths(cfg)["results"] / "length_benchmark.json", lengths)
+    print("\ntokens/s by output length (greedy_kv, one prompt, EOS ignored):\n" + pd.DataFrame(lengths).to_string(index=False))
+    print(f"\nwritten: {pipeline.paths(cfg)['results'] / 'decoding_benchmark.json'}, speed_targets.json, "
+          "length_benchmark.json")
+    return rows
+
+
+def length_bench(model, context: int, lengths=(64, 256, 1024), prompt_len: int = 16, chain_model=None) -> list[dict]:
+    """Tokens/s of this engine without drafts at growing output lengths, with its cache (``GrowingCache``: appends
+    cost the new tokens, compaction is in place) and with transformers' ``DynamicCache`` (which concatenates the whole
+    cache at every step), interleaved: the per-token cost should not grow with the output length. Lengths that do
+    not fit the context are left out."""
+    import time
+
+    from .backbones import backbone_of
+    from .decoding import speculative_generate
+
+    bb = backbone_of(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(next(model.parameters()).device)
+    rows = []
+    for n in [n for n in lengths if prompt_len + n <= context]:
+        row = {"new_tokens": n}
+        for name, cache in (("growing_cache", None), ("dynamic_cache", DynamicCache)):
+            if cache is not None:
+                bb.new_cache = cache                           # this adapter instance only, undone below
+            try:
+                t0 = time.perf_counter()
+                speculative_generate(model, ids, n, tree="none", eos_token_id=[])
+                row[f"{name}_tokens_per_s"] = round(n / (time.perf_counter() - t0), 1)
+            finally:
+                bb.__dict__.pop("new_cache", None)
+        rows.append(row)
     return rows
 
 

@@ -24,8 +24,30 @@ _CALC = re.compile(r"<<[^<>]*>>")
 _FINAL = re.compile(r"^####\s*(.+?)\s*$")
 
 
-def format_prompt(query: str) -> str:
+PROMPT_FORMATS = ("alpaca", "chat")
+
+
+def format_prompt(query: str, tokenizer=None, style: str | None = None) -> str:
+    """The prompt for ``query``: MetaMath's Alpaca-style prompt (``alpaca``, the thesis'), or the tokenizer's own chat
+    template, one user turn then the assistant's (``chat``: what an instruction-tuned model such as
+    SmolLM2-135M-Instruct was trained on). ``style`` defaults to the tokenizer's ``workbook_prompt`` (set by
+    :func:`set_prompt_format`), else ``alpaca``."""
+    style = style or getattr(tokenizer, "workbook_prompt", "alpaca")
+    if style == "chat":
+        return tokenizer.apply_chat_template([{"role": "user", "content": query}], tokenize=False,
+                                             add_generation_prompt=True)
     return PROMPT.format(query=query)
+
+
+def set_prompt_format(tokenizer, style: str):
+    """Make ``style`` the prompt format every later ``format_prompt(query, tokenizer)`` uses with this tokenizer."""
+    if style not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt_format {style!r}: one of {PROMPT_FORMATS}")
+    if style == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template (this one has none); use "
+                         "'alpaca'")
+    tokenizer.workbook_prompt = style
+    return tokenizer
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -170,11 +192,11 @@ def build_tokenizer(train_texts=None, name: str | None = None, vocab_size: int =
     return tok
 
 
-def encode_examples(queries, responses, tokenizer, max_seq_len: int = 512) -> dict:
-    """Prompt + response + EOS, truncated to ``max_seq_len``; labels are -100 on the prompt. Column lists
-    (``input_ids``, ``labels``, ``prompt_len``), as ``datasets.map(batched=True)`` wants them."""
+def encode_examples(queries, responses, tokenizer, max_seq_len: int = 512, style: str | None = None) -> dict:
+    """Prompt (:func:`format_prompt`) + response + EOS, truncated to ``max_seq_len``; labels are -100 on the prompt.
+    Column lists (``input_ids``, ``labels``, ``prompt_len``), as ``datasets.map(batched=True)`` wants them."""
     eos = tokenizer.eos_token_id
-    prompts = tokenizer([format_prompt(q) for q in queries], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([format_prompt(q, tokenizer, style) for q in queries], add_special_tokens=False)["input_ids"]
     answers = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     out = {"input_ids": [], "labels": [], "prompt_len": []}
     for p, a in zip(prompts, answers):
@@ -184,13 +206,13 @@ def encode_examples(queries, responses, tokenizer, max_seq_len: int = 512) -> di
     return out
 
 
-def tokenize_dataset(ds, tokenizer, max_seq_len: int = 512):
+def tokenize_dataset(ds, tokenizer, max_seq_len: int = 512, style: str | None = None):
     """:func:`encode_examples` over a ``Dataset`` or ``DatasetDict`` (examples whose prompt fills the whole length
     are dropped)."""
     from datasets import DatasetDict
 
     def encode(batch):
-        return encode_examples(batch["query"], batch["response"], tokenizer, max_seq_len)
+        return encode_examples(batch["query"], batch["response"], tokenizer, max_seq_len, style)
 
     cols = ds["train"].column_names if isinstance(ds, DatasetDict) else ds.column_names
     out = ds.map(encode, batched=True, remove_columns=cols, desc="tokenize")
@@ -271,13 +293,17 @@ def create_custom_dataloader(dataset_path, tokenizer, max_seq_len: int = 512, ba
 
 def prepare(run_dir: str | Path, source: str = "synthetic", max_examples: int | None = 2000, seed: int = 0,
             tokenizer_name: str | None = None, vocab_size: int = 4096, max_seq_len: int = 256,
-            val_fraction: float = 0.1, test_examples: int | None = None, first_examples: bool = False) -> dict:
-    """Load the data, build the tokenizer, tokenize, and save all three under ``run_dir/data``."""
+            val_fraction: float = 0.1, test_examples: int | None = None, first_examples: bool = False,
+            prompt_format: str = "alpaca") -> dict:
+    """Load the data, build the tokenizer, tokenize (prompts in ``prompt_format``), and save all three under
+    ``run_dir/data`` (the format beside the tokenizer, ``prompt_format.txt``)."""
     out = Path(run_dir) / "data"
     ds = load_metamathqa(source, max_examples=max_examples, seed=seed, val_fraction=val_fraction,
                          test_examples=test_examples, first_examples=first_examples)
     texts = (format_prompt(q) + r for q, r in zip(ds["train"]["query"], ds["train"]["response"]))
     tokenizer = build_tokenizer(texts, name=tokenizer_name, vocab_size=vocab_size, save_dir=out / "tokenizer")
+    set_prompt_format(tokenizer, prompt_format)
+    (out / "tokenizer" / "prompt_format.txt").write_text(prompt_format + "\n")
     tokenized = tokenize_dataset(ds, tokenizer, max_seq_len)
     ds.save_to_disk(str(out / "raw"))
     tokenized.save_to_disk(str(out / "tokenized"))
@@ -292,5 +318,8 @@ def load_prepared(run_dir: str | Path) -> dict:
     for sub in ("raw", "tokenized", "tokenizer"):
         if not (out / sub).exists():
             raise FileNotFoundError(f"{out / sub} is missing: run notebooks/00_data.ipynb for this profile first")
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    fmt = out / "tokenizer" / "prompt_format.txt"
+    set_prompt_format(tok, fmt.read_text().strip() if fmt.exists() else "alpaca")
     return {"raw": load_from_disk(str(out / "raw")), "tokenized": load_from_disk(str(out / "tokenized")),
-            "tokenizer": AutoTokenizer.from_pretrained(str(out / "tokenizer"))}
+            "tokenizer": tok}

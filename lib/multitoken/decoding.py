@@ -93,6 +93,31 @@ def _eos_set(model, eos_token_id):
     return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
 
+# generation settings `generate` would apply that this engine does not: (neutral value, applies only when sampling)
+UNSUPPORTED = {"repetition_penalty": (1.0, False), "encoder_repetition_penalty": (1.0, False),
+               "no_repeat_ngram_size": (0, False), "encoder_no_repeat_ngram_size": (0, False),
+               "bad_words_ids": (None, False), "min_length": (0, False), "min_new_tokens": (0, False),
+               "suppress_tokens": (None, False), "begin_suppress_tokens": (None, False),
+               "forced_bos_token_id": (None, False), "forced_eos_token_id": (None, False), "sequence_bias": (None, False),
+               "exponential_decay_length_penalty": (None, False), "guidance_scale": (1.0, False),
+               "watermarking_config": (None, False), "stop_strings": (None, False), "num_beams": (1, False),
+               "penalty_alpha": (None, False), "dola_layers": (None, False), "top_k": (0, True),
+               "typical_p": (1.0, True), "epsilon_cutoff": (0.0, True), "eta_cutoff": (0.0, True), "min_p": (None, True)}
+
+
+def check_generation_config(model, sampling: bool) -> None:
+    """Refuse, naming it, any setting of the model's ``generation_config`` that ``generate`` would apply and this
+    engine does not (a repetition penalty, an n-gram ban, a minimum length, suppressed tokens, top-k when sampling,
+    ...): with one, the engine's output would differ from ``generate``'s without a word."""
+    gc = getattr(model, "generation_config", None)
+    bad = [f"{k}={getattr(gc, k)!r}" for k, (neutral, when_sampling) in UNSUPPORTED.items()
+           if gc is not None and getattr(gc, k, None) not in (None, neutral) and (sampling or not when_sampling)]
+    if bad:
+        raise ValueError(f"the model's generation_config sets {', '.join(bad)}, which generate() applies and this "
+                         "engine does not (its output would differ from generate's): unset it "
+                         "(model.generation_config.<name> = None) or decode with generate()")
+
+
 def model_device(model) -> torch.device:
     """The device of the model's (first) parameters: where the engine makes every tensor (the CPU for a
     parameter-free model)."""
@@ -107,35 +132,39 @@ def sync(device) -> None:
 
 
 def _compact(caches, L: int, keep: list[int]):
-    """Keep the prefix (L entries) and the step-local positions ``keep`` in every layer of every cache."""
-    contiguous = keep == list(range(len(keep)))
-    idx = None
+    """Keep the prefix (L entries) and the step-local positions ``keep`` in every layer of every cache, in place:
+    the kept slots move to [L, L + k) and the rest is cut off, so a step costs O(k) whatever the cache's length (a
+    ``torch.cat`` of the prefix would copy the whole cache at every step)."""
+    k, idx = len(keep), None
+    contiguous = keep == list(range(k))
     for cache in caches:
         for layer in cache.layers:
-            if not contiguous and idx is None:
-                idx = torch.tensor(keep, device=layer.keys.device) + L
-            if contiguous:
-                layer.keys, layer.values = layer.keys[..., : L + len(keep), :], layer.values[..., : L + len(keep), :]
-            else:
-                layer.keys = torch.cat([layer.keys[..., :L, :], layer.keys.index_select(-2, idx)], -2)
-                layer.values = torch.cat([layer.values[..., :L, :], layer.values.index_select(-2, idx)], -2)
+            if not contiguous:
+                if idx is None:
+                    idx = torch.tensor(keep, device=layer.keys.device) + L
+                for t in (layer.keys, layer.values):
+                    t[..., L: L + k, :] = t.index_select(-2, idx)        # gathered first: the slots may overlap
+            layer.keys, layer.values = layer.keys[..., : L + k, :], layer.values[..., : L + k, :]
 
 
-def _greedy_accept(tree: Tree, tt, cand: torch.Tensor, pred: torch.Tensor):
-    """Deepest node whose whole path matches the model's argmax; returns the accepted node indices (1-based).
-    ``tt`` is ``tree.on(device)``."""
+def _greedy_best(tree: Tree, tt, cand: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """The deepest node whose whole path matches the model's argmax, as a 0-d tensor (0: none), so the step can
+    read it with the rest in one host sync. ``tt`` is ``tree.on(device)``."""
     hit = cand == pred[tt.parents]                                          # (N,) node token == argmax at parent
     if tree.is_chain:                                                       # nodes 1..N in order: a prefix
-        n = int(hit.long().cumprod(0).sum())
-        return list(range(1, n + 1))
+        return hit.long().cumprod(0).sum()
     ok = (tt.path_matrix @ (~hit).float()) == 0                              # every node on the path matches
-    if not ok.any():
-        return []
-    best = int(torch.where(ok, tt.depths, 0).argmax()) + 1
+    return torch.where(ok.any(), torch.where(ok, tt.depths, 0).argmax() + 1, 0)
+
+
+def _path_to(tree: Tree, node: int) -> list[int]:
+    """The step-local indices of ``node``'s path from the root (1-based; ``[]`` for the root)."""
+    if tree.is_chain:
+        return list(range(1, node + 1))
     path = []
-    while best:
-        path.append(best)
-        best = tree.parents[best]
+    while node:
+        path.append(node)
+        node = tree.parents[node]
     return path[::-1]
 
 
@@ -197,9 +226,13 @@ def _generate_row(model, ids, max_new_tokens, temperature, top_p, tree, eos, n_p
         logits, ctx = model.spec_forward(step, caches, pos, mask)           # (1, N+1, V)
         stats["forward_passes"] += 1
         if greedy:
-            pred = logits[0].argmax(-1)
-            path = _greedy_accept(t, tt, cand, pred) if len(t) else []
-            x_next = int(pred[path[-1] if path else 0])
+            pred = logits[0].argmax(-1)                                      # (N+1,)
+            if len(t):  # the step's one host sync: the accepted node, the drafts and the argmaxes together
+                host = torch.cat([_greedy_best(t, tt, cand, pred).view(1), cand, pred]).tolist()
+                path, cand, pred = _path_to(t, host[0]), host[1: 1 + len(t)], host[1 + len(t):]
+            else:
+                path, pred = [], pred.tolist()
+            x_next = pred[path[-1] if path else 0]
         else:
             probs = target_probs(logits[0], temperature, top_p)
             path, x_next = _sample_accept(t, cand, probs, gen) if len(t) else (
@@ -209,7 +242,7 @@ def _generate_row(model, ids, max_new_tokens, temperature, top_p, tree, eos, n_p
             stats["head_hits"][d] += int(d < len(path))
         done = False
         for node in path:
-            out.append(int(cand[node - 1]))
+            out.append(int(cand[node - 1]))                                  # a host list when greedy
             if out[-1] in eos or len(out) >= max_new_tokens:
                 done = True
                 break
@@ -255,6 +288,7 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
         raise ValueError(f"generator is on {generator.device} but the model on {dev}: "
                          f"use torch.Generator(device={str(dev)!r})")
     tree = parse_tree(tree, model.num_heads)
+    check_generation_config(model, sampling=temperature > 0)
     input_ids = input_ids.to(dev)
     if attention_mask is not None:
         attention_mask = attention_mask.to(dev)

@@ -64,6 +64,20 @@ def layout_timings(shapes, rows=(1, 2, 4, 5, 8, 16), reps: int = 200) -> list[di
     return out
 
 
+def layout_choices() -> list[dict]:
+    """The layout this process chose per shape (timed once each): what a benchmark ran with, recorded beside its
+    results (``results/matmul_layout_choices.json``); :func:`use_layout_choices` replays them in another process."""
+    return [dict(rows=m, in_features=k, out_features=n, dtype=str(dt).replace("torch.", ""), transposed=t)
+            for (m, k, n, dt), t in sorted(_TRANSPOSED_FASTER.items(), key=str)]
+
+
+def use_layout_choices(choices: list[dict]) -> None:
+    """Take recorded choices instead of timing: the same layouts, so the same float32 rounding, in a new process."""
+    for c in choices:
+        _TRANSPOSED_FASTER[(c["rows"], c["in_features"], c["out_features"], getattr(torch, c["dtype"]))] = \
+            c["transposed"]
+
+
 def _weight_nk(w):
     """A (K, N) weight's contiguous (N, K) copy, cached on the parameter until it changes."""
     cached = getattr(w, "_fastpath_nk", None)

@@ -11,6 +11,7 @@ import torch
 
 from . import data as D
 from . import evaluation as E
+from . import fastpath
 from . import pretrained as P
 from . import report as R
 from . import stats as S
@@ -22,12 +23,14 @@ from .utils import repo_root, resolve_device, resolve_dtype, sha256_of, write_cs
 
 VARIANTS = ("ntp", "mtp", "medusa", "mtp_seq")
 HEADED = VARIANTS[1:]  # the variants with heads that draft
-NOTEBOOK_OF = {"ntp": "01_train_ntp", "mtp": "02_train_mtp", "medusa": "03_train_medusa", "mtp_seq": "03_train_medusa"}
+FROZEN = ("medusa", "mtp_seq")  # heads on the frozen NTP model: its next-token logits, so its greedy answers
+NOTEBOOK_OF = {"ntp": "01_train_ntp", "mtp": "02_train_mtp", "medusa": "03_train_medusa", "mtp_seq": "03_train_medusa",
+               "base": "00_data"}
 
 DEFAULTS = dict(
     profile="smoke", source="synthetic", max_examples=240, first_examples=False, seed=0, val_fraction=0.1,
     test_examples=None,
-    tokenizer_name=None, vocab_size=512,
+    tokenizer_name=None, vocab_size=512, prompt_format="alpaca",
     max_seq_len=192, model_name=None, model_vocab_size=None, n_layer=2, n_embd=64, n_head=2, n_positions=256,
     batch_size=8, eval_steps=20, logging_steps=5, max_steps=-1,
     ntp_epochs=1, ntp_lr=3e-3, ntp_grad_accum=1,
@@ -48,6 +51,19 @@ DEFAULTS = dict(
     thesis_protocol_warmup=4,
     # the benchmark's targets for the fastest lossless head method: {hf: x, greedy_kv: x, efficiency: x} (None: none)
     speed_targets=None,
+    # quality: answers in batches of this many rows through HF generate (1: the engine, row by row), in quality_dtype
+    # (None: inference_dtype); reuse_frozen: MEDUSA-1 / MTP modules take NTP's answers and NLLs (identical by
+    # construction; checked on the first batches)
+    quality_batch=1, quality_dtype=None, reuse_frozen=True,
+    # the decoding benchmark in these dtypes too (besides inference_dtype: results/decoding_benchmark_<dtype>.json);
+    # frozen_hf_baselines: time HF generate of MEDUSA-1 / MTP modules too (their backbone is NTP's: same outputs)
+    bench_extra_dtypes=[], frozen_hf_baselines=True,
+    # new tokens per benchmark call (None: max_new_tokens, which answers use); tree kinds of the validation sweep
+    bench_max_new_tokens=None, tree_kinds=["fitted", "medusa"],
+    # self-distillation in this dtype (None: inference_dtype), batched; notebook 07's arms decode in thesis_dtype
+    distill_dtype=None, distill_batch=16, thesis_dtype=None,
+    # training on the CPU under bf16 autocast (else fp32)
+    cpu_bf16=False,
     # nanochat's [training] fields (use_mtp: true/false; None: not used): they set mtp_n and the weighting
     # (interfaces.nanochat_fields), overriding mtp_n / mtp_weighting / mtp_beta / mtp_lambda
     use_mtp=None, mtp_n_tokens=3, mtp_weight=0.2,
@@ -84,6 +100,16 @@ def context_size(cfg) -> int:
     return AutoConfig.from_pretrained(P.model_dir(str(cfg["model_name"]))).max_position_embeddings
 
 
+def bench_tokens(cfg) -> int:
+    return cfg["bench_max_new_tokens"] or cfg["max_new_tokens"]
+
+
+def variants(cfg) -> tuple:
+    """The rows of the quality table: ``base`` (the pretrained model as installed, no fine-tuning) where the profile
+    starts from one, then the four trained variants."""
+    return (("base",) if cfg["model_name"] else ()) + VARIANTS
+
+
 def family(cfg) -> str:
     """The backbone family the profile's models belong to ('gpt2' for the from-scratch profiles)."""
     return P.family(str(cfg["model_name"])) if cfg["model_name"] else "gpt2"
@@ -105,7 +131,8 @@ def run_data(cfg) -> dict:
     return D.prepare(p["run"], source=cfg["source"], max_examples=cfg["max_examples"], seed=cfg["seed"],
                      tokenizer_name=cfg["tokenizer_name"], vocab_size=cfg["vocab_size"],
                      max_seq_len=cfg["max_seq_len"], val_fraction=cfg["val_fraction"],
-                     test_examples=cfg["test_examples"], first_examples=cfg["first_examples"])
+                     test_examples=cfg["test_examples"], first_examples=cfg["first_examples"],
+                     prompt_format=cfg["prompt_format"])
 
 
 def loaders(cfg):
@@ -123,7 +150,7 @@ def _common(cfg, prefix):
     return dict(num_train_epochs=cfg[f"{prefix}_epochs"], learning_rate=cfg[f"{prefix}_lr"],
                 gradient_accumulation_steps=cfg[f"{prefix}_grad_accum"] if f"{prefix}_grad_accum" in cfg else 1,
                 eval_steps=cfg["eval_steps"], logging_steps=cfg["logging_steps"], max_steps=cfg["max_steps"],
-                seed=cfg["seed"], warmup_steps=cfg["warmup_steps"], device=device(cfg))
+                seed=cfg["seed"], warmup_steps=cfg["warmup_steps"], device=device(cfg), cpu_bf16=cfg["cpu_bf16"])
 
 
 def model_config(cfg):
@@ -185,37 +212,45 @@ def mtpseq_fields(cfg) -> dict:
 def distilled_loaders(cfg, prep, tok):
     """Medusa's self-distillation data: the frozen NTP model's greedy continuations of the first
     ``medusa_max_examples`` training prompts and of the validation prompts, as long as decoding will verify
-    (``max_new_tokens``, within ``max_seq_len``). Generated once per NTP checkpoint and cached under
+    (``bench_max_new_tokens``, within ``max_seq_len``). Generated once per NTP checkpoint and cached under
     ``runs/<profile>/data/distilled/``: MEDUSA-1's heads and the MTP modules train on the same text."""
     from datasets import load_from_disk
 
     base = _ntp_checkpoint(paths(cfg))
-    n_new = min(cfg["max_new_tokens"], cfg["max_seq_len"])
+    n_new = min(bench_tokens(cfg), cfg["max_seq_len"])
     key = dict(model_sha256=sha256_of(base / "model.safetensors"), max_new_tokens=n_new,
-               max_examples=cfg["medusa_max_examples"])
+               max_examples=cfg["medusa_max_examples"], dtype=cfg["distill_dtype"] or cfg["inference_dtype"])
     cache = paths(cfg)["run"] / "data" / "distilled"
     meta = cache / "key.json"
     if not (meta.exists() and json.loads(meta.read_text()) == key):
-        model = P.load_model(str(base), device=device(cfg))
+        dev = device(cfg)
+        model = P.load_model(str(base), dtype=resolve_dtype(cfg["distill_dtype"] or cfg["inference_dtype"], dev),
+                             device=dev)
         for split in ("train", "validation"):
             raw = prep["raw"][split]
             if split == "train" and cfg["medusa_max_examples"] and len(raw) > cfg["medusa_max_examples"]:
                 raw = raw.select(range(cfg["medusa_max_examples"]))  # already shuffled by the split
-            T.self_distill(model, tok, raw, max_new_tokens=n_new).save_to_disk(str(cache / split))
+            T.self_distill(model, tok, raw, max_new_tokens=n_new, batch_size=cfg["distill_batch"]).save_to_disk(
+                str(cache / split))
         write_json(meta, key)
     return tuple(D.make_dataloader(D.tokenize_dataset(load_from_disk(str(cache / split)), tok, cfg["max_seq_len"]),
                                    tok, cfg["batch_size"], split == "train") for split in ("train", "validation"))
 
 
-def load_variant(cfg, variant: str):
-    """A trained variant on the profile's device (``device``) in its ``inference_dtype``, in eval mode."""
+def load_variant(cfg, variant: str, dtype: str | None = None):
+    """A trained variant on the profile's device (``device``) in ``dtype`` (default: its ``inference_dtype``), in eval
+    mode."""
+    dtype = dtype or cfg["inference_dtype"]
+    if variant == "base":
+        dev = device(cfg)
+        return P.load_model(str(cfg["model_name"]), dtype=resolve_dtype(dtype, dev), device=dev)
     d = paths(cfg)["models"] / variant / "final"
     if not d.exists():
         raise FileNotFoundError(f"{d} is missing: run notebooks/{NOTEBOOK_OF[variant]}.ipynb (profile "
                                 f"{cfg['profile']}) first")
     check_family(cfg, d)
     dev = device(cfg)
-    model = P.load_model(str(d), dtype=resolve_dtype(cfg["inference_dtype"], dev), device=dev)
+    model = P.load_model(str(d), dtype=resolve_dtype(dtype, dev), device=dev)
     want = {"ntp": None, "mtp": MultiTokenMixin, "medusa": MedusaMixin, "mtp_seq": MultiTokenMixin}[variant]
     if want is not None and not isinstance(model, want):
         raise ValueError(f"{d} holds a {type(model).__name__}, not a {variant} model: retrain it "
@@ -286,7 +321,7 @@ def eval_set(cfg, tok, prep) -> dict:
     split = eval_split(prep)
     raw = prep["raw"][split]
     raw = raw.select(range(min(cfg["eval_examples"], len(raw))))
-    prompts = [torch.tensor(tok(D.format_prompt(q), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    prompts = [torch.tensor(tok(D.format_prompt(q, tok), add_special_tokens=False)["input_ids"], dtype=torch.long)
                for q in raw["query"]]
     keep = E.fitting(prompts, context_size(cfg), 1, "evaluation")
     raw = raw.select(keep)
@@ -301,38 +336,64 @@ def variant_of(method: str) -> str:
 
 
 def decoding_methods(cfg, models: dict, trees: dict):
-    m = cfg["max_new_tokens"]
+    m = bench_tokens(cfg)
     meths = {}
     meths["hf_greedy"] = (E.hf_method(models["ntp"], m), "hf_greedy")
     for v in HEADED:
+        if v in FROZEN and not cfg["frozen_hf_baselines"]:
+            continue  # its HF generate is NTP's: the same weights, the same outputs
         meths[f"hf_greedy_{v}"] = (E.hf_method(models[v], m), f"hf_greedy_{v}")
     meths["hf_prompt_lookup"] = (E.hf_method(models["ntp"], m, prompt_lookup_num_tokens=10), "hf_greedy")
     meths["greedy_kv"] = (E.engine_method(models["ntp"], m, "none"), "hf_greedy")
     for v in HEADED:
-        meths[f"{v}_chain"] = (E.engine_method(models[v], m, "chain"), f"hf_greedy_{v}")
-        meths[f"{v}_tree"] = (E.engine_method(models[v], m, trees[v]), f"hf_greedy_{v}")
+        base = f"hf_greedy_{v}" if f"hf_greedy_{v}" in meths else "hf_greedy"
+        meths[f"{v}_chain"] = (E.engine_method(models[v], m, "chain"), base)
+        meths[f"{v}_tree"] = (E.engine_method(models[v], m, trees[v]), base)
     return meths
 
 
-def bench_trees(cfg, models, loader, budget, prompts=None):
+def bench_trees(cfg, models, loader, budget, prep=None):
     """The tree per head family for the benchmark: fitted to measured top-k accuracy (on ``loader``, the validation
-    split) under ``budget`` nodes; or with ``"auto"`` the tree that was fastest in this machine's sweep
-    (``results/tree_sweep.csv``, run on ``prompts`` if missing), fitted or Medusa's sparse tree, whichever won."""
+    split) under ``budget`` nodes; or with ``"auto"`` the tree that was fastest in this machine's sweep on the
+    validation prompts (``results/tree_sweep.csv``, run if missing), fitted or Medusa's sparse tree."""
     if budget != "auto":
         return {v: fitted_tree(head_topk_accuracy(models[v], loader), budget) for v in HEADED}
-    f = paths(cfg)["results"] / "tree_sweep.csv"
-    sweep = pd.read_csv(f) if f.exists() else run_tree_sweep(cfg, models, loader, prompts)
+    sweep = tree_sweep(cfg, models, loader, prep)
     trees = {}
     for v in HEADED:
-        best = sweep[sweep.variant == v].sort_values("speedup").iloc[-1]
+        best = sweep[(sweep.variant == v) & (sweep.tree != "chain")].sort_values("speedup").iloc[-1]
         trees[v] = (fitted_tree(head_topk_accuracy(models[v], loader), int(best.budget)) if best.tree == "fitted"
                     else medusa_tree(int(best.budget), models[v].num_heads))
     return trees
 
 
+def selection(cfg, models, loader, prep=None) -> dict:
+    """What each head family is judged by, chosen on the validation prompts' sweep (the test prompts only measure):
+    ``{variant: {"method": "<v>_chain" | "<v>_tree", "validation_speedup": x}}``."""
+    sweep = tree_sweep(cfg, models, loader, prep)
+    out = {}
+    for v in HEADED:
+        best = sweep[sweep.variant == v].sort_values("speedup").iloc[-1]
+        out[v] = {"method": f"{v}_chain" if best.tree == "chain" else f"{v}_tree",
+                  "validation_speedup": float(best.speedup), "on": f"{int(best.prompts)} validation prompts"}
+    return out
+
+
+def tree_sweep(cfg, models, loader, prep=None) -> pd.DataFrame:
+    f = paths(cfg)["results"] / "tree_sweep.csv"
+    return pd.read_csv(f) if f.exists() else run_tree_sweep(cfg, models, loader, prep=prep)
+
+
+def validation_prompts(cfg, tok, prep) -> list:
+    """Prompt ids of the validation split (what trees and chain-vs-tree are chosen on)."""
+    raw = prep["raw"]["validation"]
+    return [torch.tensor(tok(D.format_prompt(q, tok), add_special_tokens=False)["input_ids"], dtype=torch.long)
+            for q in raw["query"]]
+
+
 def bench_prompts(cfg, prompts, n):
     """The first ``n`` prompts that leave room for ``max_new_tokens`` (the others are skipped, counted in the log)."""
-    return E.fit_prompts(prompts, context_size(cfg), cfg["max_new_tokens"], "decoding benchmark")[0][:n]
+    return E.fit_prompts(prompts, context_size(cfg), bench_tokens(cfg), "decoding benchmark")[0][:n]
 
 
 def _setup(cfg, models, prep):
@@ -344,73 +405,125 @@ def _setup(cfg, models, prep):
 
 
 def run_decoding_benchmark(cfg, models=None, prep=None, write=True):
-    """The decoding benchmark table (see ``make bench``) on the evaluation split's prompts, trees fitted on the
-    validation split; writes ``results/decoding_benchmark.json``, the per-prompt times and, where an output left
-    greedy (bf16 near-ties), ``results/divergences.csv``."""
+    """The decoding benchmark table (see ``make bench``) on the evaluation split's prompts, trees and chain-vs-tree
+    chosen on the validation split; in ``inference_dtype`` (``results/decoding_benchmark.json``, with the per-prompt
+    times and, where an output left greedy, ``results/divergences.csv``) and in each of ``bench_extra_dtypes``
+    (``results/decoding_benchmark_<dtype>.json``, the same models converted)."""
+    import copy
+
     models, prep = _setup(cfg, models, prep)
+    models = {v: models[v] for v in VARIANTS}
     tok = prep["tokenizer"]
     val = D.make_dataloader(prep["tokenized"]["validation"], tok, cfg["batch_size"])
     prompts = bench_prompts(cfg, eval_set(cfg, tok, prep)["prompts"], cfg["bench_prompts"])
-    trees = bench_trees(cfg, models, val, cfg["tree_budget"], prompts)
-    meths = decoding_methods(cfg, models, trees)
-    rows, per = E.benchmark_decoding(meths, prompts, {}, warmup=cfg["bench_warmup"])
-    dev, dtype = E.model_device(models["ntp"]), next(models["ntp"].parameters()).dtype
+    trees = bench_trees(cfg, models, val, cfg["tree_budget"], prep)
+    chosen = selection(cfg, models, val, prep) if cfg["tree_budget"] == "auto" else {}
+    res, out = paths(cfg)["results"], None
+    extra = [d for d in cfg["bench_extra_dtypes"] if d != cfg["inference_dtype"]]
+    for i, name in enumerate([cfg["inference_dtype"], *extra]):
+        dt = resolve_dtype(name, device(cfg))
+        with torch.no_grad():
+            ms = models if i == 0 else {v: copy.deepcopy(m).to(dt) for v, m in models.items()}
+        rows, per = _benchmark(cfg, ms, prompts, trees, chosen)
+        if write:
+            write_json(res / ("decoding_benchmark.json" if i == 0 else f"decoding_benchmark_{name}.json"), rows)
+        if i == 0:
+            out = rows, per
+            if write:
+                write_json(res / "speed_targets.json", R.speed_targets(rows, cfg["speed_targets"]))
+                write_json(res / "matmul_layout_choices.json", fastpath.layout_choices())
+                write_csv(res / "decoding_per_prompt.csv", per.drop(columns=["seq"]))
+                div = [d for r in rows if r["identical_to_greedy"] < 1 for d in E.first_divergences(
+                    ms[variant_of(r["method"])], prompts, per, r["method"], r["baseline"])]
+                write_csv(res / "divergences.csv", div if div else pd.DataFrame(
+                    columns=["method", "prompt", "position", "top2_gap"]))
+        del ms
+    return out
+
+
+def _benchmark(cfg, models, prompts, trees, chosen):
+    dtype = next(models["ntp"].parameters()).dtype
+    rows, per = E.benchmark_decoding(decoding_methods(cfg, models, trees), prompts, {}, warmup=cfg["bench_warmup"],
+                                     desc=f"decoding benchmark ({str(dtype).replace('torch.', '')})")
+    dev = E.model_device(models["ntp"])
     info = dict(device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 dtype=str(dtype).replace("torch.", ""), torch_threads=torch.get_num_threads())
-    rows = [dict(r, tree=str(trees[variant_of(r["method"])].name) if r["method"].endswith("_tree") else None, **info)
-            for r in rows]
-    div = [d for r in rows if r["identical_to_greedy"] < 1 for d in E.first_divergences(
-        models[variant_of(r["method"])], prompts, per, r["method"], r["baseline"])]
-    if write:
-        res = paths(cfg)["results"]
-        write_json(res / "decoding_benchmark.json", rows)
-        write_json(res / "speed_targets.json", R.speed_targets(rows, cfg["speed_targets"]))
-        write_csv(res / "decoding_per_prompt.csv", per.drop(columns=["seq"]))
-        write_csv(res / "divergences.csv", div if div else pd.DataFrame(columns=["method", "prompt", "position",
-                                                                                  "top2_gap"]))
+    sel = {c["method"]: c for c in chosen.values()}
+    rows = [dict(r, tree=str(trees[variant_of(r["method"])].name) if r["method"].endswith("_tree") else None,
+                 selected=r["method"] in sel, validation_speedup=sel.get(r["method"], {}).get("validation_speedup"),
+                 **info) for r in rows]
     return rows, per
 
 
-def run_tree_sweep(cfg, models, loader, prompts):
-    """Speedup vs tree node budget (fitted trees and Medusa's sparse tree) for both head families."""
+def run_tree_sweep(cfg, models, loader, prompts=None, prep=None):
+    """Speedup vs tree node budget (fitted trees and Medusa's sparse tree) and the chain over every head, for each
+    head family, on the validation prompts (``prompts`` overrides); against HF generate of the same model."""
+    if prompts is None:
+        prep = prep if prep is not None else loaders(cfg)[3]
+        prompts = validation_prompts(cfg, prep["tokenizer"], prep)
     prompts = bench_prompts(cfg, prompts, max(2, cfg["bench_prompts"] // 2))
     out = []
     for v in HEADED:
         acc = head_topk_accuracy(models[v], loader)
-        meths = {"hf": (E.hf_method(models[v], cfg["max_new_tokens"]), "hf")}
+        m = bench_tokens(cfg)
+        meths = {"hf": (E.hf_method(models[v], m), "hf"), "chain_all": (E.engine_method(models[v], m, "chain"), "hf")}
         for b in cfg["tree_budgets"]:
-            meths[f"fitted_{b}"] = (E.engine_method(models[v], cfg["max_new_tokens"], fitted_tree(acc, b)), "hf")
-            meths[f"medusa_{b}"] = (E.engine_method(models[v], cfg["max_new_tokens"],
-                                                    medusa_tree(b, models[v].num_heads)), "hf")
-        rows, _ = E.benchmark_decoding(meths, prompts, {}, warmup=1, desc=f"tree sweep {v}")
+            if "fitted" in cfg["tree_kinds"]:
+                meths[f"fitted_{b}"] = (E.engine_method(models[v], m, fitted_tree(acc, b)), "hf")
+            if "medusa" in cfg["tree_kinds"]:
+                meths[f"medusa_{b}"] = (E.engine_method(models[v], m, medusa_tree(b, models[v].num_heads)), "hf")
+        rows, _ = E.benchmark_decoding(meths, prompts, {}, warmup=1, desc=f"tree sweep {v} (validation)")
         for r in rows[1:]:
             kind, b = r["method"].split("_")
-            out.append(dict(variant=v, tree=kind, budget=int(b), speedup=r["speedup_vs_hf_greedy"],
-                            speedup_lo=r["speedup_lo"], speedup_hi=r["speedup_hi"],
-                            mean_accepted_length=r["mean_accepted_length"], identical=r["identical_to_greedy"]))
+            out.append(dict(variant=v, tree=kind, budget=models[v].num_heads if b == "all" else int(b),
+                            speedup=r["speedup_vs_hf_greedy"], speedup_lo=r["speedup_lo"], speedup_hi=r["speedup_hi"],
+                            mean_accepted_length=r["mean_accepted_length"], identical=r["identical_to_greedy"],
+                            prompts=len(prompts), split="validation"))
     write_csv(paths(cfg)["results"] / "tree_sweep.csv", out)
     return pd.DataFrame(out)
 
 
 def run_quality(cfg, models=None, prep=None):
     """Perplexity, answer accuracy and BLEU per variant on the evaluation split, each with a 95% bootstrap interval
-    over problems, and the paired differences MTP - NTP and MEDUSA - NTP (same problems, resampled together).
-    Writes ``results/quality.json``, ``results/answers_per_problem.csv`` (1 = right) and qualitative samples."""
+    over problems, and the paired differences vs NTP (same problems, resampled together); ``base`` (the pretrained
+    model as installed) is a row of its own where the profile has one. Answers come from HF ``generate`` in batches of
+    ``quality_batch`` (1: the engine, row by row) in ``quality_dtype``; with ``reuse_frozen`` MEDUSA-1 and the MTP
+    modules take NTP's answers and NLLs, which a frozen backbone and lossless decoding make identical (checked: their
+    NLLs on the first batches must equal NTP's exactly). Writes ``results/quality.json``,
+    ``results/answers_per_problem.csv`` (1 = right) and qualitative samples."""
+    import copy
+
+    if models is None:
+        models = {v: load_variant(cfg, v) for v in variants(cfg)}
     models, prep = _setup(cfg, models, prep)
     tok = prep["tokenizer"]
     ev = eval_set(cfg, tok, prep)
     refs = ev["references"]
-    quality, samples, per = {}, [], {}
+    quality, samples, per, texts_of = {}, [], {}, {}
+    qdt = resolve_dtype(cfg["quality_dtype"], device(cfg)) if cfg["quality_dtype"] else None
     for v, model in models.items():
-        texts, _ = E.generate_responses(model, tok, ev["prompts"], cfg["max_new_tokens"], desc=f"{v}: answers")
-        nll, ntok = E.token_nll(model, ev["loader"])
-        per[v] = {"hit": E.answer_hits(texts, refs), "bleu": S.bleu_stats(texts, refs), "nll": nll, "ntok": ntok}
-        quality[v] = {"perplexity": S.perplexity_ci(nll, ntok).as_dict(),
+        if cfg["reuse_frozen"] and v in FROZEN and "ntp" in per:
+            nll, ntok = E.token_nll(model, ev["loader"], max_batches=2)
+            if nll != per["ntp"]["nll"][: len(nll)] or ntok != per["ntp"]["ntok"][: len(ntok)]:
+                raise AssertionError(f"{v}'s NLLs differ from NTP's: its backbone is not NTP's frozen one")
+            per[v], texts = dict(per["ntp"], reused="ntp"), texts_of["ntp"]
+        else:
+            with torch.no_grad():
+                gen = model if qdt is None or qdt == next(model.parameters()).dtype else copy.deepcopy(model).to(qdt)
+            texts, _ = E.generate_responses(gen, tok, ev["prompts"], cfg["max_new_tokens"], desc=f"{v}: answers",
+                                            batch_size=cfg["quality_batch"])
+            del gen
+            nll, ntok = E.token_nll(model, ev["loader"])
+            per[v] = {"hit": E.answer_hits(texts, refs), "bleu": S.bleu_stats(texts, refs), "nll": nll, "ntok": ntok}
+        texts_of[v] = texts
+        log = paths(cfg)["results"] / f"{v}_train_log.csv"
+        quality[v] = {"perplexity": S.perplexity_ci(per[v]["nll"], per[v]["ntok"]).as_dict(),
                       "accuracy": S.mean_ci(per[v]["hit"]).as_dict(),
                       "bleu": S.bootstrap(S.bleu_of_columns, *per[v]["bleu"].T).as_dict(),
-                      "n_eval": len(refs), "n_ppl": len(nll), "split": ev["split"], "skipped_prompts": ev["skipped"],
-                      "train_s_per_epoch": E.train_time_per_epoch(paths(cfg)["results"] / f"{v}_train_log.csv"),
-                      "head_top1": head_accuracy(model, ev["loader"]) if v != "ntp" else None,
+                      "n_eval": len(refs), "n_ppl": len(per[v]["nll"]), "split": ev["split"],
+                      "skipped_prompts": ev["skipped"], "answers_from": per[v].get("reused", v),
+                      "train_s_per_epoch": E.train_time_per_epoch(log) if log.exists() else None,
+                      "head_top1": head_accuracy(model, ev["loader"]) if v not in ("ntp", "base") else None,
                       "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
         for i in range(min(3, len(texts))):
             samples.append({"variant": v, "prompt": prep["raw"][ev["split"]][i]["query"], "output": texts[i],
@@ -432,19 +545,27 @@ def run_quality(cfg, models=None, prep=None):
     return quality, samples
 
 
+def one_resident(models: dict, fn, dev) -> dict:
+    """``{name: fn(model)}`` with only that model on a CUDA device while it runs (the others wait on the CPU), so a
+    peak-memory reading is that model's; on the CPU nothing moves (memory there is computed per model)."""
+    if torch.device(dev).type != "cuda":
+        return {k: fn(m) for k, m in models.items()}
+    out = {}
+    for k, m in models.items():
+        for other in models.values():
+            other.to("cpu" if other is not m else dev)
+        out[k] = fn(m)
+    for m in models.values():
+        m.to(dev)
+    return out
+
+
 def run_memory(cfg, models=None, prep=None):
     """Inference memory per variant while generating, one model on the device at a time (``generation_memory``)."""
     models, prep = _setup(cfg, models, prep)
+    models = {v: models[v] for v in VARIANTS}
     prompts = bench_prompts(cfg, eval_set(cfg, prep["tokenizer"], prep)["prompts"], 4)
-    dev, out = device(cfg), {}
-    for v, model in models.items():
-        if dev.type == "cuda":  # only this model resident
-            for other in models.values():
-                other.to("cpu" if other is not model else dev)
-        out[v] = E.generation_memory(model, prompts, cfg["max_new_tokens"], "chain")
-    if dev.type == "cuda":
-        for model in models.values():
-            model.to(dev)
+    out = one_resident(models, lambda m: E.generation_memory(m, prompts, bench_tokens(cfg), "chain"), device(cfg))
     write_json(paths(cfg)["results"] / "memory.json", out)
     return out
 
@@ -505,7 +626,7 @@ def run_ablations(cfg):
                                                   mtp=fields, learning_rate=g["lr"], max_steps=cfg["ablation_steps"],
                                                   eval_steps=cfg["ablation_steps"], logging_steps=cfg["logging_steps"],
                                                   gradient_accumulation_steps=1, seed=cfg["seed"], save_steps=10 ** 9,
-                                                  device=device(cfg))
+                                                  device=device(cfg), cpu_bf16=cfg["cpu_bf16"])
         acc = head_accuracy(model, va, max_batches=5)
         ppl = E.perplexity(model, va, max_batches=5)
         rows.append(dict(g, val_ppl=ppl, next_token_acc=acc[0], head2_acc=acc[1] if len(acc) > 1 else None,

@@ -15,7 +15,8 @@ import pandas as pd
 from .stats import CI, ci
 from .utils import atomic_write_text, repo_root
 
-NAMES = {"ntp": "NTP", "mtp": "MTP", "medusa": "MEDUSA-1", "mtp_seq": "MTP modules (frozen backbone)"}
+NAMES = {"base": "base (pretrained, not fine-tuned)", "ntp": "NTP", "mtp": "MTP", "medusa": "MEDUSA-1",
+         "mtp_seq": "MTP modules (frozen backbone)"}
 
 
 def data_summary(prep, cfg) -> str:
@@ -70,20 +71,30 @@ def bench_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def lossless(r: dict) -> bool:
+    """A benchmark row counts as lossless: every output identical to greedy in fp32; in bf16 (where a several-token
+    verification rounds differently from a one-token step, so near-ties flip) at least 99% identical tokens."""
+    return r["identical_to_greedy"] == 1 if r.get("dtype", "float32") == "float32" else r["identical_tokens"] >= 0.99
+
+
 def speed_targets(rows: list[dict], targets: dict | None) -> dict:
-    """The fastest lossless head method (outputs identical to greedy on every prompt) against ``targets``
-    (``hf``: speedup over HF generate, ``greedy_kv``: over this engine without drafts, ``efficiency``: speedup
-    over greedy_kv / τ). A target is "met" when the interval lies above it, "not met" when below, else
+    """The fastest lossless head method against ``targets`` (``hf``: speedup over HF generate, ``greedy_kv``: over
+    this engine without drafts, ``efficiency``: speedup over greedy_kv / τ). "Fastest" is decided on the validation
+    prompts where the benchmark recorded that choice (each family's ``selected`` method and its validation speedup),
+    so the test prompts only measure. A target is "met" when the interval lies above it, "not met" when below, else
     "undecided"; efficiency has no interval."""
-    heads = [r for r in rows if r["method"].endswith(("_chain", "_tree")) and r["identical_to_greedy"] == 1]
+    heads = [r for r in rows if r["method"].endswith(("_chain", "_tree")) and lossless(r)]
     if not heads or "speedup_vs_greedy_kv" not in heads[0]:
         return {}
-    best = max(heads, key=lambda r: r["speedup_vs_hf_greedy"])
+    chosen = [r for r in heads if r.get("selected")]
+    best = (max(chosen, key=lambda r: r["validation_speedup"]) if chosen else
+            max(heads, key=lambda r: r["speedup_vs_hf_greedy"]))
     got = {"hf": CI(best["speedup_vs_hf_greedy"], best["speedup_lo"], best["speedup_hi"]),
            "greedy_kv": CI(best["speedup_vs_greedy_kv"], best["speedup_vs_greedy_kv_lo"], best["speedup_vs_greedy_kv_hi"]),
            "efficiency": CI(best["efficiency_vs_greedy_kv"], best["efficiency_vs_greedy_kv"],
                             best["efficiency_vs_greedy_kv"])}
-    out = {"method": best["method"], "tree": best.get("tree")}
+    out = {"method": best["method"], "tree": best.get("tree"),
+           "chosen_on": "validation prompts" if chosen else "test prompts (no validation choice recorded)"}
     for k, c in got.items():
         t = (targets or {}).get(k)
         out[k] = {**c.as_dict(), "target": t,

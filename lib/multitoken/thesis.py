@@ -170,28 +170,35 @@ def thesis_medusa_generate(model, input_ids, max_new_tokens: int = 100, branchin
 # --- the thesis' timing protocol -----------------------------------------------------------------------------------
 
 def protocol(methods: dict, prompts: list, runs: int = 5, new_tokens: int = 100, warmup_tokens: int = 20,
-             baseline: str = "ntp_generate") -> list[dict]:
-    """Time ``methods`` (name -> fn(ids, max_new_tokens) -> (sequences, stats)) the thesis' way: one warm-up call
-    of ``warmup_tokens`` each, then every prompt ``runs`` times with ``new_tokens``. Two speedups against
-    ``baseline``: Table 1's ratio of mean time per call, and the ratio of tokens/s (they differ when a method emits
-    more or fewer tokens per call); each with a 95% bootstrap interval over the (prompt, run) calls."""
+             baseline: str = "ntp_generate", seed: int = 0) -> list[dict]:
+    """Time ``methods`` (name -> (fn(ids, max_new_tokens) -> (sequences, stats), device)) the thesis' way: one
+    warm-up call of ``warmup_tokens`` each, then every prompt ``runs`` times with ``new_tokens``, the methods in a
+    fresh random order at every (run, prompt) (a fixed order favours whoever runs after its own model). Two speedups
+    against ``baseline``: Table 1's ratio of mean time per call, and the ratio of tokens/s (they differ when a method
+    emits more or fewer tokens per call); each with a 95% bootstrap interval over *prompts*, a prompt's runs resampled
+    together (its runs are repeated measurements of one unit, not independent ones)."""
+    import random
+
     for fn, dev in methods.values():
         fn(prompts[0].view(1, -1), warmup_tokens)
-    calls = {name: [] for name in methods}
+    order = random.Random(seed)
+    per = {name: [[0.0, 0, 0] for _ in prompts] for name in methods}   # per prompt: seconds, tokens, calls
     for run in range(runs):
         for i, p in enumerate(prompts):
-            for name, (fn, dev) in methods.items():
+            for name in order.sample(list(methods), len(methods)):
+                fn, dev = methods[name]
                 seq, _, dt = timed(lambda ids: fn(ids, new_tokens), p.view(1, -1), dev)
-                calls[name].append((dt, seq.shape[1] - p.numel()))
-    base_t = [t for t, _ in calls[baseline]]
-    base_n = [n for _, n in calls[baseline]]
+                cell = per[name][i]
+                cell[0], cell[1], cell[2] = cell[0] + dt, cell[1] + seq.shape[1] - p.numel(), cell[2] + 1
+    base_t, base_n = ([c[k] for c in per[baseline]] for k in (0, 1))
     rows = []
-    for name, c in calls.items():
-        t, n = [x for x, _ in c], [x for _, x in c]
-        by_time = S.bootstrap(lambda a, b: b.mean() / a.mean(), t, base_t)
+    for name, cells in per.items():
+        t, n, calls = [c[0] for c in cells], [c[1] for c in cells], sum(c[2] for c in cells)
+        by_time = S.bootstrap(lambda a, b: b.sum() / a.sum(), t, base_t)
         by_tps = S.speedup_ci(n, t, base_n, base_t)
-        rows.append({"method": name, "calls": len(c), "mean_s_per_call": sum(t) / len(t),
-                     "tokens_per_call": sum(n) / len(n), "tokens_per_s": sum(n) / sum(t),
+        rows.append({"method": name, "calls": calls, "prompts": len(prompts), "runs": runs,
+                     "mean_s_per_call": sum(t) / calls, "tokens_per_call": sum(n) / calls,
+                     "tokens_per_s": sum(n) / sum(t), "interval_over": "prompts (runs nested)",
                      "speedup_time_ratio": by_time.value, "speedup_time_lo": by_time.lo, "speedup_time_hi": by_time.hi,
                      "speedup_tps": by_tps.value, "speedup_tps_lo": by_tps.lo, "speedup_tps_hi": by_tps.hi})
     return rows
