@@ -45,8 +45,9 @@ LAB_ARGS ?=
 lab: $(STAMP)
 	$(PY) -m jupyter lab --notebook-dir=notebooks $$( [ "$$(id -u)" = 0 ] && echo --allow-root ) $(LAB_ARGS)
 
+REPEAT ?= 1
 bench: $(STAMP)
-	$(PY) -m multitoken bench -f notebooks/params/$(PROFILE).yaml
+	$(PY) -m multitoken bench -f notebooks/params/$(PROFILE).yaml --repeat $(REPEAT)
 
 bench-train: $(STAMP)
 	$(PY) -m multitoken bench-train -f notebooks/params/$(PROFILE).yaml

@@ -351,3 +351,44 @@ def test_layout_timings_cover_every_shape_and_row_count():
     assert [r["transposed_us"] for r in t] == pytest.approx([2, 6, 2, 6]) and all(x[3] == 50 for x in seen)
     row, tr = real(4, 32, 64, reps=3)                                 # and the real timer times something
     assert row > 0 and tr > 0
+
+
+def test_growing_cache_equals_dynamic_cache_and_compacts_in_place():
+    """The engine's cache appends into a buffer that doubles (no copy of the whole cache per step) and the KV
+    compaction moves the kept slots in place; the tensors it holds equal transformers' DynamicCache's."""
+    from multitoken.backbones import GrowingCache
+    import multitoken.decoding as D
+
+    g, d = GrowingCache(), DynamicCache()
+    gen = torch.Generator().manual_seed(0)
+    for n in (7, 1, 3, 90, 2):
+        kv = torch.randn(1, 2, n, 4, generator=gen), torch.randn(1, 2, n, 4, generator=gen)
+        a, b = g.update(*kv, 0), d.update(*kv, 0)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    buf = g.layers[0]._buf[0].data_ptr()
+    D._compact([g], 95, [0, 2, 4])                    # keep step positions 0, 2, 4 after a 95-token prefix
+    keys = d.layers[0].keys
+    want = torch.cat([keys[..., :95, :], keys[..., [95, 97, 99], :]], -2)
+    assert torch.equal(g.layers[0].keys, want) and g.get_seq_length() == 98
+    g.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), 0)
+    assert g.layers[0]._buf[0].data_ptr() == buf and g.get_seq_length() == 99   # the same buffer, appended in place
+    D._compact([d], 95, [0, 2, 4])                    # plain DynamicCache layers compact the same way
+    assert torch.equal(d.layers[0].keys, want)
+
+
+def test_generation_settings_the_engine_does_not_apply_are_refused_by_name():
+    model = get("medusa")
+    ids = torch.randint(2, V, (1, 5))
+    gc = model.generation_config
+    try:
+        gc.repetition_penalty = 1.3
+        with pytest.raises(ValueError, match=r"repetition_penalty=1\.3.*generate\(\) applies"):
+            speculative_generate(model, ids, 5)
+        gc.repetition_penalty, gc.top_k = None, 50
+        assert torch.equal(speculative_generate(model, ids, 5)[0], hf(model, ids, 5))   # greedy: top-k is moot
+        with pytest.raises(ValueError, match="top_k=50"):
+            speculative_generate(model, ids, 5, temperature=0.8)
+        gc.top_k, gc.no_repeat_ngram_size = None, 0                                      # the neutral value passes
+        speculative_generate(model, ids, 5)
+    finally:
+        gc.repetition_penalty = gc.top_k = gc.no_repeat_ngram_size = None

@@ -205,3 +205,29 @@ def test_unknown_head_design_fails_in_config():
         pipeline.config(ablation_head_types=["mlp", "rnn"])
     assert pipeline.head_design("fastmtp") == dict(head_type="transformer", sequential=True,
                                                    share_weights_across_steps=True)
+
+
+def test_the_method_a_variant_is_judged_by_is_chosen_on_validation():
+    """best_methods and the speed targets follow the validation choice recorded in the rows, not the test speedups;
+    bf16 rows count as lossless by identical tokens."""
+    from multitoken import report as R
+
+    rows = [dict(method="hf_greedy", speedup_vs_hf_greedy=1.0, speedup_lo=1.0, speedup_hi=1.0),
+            dict(method="mtp_chain", speedup_vs_hf_greedy=1.5, speedup_lo=1.4, speedup_hi=1.6, selected=True,
+                 validation_speedup=1.9),
+            dict(method="mtp_tree", speedup_vs_hf_greedy=1.8, speedup_lo=1.7, speedup_hi=1.9, selected=False),
+            dict(method="medusa_tree", speedup_vs_hf_greedy=1.6, speedup_lo=1.5, speedup_hi=1.7, selected=True,
+                 validation_speedup=1.2)]
+    for r in rows:
+        r.update(speedup_vs_greedy_kv=r["speedup_vs_hf_greedy"], speedup_vs_greedy_kv_lo=r["speedup_lo"],
+                 speedup_vs_greedy_kv_hi=r["speedup_hi"], efficiency_vs_greedy_kv=0.5, identical_to_greedy=1.0,
+                 identical_tokens=1.0, dtype="float32")
+    best = E.best_methods(rows)
+    assert best["mtp"]["method"] == "mtp_chain" and best["medusa"]["method"] == "medusa_tree"   # tree was faster on test
+    t = R.speed_targets(rows, {"hf": 1.0})
+    assert t["method"] == "mtp_chain" and t["chosen_on"] == "validation prompts"                 # 1.9 on validation
+    legacy = [{k: v for k, v in r.items() if k not in ("selected", "validation_speedup")} for r in rows]
+    assert E.best_methods(legacy)["mtp"]["method"] == "mtp_tree"                                 # old results: test
+    bf = dict(rows[1], dtype="bfloat16", identical_to_greedy=0.5, identical_tokens=0.995)
+    assert R.lossless(bf) and not R.lossless(dict(bf, identical_tokens=0.98)) and not R.lossless(dict(rows[1],
+                                                                                                   identical_to_greedy=0.5))

@@ -18,6 +18,8 @@ def main(argv=None):
         p = tr if name == "train" else sub.add_parser(name)
         p.add_argument("-f", "--params", default=None, help="papermill parameter YAML (a profile)")
         p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
+        if name == "bench":
+            p.add_argument("--repeat", type=int, default=1, help="independent benchmark runs (make bench REPEAT=n)")
     nb = sub.add_parser("notebooks", help="run the numbered notebooks of a profile with papermill (make all)")
     nb.add_argument("--profile", default="cpu")
     nb.add_argument("--only", nargs="*", help="notebook names, e.g. 02_train_mtp")
@@ -52,7 +54,7 @@ def main(argv=None):
     elif args.cmd == "bench":
         from .bench import decoding_bench
 
-        decoding_bench(cfg)
+        decoding_bench(cfg, repeat=args.repeat)
     else:
         from .bench import training_bench
 

@@ -19,14 +19,20 @@ COLS = ["method", "tokens_per_s", "speedup_vs_hf_greedy", "speedup_vs_greedy_kv"
         "efficiency_vs_greedy_kv", "identical_to_greedy", "tree"]
 
 
-def decoding_bench(cfg):
+def decoding_bench(cfg, repeat: int = 1):
+    """The decoding benchmark ``repeat`` times (independent runs, each recorded in ``results/bench_runs.json``), then
+    the spread between every recorded run (notebook 04's included) beside the last run's intervals."""
     try:
         models = {v: pipeline.load_variant(cfg, v) for v in pipeline.VARIANTS}
     except FileNotFoundError as e:
         sys.exit(f"make bench needs the trained {cfg['profile']} models: run `make all PROFILE={cfg['profile']}` "
                  f"first ({e})")
     torch.set_grad_enabled(False)
-    rows, _ = pipeline.run_decoding_benchmark(cfg, models)
+    for i in range(repeat):
+        rows, _ = pipeline.run_decoding_benchmark(cfg, models, source=f"make bench ({i + 1}/{repeat})")
+    spread = pipeline.bench_spread(cfg)
+    write_json(pipeline.paths(cfg)["results"] / "bench_spread.json", spread)
+    print("spread over the recorded runs (min, max):\n" + pd.DataFrame(spread).T.to_string())
     print(pd.DataFrame(rows)[COLS].to_string(index=False))
     print("\n" + report.targets_summary(report.speed_targets(rows, cfg["speed_targets"])))
     if pipeline.device(cfg).type == "cpu":  # what a step of several positions costs here, layout by layout

@@ -35,6 +35,7 @@ DEFAULTS = dict(
     batch_size=8, eval_steps=20, logging_steps=5, max_steps=-1,
     ntp_epochs=1, ntp_lr=3e-3, ntp_grad_accum=1,
     mtp_n=3, mtp_head_type="mlp", mtp_sequential=False, mtp_share=False, mtp_own_unembedding=False,
+    mtp_trunk_layers=None,  # heads branch off after this many layers (None: after the last, reading the final norm)
     mtp_weighting="uniform", mtp_beta=0.8, mtp_lambda=1.0, mtp_warmup_steps=0, mtp_epochs=1, mtp_lr=3e-3, mtp_grad_accum=1, mtp_memory_efficient=True,
     medusa_heads=3, medusa_layers=1, medusa_epochs=1, medusa_lr=3e-3, medusa_self_distill=True,
     medusa_max_examples=None,
@@ -161,6 +162,7 @@ def model_config(cfg):
 def mtp_fields(cfg) -> dict:
     return dict(head_type=cfg["mtp_head_type"], sequential=cfg["mtp_sequential"],
                 share_weights_across_steps=cfg["mtp_share"], head_own_unembedding=cfg["mtp_own_unembedding"],
+                num_trunk_layers=cfg["mtp_trunk_layers"],
                 loss_weighting=cfg["mtp_weighting"], loss_beta=cfg["mtp_beta"], loss_lambda=cfg["mtp_lambda"], mtp_warmup_steps=cfg["mtp_warmup_steps"],
                 memory_efficient_loss=cfg["mtp_memory_efficient"])
 
@@ -404,7 +406,36 @@ def _setup(cfg, models, prep):
     return models, prep
 
 
-def run_decoding_benchmark(cfg, models=None, prep=None, write=True):
+def record_bench_run(cfg, rows: list[dict], source: str) -> list[dict]:
+    """Append this benchmark run's speedups to ``results/bench_runs.json`` (one entry per independent run: notebook
+    04, each ``make bench`` repeat), so speed claims can carry the spread between runs beside the within-run
+    interval. Returns every run so far."""
+    import time
+
+    f = paths(cfg)["results"] / "bench_runs.json"
+    runs = json.loads(f.read_text()) if f.exists() else []
+    runs.append(dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), source=source, dtype=rows[0].get("dtype"),
+                     methods={r["method"]: dict(vs_hf=r["speedup_vs_hf_greedy"], vs_greedy_kv=r.get(
+                         "speedup_vs_greedy_kv"), tokens_per_s=r["tokens_per_s"]) for r in rows}))
+    write_json(f, runs)
+    return runs
+
+
+def bench_spread(cfg, dtype: str | None = None) -> dict:
+    """Per method, the range of its speedups over the recorded independent runs (``bench_runs.json``) in ``dtype``:
+    ``{method: {"runs": n, "vs_hf": [min, max], "vs_greedy_kv": [min, max]}}``."""
+    f = paths(cfg)["results"] / "bench_runs.json"
+    runs = [r for r in (json.loads(f.read_text()) if f.exists() else [])
+            if r["dtype"] == (dtype or cfg["inference_dtype"])]
+    out = {}
+    for m in dict.fromkeys(k for r in runs for k in r["methods"]):
+        vals = [r["methods"][m] for r in runs if m in r["methods"]]
+        out[m] = {"runs": len(vals), **{k: [min(v[k] for v in vals), max(v[k] for v in vals)]
+                                        for k in ("vs_hf", "vs_greedy_kv") if all(v[k] is not None for v in vals)}}
+    return out
+
+
+def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="notebook 04"):
     """The decoding benchmark table (see ``make bench``) on the evaluation split's prompts, trees and chain-vs-tree
     chosen on the validation split; in ``inference_dtype`` (``results/decoding_benchmark.json``, with the per-prompt
     times and, where an output left greedy, ``results/divergences.csv``) and in each of ``bench_extra_dtypes``
@@ -427,6 +458,7 @@ def run_decoding_benchmark(cfg, models=None, prep=None, write=True):
         rows, per = _benchmark(cfg, ms, prompts, trees, chosen)
         if write:
             write_json(res / ("decoding_benchmark.json" if i == 0 else f"decoding_benchmark_{name}.json"), rows)
+            record_bench_run(cfg, rows, source)
         if i == 0:
             out = rows, per
             if write:
