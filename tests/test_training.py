@@ -107,9 +107,11 @@ def test_training_is_reproducible_whatever_ran_before(tmp_path, loaders):
         assert torch.equal(x, y), k
 
 
-def test_self_distill_replaces_responses_with_the_models_greedy_text(loaders):
+@pytest.mark.parametrize("engine", ["hf", "speculative"])
+def test_self_distill_replaces_responses_with_the_models_greedy_text(loaders, engine):
     """Medusa's self-distillation: each response becomes the base model's own greedy continuation of the prompt
-    (batched with left padding, equal to generating each prompt alone)."""
+    (batched with left padding, by HF generate or the workbook's batched loop, equal to generating each prompt
+    alone)."""
     tr, va, tok = loaders
     from multitoken.data import format_prompt
     from multitoken.synthetic import generate_records
@@ -121,7 +123,7 @@ def test_self_distill_replaces_responses_with_the_models_greedy_text(loaders):
     with torch.no_grad():  # an untrained model: keep it from choosing special tokens (empty continuations)
         model.lm_head.weight[[tok.eos_token_id, tok.pad_token_id]] = 0.0
     ds = Dataset.from_list(generate_records(5, seed=1))
-    out = T.self_distill(model, tok, ds, max_new_tokens=12, batch_size=3)
+    out = T.self_distill(model, tok, ds, max_new_tokens=12, batch_size=3, engine=engine)
     assert out.column_names == ds.column_names and out["query"] == ds["query"]
     replaced = 0
     for q, ref, got in zip(ds["query"], ds["response"], out["response"]):

@@ -1,4 +1,4 @@
-"""``python -m multitoken {data,train,bench,bench-train} -f params.yaml`` (``train`` also under ``accelerate launch`` /
+"""``python -m multitoken {data,train,bench,bench-train,bench-batch} -f params.yaml`` (``train`` also under ``accelerate launch`` /
 ``torchrun``); ``python -m multitoken notebooks|report --profile P`` for the pipeline and its HTML report."""
 from __future__ import annotations
 
@@ -14,12 +14,17 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train one variant with a profile's parameters")
     tr.add_argument("--variant", choices=list(pipeline.VARIANTS), required=True)
-    for name in ("train", "bench", "bench-train", "data"):
+    for name in ("train", "bench", "bench-train", "bench-batch", "data"):
         p = tr if name == "train" else sub.add_parser(name)
         p.add_argument("-f", "--params", default=None, help="papermill parameter YAML (a profile)")
         p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
         if name == "bench":
             p.add_argument("--repeat", type=int, default=1, help="independent benchmark runs (make bench REPEAT=n)")
+        if name == "bench-batch":
+            p.add_argument("--sizes", type=int, nargs="*", default=[1, 4, 16], help="batch sizes")
+            p.add_argument("--prompts", type=int, default=16, help="test prompts (chunks of the batch size)")
+            p.add_argument("--new-tokens", type=int, default=48)
+            p.add_argument("--variant", default="medusa", help="the head model: medusa, mtp, mtp_seq")
     nb = sub.add_parser("notebooks", help="run the numbered notebooks of a profile with papermill (make all)")
     nb.add_argument("--profile", default="cpu")
     nb.add_argument("--only", nargs="*", help="notebook names, e.g. 02_train_mtp")
@@ -55,6 +60,11 @@ def main(argv=None):
         from .bench import decoding_bench
 
         decoding_bench(cfg, repeat=args.repeat)
+    elif args.cmd == "bench-batch":
+        from .bench import batch_bench
+
+        batch_bench(cfg, sizes=tuple(args.sizes), prompts=args.prompts, new_tokens=args.new_tokens,
+                    variant=args.variant)
     else:
         from .bench import training_bench
 

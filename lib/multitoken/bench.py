@@ -225,3 +225,104 @@ def training_bench(cfg, steps: int = 10):
                               "step_peak_above_rest_mb", "step_peak_above_rest_vs_ntp"]].to_string(index=False))
     print(f"\nwritten: {path}")
     return rows
+
+
+def _left_padded(prompts, pad: int):
+    W = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), W), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), W, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, W - len(p):], mask[b, W - len(p):] = p, 1
+    return ids, mask
+
+
+def _new_tokens(seqs, width: int, eos: set) -> list[list[int]]:
+    """Each row's new tokens up to and including its first EOS (what a caller keeps)."""
+    out = []
+    for row in seqs[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        out.append(row[:cut])
+    return out
+
+
+def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, variant: str = "medusa",
+                trees=("chain:1", "chain:2", "chain", "medusa:8", "medusa:16"), rounds: int = 2) -> dict:
+    """Batched speculative decoding against HF's batched greedy ``generate`` (left-padded), this engine without
+    drafts, and speculation row by row, at each batch size: total tokens/s over the same ``prompts`` test prompts
+    (chunks of the batch size, each row's tokens counted up to its EOS), every method once per round in a fresh
+    order. The tree of each batch size is chosen on validation prompts (the fastest of ``trees`` for one chunk), the
+    test prompts only measure. ``results/batch_benchmark.json``."""
+    import random
+    import time
+
+    from .decoding import _eos_set, speculative_generate, sync
+
+    torch.set_grad_enabled(False)
+    try:
+        ntp, heads = pipeline.load_variant(cfg, "ntp"), pipeline.load_variant(cfg, variant)
+    except FileNotFoundError as e:
+        sys.exit(f"make bench-batch needs the trained {cfg['profile']} models: run `make all "
+                 f"PROFILE={cfg['profile']}` first ({e})")
+    _, _, tok, prep = pipeline.loaders(cfg)
+    dev = pipeline.device(cfg)
+    fit = lambda ps: [p for p in ps if len(p) + new_tokens <= pipeline.context_size(cfg)]  # noqa: E731
+    test = fit(pipeline.eval_set(cfg, tok, prep)["prompts"])[:prompts]
+    val = fit(pipeline.validation_prompts(cfg, tok, prep))
+    pad = ntp.generation_config.pad_token_id if ntp.generation_config.pad_token_id is not None else tok.pad_token_id
+    eos = _eos_set(ntp, None)
+
+    def run(method, chunk, tree=None):
+        ids, mask = _left_padded(chunk, pad)
+        ids, mask = ids.to(dev), mask.to(dev)
+        if method == "hf_generate":
+            out = ntp.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        elif method == "engine_no_drafts":
+            out = speculative_generate(ntp, ids, new_tokens, tree="none", attention_mask=mask)[0]
+        else:
+            out = speculative_generate(heads, ids, new_tokens, tree=tree, attention_mask=mask,
+                                       batched=method == "spec_batched")[0]
+        return _new_tokens(out.cpu(), ids.shape[1], eos)
+
+    def timed(method, chunks, tree=None):
+        sync(dev)
+        t0, outs = time.perf_counter(), []
+        for c in chunks:
+            outs += run(method, c, tree)
+        sync(dev)
+        return time.perf_counter() - t0, outs
+
+    rows, order = [], random.Random(0)
+    for B in sizes:
+        chunks = [test[i: i + B] for i in range(0, len(test), B)]
+        pick = {t: timed("spec_batched", [val[:B]], t)[0] for t in trees}    # validation chooses the tree
+        tree = min(pick, key=pick.get)
+        methods = ["hf_generate", "engine_no_drafts", "spec_rows", "spec_batched"]
+        times, outs = {m: [] for m in methods}, {}
+        run("spec_batched", chunks[0][:1], tree)                              # warm-up
+        for _ in range(rounds):
+            for m in order.sample(methods, len(methods)):
+                s, o = timed(m, chunks, tree)
+                times[m].append(s)
+                outs[m] = o
+        n = {m: sum(len(r) for r in outs[m]) for m in methods}
+        tps = {m: [n[m] / s for s in times[m]] for m in methods}
+        row = dict(batch=B, tree=tree, tree_validation_s={k: round(v, 2) for k, v in pick.items()},
+                   **{f"{m}_tokens_per_s": round(sum(tps[m]) / rounds, 1) for m in methods},
+                   batched_vs_hf=[round(min(a / b for a, b in zip(tps["spec_batched"], tps["hf_generate"])), 2),
+                                  round(max(a / b for a, b in zip(tps["spec_batched"], tps["hf_generate"])), 2)],
+                   batched_vs_rows=[round(min(a / b for a, b in zip(tps["spec_batched"], tps["spec_rows"])), 2),
+                                    round(max(a / b for a, b in zip(tps["spec_batched"], tps["spec_rows"])), 2)],
+                   batched_identical_to_rows=outs["spec_batched"] == outs["spec_rows"],
+                   rows_identical_to_hf=sum(a == b for a, b in zip(outs["spec_rows"], outs["hf_generate"])),
+                   rows=len(test))
+        rows.append(row)
+        print(row, flush=True)
+    res = dict(profile=cfg["profile"], variant=variant, dtype=str(next(ntp.parameters()).dtype), device=str(dev),
+               prompts=len(test), new_tokens=new_tokens, rounds=rounds, torch_threads=torch.get_num_threads(),
+               note="ratios: [min, max] over rounds of per-round tokens/s ratios; the tree of each batch size chosen "
+                    "on validation prompts", rows=rows)
+    write_json(pipeline.paths(cfg)["results"] / "batch_benchmark.json", res)
+    cols = ["batch", "tree", "hf_generate_tokens_per_s", "engine_no_drafts_tokens_per_s", "spec_rows_tokens_per_s",
+            "spec_batched_tokens_per_s", "batched_vs_hf", "batched_vs_rows", "batched_identical_to_rows"]
+    print(pd.DataFrame(rows)[cols].to_string(index=False))
+    return res

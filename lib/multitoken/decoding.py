@@ -9,7 +9,8 @@ exactly. Then only the accepted path's KV entries are kept (cropped when contigu
 model with drafting state of its own (sequential transformer modules, ``multitoken.sequential``) hears which positions
 were accepted through its optional ``spec_accept`` hook.
 
-Batches run row by row (each row's prompt stripped of padding): exact, but without batching's throughput.
+A batch runs as one step loop (``multitoken.batched``: a dense cache with per-row lengths, each row its own accepted
+length) or row by row (``batched=False``; models with drafting state of their own); each row exact either way.
 Every tensor of the step loop is made on the model's device (never torch's default device); the model's dtype is
 whatever it was loaded in, and the sampling maths runs in float32.
 """
@@ -266,12 +267,14 @@ def cache_bytes(caches) -> int:
 
 
 def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, tree=None,
-                         attention_mask=None, eos_token_id=None, pad_token_id=None, generator=None):
+                         attention_mask=None, eos_token_id=None, pad_token_id=None, generator=None, batched=None):
     """Generate with the model's heads as drafters; returns ``(sequences, stats)``.
 
     With ``temperature=0`` the sequences equal ``model.generate(do_sample=False)`` token for token (EOS and
-    ``max_new_tokens`` included); with ``temperature>0`` every token follows softmax(logits/T) within the top-p
-    nucleus exactly. ``tree``: None (chain over all heads), "chain:N", "medusa[:N]", "none", paths, or a Tree.
+    ``max_new_tokens`` included), row by row whatever the batch's padding; with ``temperature>0`` every token follows
+    softmax(logits/T) within the top-p nucleus exactly. ``tree``: None (chain over all heads), "chain:N",
+    "medusa[:N]", "none", paths, or a Tree. ``batched``: the rows advance together (``multitoken.batched``) or one
+    after the other; None: together for a batch of several rows where the model allows it.
     """
     if not hasattr(model, "spec_forward"):
         model = PlainLM(model)
@@ -293,6 +296,12 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     if attention_mask is not None:
         attention_mask = attention_mask.to(dev)
     n_pos, eos = backbone_of(model).context_size, _eos_set(model, eos_token_id)
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                             f"{tuple(input_ids.shape)}")
+        if not ((attention_mask == 0) | (attention_mask == 1)).all():
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
     rows = [r[m.bool()] if attention_mask is not None else r
             for r, m in zip(input_ids, attention_mask if attention_mask is not None else input_ids)]
     for r in rows:
@@ -310,9 +319,20 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     model.eval()
     sync(dev)
     t0 = time.perf_counter()
+    from . import batched as batched_mod
+
+    if batched is None:
+        batched = len(rows) > 1 and batched_mod.supports(model)
+    elif batched and not batched_mod.supports(model):
+        raise ValueError(f"{type(model).__name__} keeps drafting state of its own (spec_accept): it decodes row by "
+                         "row (batched=False)")
     try:
-        outs = [_generate_row(model, r, max_new_tokens, temperature, top_p, tree, eos, n_pos, generator, stats)
-                for r in rows]
+        if batched:
+            outs = batched_mod.generate_rows(model, rows, max_new_tokens, temperature, top_p, tree, eos, n_pos,
+                                             generator, stats)
+        else:
+            outs = [_generate_row(model, r, max_new_tokens, temperature, top_p, tree, eos, n_pos, generator, stats)
+                    for r in rows]
     finally:
         model.train(was_training)
     sync(dev)
@@ -322,7 +342,8 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     for i, o in enumerate(outs):
         new[i, : len(o)] = input_ids.new_tensor(o)
     n_new = sum(len(o) for o in outs)
-    stats.update(new_tokens=n_new, wall_time_s=wall, mean_accepted_length=n_new / stats["forward_passes"],
+    row_forwards = len(rows) + stats["row_steps"] if batched else stats["forward_passes"]  # forwards seen per row
+    stats.update(new_tokens=n_new, wall_time_s=wall, mean_accepted_length=n_new / row_forwards, batched=batched,
                  per_head_acceptance=[h / t if t else 0.0 for h, t in zip(stats["head_hits"], stats["head_tries"])],
                  tree=tree.name, tree_nodes=len(tree), tokens_per_s=n_new / wall if wall > 0 else 0.0)
     return torch.cat([input_ids, new], 1), stats

@@ -131,17 +131,21 @@ def fit_prompts(prompts, n_positions: int, min_new_tokens: int = 1, what: str = 
     return [prompts[i] for i in keep], len(prompts) - len(keep)
 
 
-def generate_responses(model, tokenizer, prompts, max_new_tokens=256, tree=None, desc="generate", batch_size=1):
+def generate_responses(model, tokenizer, prompts, max_new_tokens=256, tree=None, desc="generate", batch_size=1,
+                       engine="hf"):
     """Greedy responses (decoded) for a list of prompt-id tensors: with ``batch_size`` 1 through the speculative
-    engine (output == greedy, row by row); above 1 through HF ``generate`` in left-padded batches of similar lengths
-    (greedy too, though padding changes the products' shapes, so a near-tie can round the other way). The caller drops
-    prompts with no room left in the context (``fit_prompts``)."""
+    engine (output == greedy, row by row); above 1 in left-padded batches of similar lengths through HF ``generate``
+    (``engine="hf"``: greedy too, though padding changes the products' shapes, so a near-tie can round the other way)
+    or through this engine's batched loop (``engine="speculative"``: the model's heads draft, and each row is what it
+    would be alone). The caller drops prompts with no room left in the context (``fit_prompts``)."""
+    if engine not in ("hf", "speculative"):
+        raise ValueError(f"engine must be 'hf' or 'speculative', got {engine!r}")
     n_pos = backbone_of(model).context_size
     for p in prompts:
         if n_pos - len(p) < 1:
             raise ValueError(f"prompt of {len(p)} tokens leaves no room in the context ({n_pos}); use fit_prompts")
     if batch_size > 1:
-        return _generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, desc), []
+        return _generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, desc, engine, tree)
     texts, stats = [], []
     for p in tqdm(prompts, desc=desc, leave=False):
         room = min(max_new_tokens, n_pos - len(p))
@@ -152,11 +156,11 @@ def generate_responses(model, tokenizer, prompts, max_new_tokens=256, tree=None,
 
 
 @torch.inference_mode()
-def _generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, desc):
+def _generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, desc, engine="hf", tree=None):
     dev, n_pos = model_device(model), backbone_of(model).context_size
     pad = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))      # similar lengths: little padding
-    texts = [None] * len(prompts)
+    texts, stats = [None] * len(prompts), []
     for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[s: s + batch_size]
         width = max(len(prompts[i]) for i in idx)
@@ -165,11 +169,18 @@ def _generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, des
         for r, i in enumerate(idx):
             ids[r, width - len(prompts[i]):] = prompts[i].to(dev)
             mask[r, width - len(prompts[i]):] = 1
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=min(max_new_tokens, n_pos - width),
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        room = min(max_new_tokens, n_pos - width)
+        if engine == "hf":
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=room, do_sample=False, pad_token_id=pad,
+                                 eos_token_id=tokenizer.eos_token_id)
+        else:
+            out, st = speculative_generate(model, ids, room, attention_mask=mask, pad_token_id=pad,
+                                           eos_token_id=tokenizer.eos_token_id,
+                                           tree=tree if getattr(model, "num_heads", 0) else "none")
+            stats.append(st)
         for r, i in enumerate(idx):
             texts[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True)
-    return texts
+    return texts, stats
 
 
 # --- speed ---------------------------------------------------------------------------------------------------------

@@ -119,14 +119,23 @@ class MedusaMixin(HeadsMixin):
 
     def spec_head_logits(self, ctx, j: int):
         """Every head's logits at step-local position j, ``(S, V)``: all heads at once, in batched matmuls."""
+        return self._stacked_logits(ctx["h0"][0, j: j + 1])[:, 0]
+
+    def _stacked_logits(self, h):
+        """Every head's logits on states ``h`` (B, d): ``(S, B, V)``."""
         layers, unembed = self._stacked_heads()
-        x = ctx["h0"][0, j].expand(self.num_heads, 1, -1)                     # (S, 1, d)
+        x = h.expand(self.num_heads, -1, -1)                                   # (S, B, d)
         for w, b in layers:
             x = x + F.silu(torch.baddbmm(b, x, w))
-        return torch.bmm(x, unembed)[:, 0]
+        return torch.bmm(x, unembed)
 
     def spec_head_topk(self, ctx, j: int, k: int):
         return self.spec_head_logits(ctx, j).topk(k, -1).indices              # (S, k)
+
+    def spec_head_topk_rows(self, ctx, js, k):
+        """Top-k tokens of every head for each row ``b`` of a batch at its position ``js[b]``: ``(B, S, k)``."""
+        h = ctx["h0"][torch.arange(len(js), device=js.device), js]
+        return self._stacked_logits(h).topk(k, -1).indices.transpose(0, 1)
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, labels=None,
                 use_cache=None, output_head_logits=False, logits_to_keep=0, **kwargs):

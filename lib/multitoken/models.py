@@ -358,15 +358,30 @@ class MultiTokenMixin(HeadsMixin):
 
     def spec_head_logits(self, ctx, j: int):
         """Every head's logits at step-local position j, ``(S, V)``, in batched matmuls (position-wise heads)."""
+        return self._stacked_logits(ctx["h0"][0, j: j + 1])[:, 0]
+
+    def spec_head_topk_rows(self, ctx, js, k):
+        """Top-k tokens of every head for each row ``b`` of a batch at its position ``js[b]``: ``(B, S, k)``
+        (None where the heads draft one row at a time)."""
+        rows = torch.arange(len(js), device=js.device)
+        if "states" in ctx:
+            return torch.stack([self._head_logits(s, ctx["states"][s][rows, js][:, None])[:, 0].topk(k).indices
+                                for s in range(1, self.num_heads + 1)], 1)
+        if self._batchable():
+            return self._stacked_logits(ctx["h0"][rows, js]).topk(k, -1).indices.transpose(0, 1)
+        return None
+
+    def _stacked_logits(self, h):
+        """Every head's logits on states ``h`` (B, d): ``(S, B, V)``."""
         body, (ln_w, ln_b), unembed = self._stacked_heads()
-        x = ctx["h0"][0, j].expand(self.num_heads, 1, -1)                       # (S, 1, d)
+        x = h.expand(self.num_heads, -1, -1)                                     # (S, B, d)
         if self.config.head_type == "mlp":
             w1, b1, w2, b2 = body
             x = x + torch.baddbmm(b2, F.gelu(torch.baddbmm(b1, x, w1)), w2)
         else:
             x = torch.baddbmm(body[1], x, body[0])
         x = self.backbone.norm_stacked(x, ln_w, ln_b)
-        return torch.matmul(x, unembed)[:, 0]                                    # (S, V)
+        return torch.matmul(x, unembed)                                          # (S, B, V)
 
     def spec_head_topk(self, ctx, j, k):
         if "states" in ctx:

@@ -55,7 +55,7 @@ DEFAULTS = dict(
     # quality: answers in batches of this many rows through HF generate (1: the engine, row by row), in quality_dtype
     # (None: inference_dtype); reuse_frozen: MEDUSA-1 / MTP modules take NTP's answers and NLLs (identical by
     # construction; checked on the first batches)
-    quality_batch=1, quality_dtype=None, reuse_frozen=True,
+    quality_batch=1, quality_dtype=None, reuse_frozen=True, quality_engine="hf", distill_engine="hf",
     # the decoding benchmark in these dtypes too (besides inference_dtype: results/decoding_benchmark_<dtype>.json);
     # frozen_hf_baselines: time HF generate of MEDUSA-1 / MTP modules too (their backbone is NTP's: same outputs)
     bench_extra_dtypes=[], frozen_hf_baselines=True,
@@ -221,7 +221,8 @@ def distilled_loaders(cfg, prep, tok):
     base = _ntp_checkpoint(paths(cfg))
     n_new = min(bench_tokens(cfg), cfg["max_seq_len"])
     key = dict(model_sha256=sha256_of(base / "model.safetensors"), max_new_tokens=n_new,
-               max_examples=cfg["medusa_max_examples"], dtype=cfg["distill_dtype"] or cfg["inference_dtype"])
+               max_examples=cfg["medusa_max_examples"], dtype=cfg["distill_dtype"] or cfg["inference_dtype"],
+               **({"engine": cfg["distill_engine"]} if cfg["distill_engine"] != "hf" else {}))
     cache = paths(cfg)["run"] / "data" / "distilled"
     meta = cache / "key.json"
     if not (meta.exists() and json.loads(meta.read_text()) == key):
@@ -232,7 +233,8 @@ def distilled_loaders(cfg, prep, tok):
             raw = prep["raw"][split]
             if split == "train" and cfg["medusa_max_examples"] and len(raw) > cfg["medusa_max_examples"]:
                 raw = raw.select(range(cfg["medusa_max_examples"]))  # already shuffled by the split
-            T.self_distill(model, tok, raw, max_new_tokens=n_new, batch_size=cfg["distill_batch"]).save_to_disk(
+            T.self_distill(model, tok, raw, max_new_tokens=n_new, batch_size=cfg["distill_batch"],
+                           engine=cfg["distill_engine"]).save_to_disk(
                 str(cache / split))
         write_json(meta, key)
     return tuple(D.make_dataloader(D.tokenize_dataset(load_from_disk(str(cache / split)), tok, cfg["max_seq_len"]),
@@ -543,7 +545,7 @@ def run_quality(cfg, models=None, prep=None):
             with torch.no_grad():
                 gen = model if qdt is None or qdt == next(model.parameters()).dtype else copy.deepcopy(model).to(qdt)
             texts, _ = E.generate_responses(gen, tok, ev["prompts"], cfg["max_new_tokens"], desc=f"{v}: answers",
-                                            batch_size=cfg["quality_batch"])
+                                            batch_size=cfg["quality_batch"], engine=cfg["quality_engine"])
             del gen
             nll, ntok = E.token_nll(model, ev["loader"])
             per[v] = {"hit": E.answer_hits(texts, refs), "bleu": S.bleu_stats(texts, refs), "nll": nll, "ntok": ntok}

@@ -241,10 +241,13 @@ def train_medusa(base_model, train_dataloader, val_dataloader, tokenizer, output
     return trainer.model, trainer
 
 
-def self_distill(model, tokenizer, dataset, max_new_tokens=256, batch_size=16):
+def self_distill(model, tokenizer, dataset, max_new_tokens=256, batch_size=16, engine="hf"):
     """Medusa's self-distillation: replace each ``response`` by the frozen base model's greedy continuation
-    (batched, on the model's device). Records whose prompt leaves no room in the context are dropped, with a
-    count in the log."""
+    (batched, on the model's device; ``engine``: HF ``generate`` or this workbook's batched loop, ``"speculative"``,
+    whose rows are each what they would be alone). Records whose prompt leaves no room in the context are dropped,
+    with a count in the log."""
+    if engine not in ("hf", "speculative"):
+        raise ValueError(f"engine must be 'hf' or 'speculative', got {engine!r}")
     from tqdm.auto import tqdm
 
     from .data import format_prompt
@@ -267,9 +270,16 @@ def self_distill(model, tokenizer, dataset, max_new_tokens=256, batch_size=16):
             prompts = [format_prompt(q, tokenizer) for q in dataset[i: i + batch_size]["query"]]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
             room = n_pos - enc.input_ids.shape[1]
+            kw = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max(1, min(max_new_tokens, room)), do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                if engine == "hf":
+                    out = model.generate(**enc, max_new_tokens=max(1, min(max_new_tokens, room)), do_sample=False,
+                                         **kw)
+                else:
+                    from .decoding import speculative_generate
+
+                    out = speculative_generate(model, enc.input_ids, max(1, min(max_new_tokens, room)),
+                                               attention_mask=enc.attention_mask, tree="none", **kw)[0]
             responses += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side

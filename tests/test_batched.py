@@ -1,0 +1,203 @@
+"""The batched step loop (multitoken.batched): every row of a batch equals its own decode, whatever the padding."""
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import EOS, PAD, V, VARIANTS, medusa, mtp
+from multitoken import wrap_model_with_medusa, wrap_model_with_mtp
+from multitoken.decoding import speculative_generate, target_probs
+
+
+def _llama(vocab=V, **kw):
+    torch.manual_seed(kw.pop("seed", 0))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD, initializer_range=0.4,
+                                        **kw)).eval()
+
+
+MODELS = {f"mtp-{i}": (lambda i=i: mtp(**VARIANTS[i], num_predict_tokens=4, initializer_range=0.4, seed=i))
+          for i in range(len(VARIANTS))}
+MODELS["medusa"] = lambda: medusa(initializer_range=0.4, seed=99)
+MODELS["llama-medusa"] = lambda: wrap_model_with_medusa(_llama(seed=1), num_medusa_heads=3).eval()
+MODELS["llama-mtp-transformer"] = lambda: wrap_model_with_mtp(_llama(seed=2), num_predict_tokens=3,
+                                                              head_type="transformer").eval()
+MODELS["llama-plain"] = lambda: _llama(seed=3)
+_cache = {}
+
+
+def get(name):
+    if name not in _cache:
+        _cache[name] = MODELS[name]()
+    return _cache[name]
+
+
+def alone(model, ids, n):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                          eos_token_id=EOS, pad_token_id=PAD)[0, ids.shape[1]:]
+
+
+def padded(prompts, sides):
+    W = max(len(p) for p in prompts)
+    ids, mask = torch.full((len(prompts), W), PAD), torch.zeros(len(prompts), W, dtype=torch.long)
+    for b, (p, side) in enumerate(zip(prompts, sides)):
+        sl = slice(W - len(p), W) if side == "left" else slice(0, len(p))
+        ids[b, sl], mask[b, sl] = p, 1
+    return ids, mask
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(MODELS)), tree=st.sampled_from([None, "chain:1", "medusa:9", "none"]),
+       lens=st.lists(st.integers(1, 10), min_size=1, max_size=6), n=st.integers(1, 30),
+       sides=st.lists(st.sampled_from(["left", "right"]), min_size=6, max_size=6), seed=st.integers(0, 10 ** 6))
+def test_every_row_of_a_random_batch_equals_its_own_generate(name, tree, lens, n, sides, seed):
+    model = get(name)
+    tree = tree if getattr(model, "num_heads", 0) else "none"
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, V, (k,), generator=g) for k in lens]
+    ids, mask = padded(prompts, sides)
+    out, stats = speculative_generate(model, ids, n, tree=tree, attention_mask=mask)
+    assert stats["batched"] == (len(prompts) > 1 and name not in ("mtp-10", "mtp-11"))  # seq. modules: row by row
+    for b, p in enumerate(prompts):
+        ref, got = alone(model, p[None], n), out[b, ids.shape[1]:]
+        assert torch.equal(got[: len(ref)], ref), (b, got, ref)
+        assert (got[len(ref):] == PAD).all()
+
+
+class BatchOracle:
+    """Heads that propose each row's true greedy continuation at a random sibling slot (or miss), for a whole batch
+    at once: exercises per-row acceptance of several tokens, EOS inside a draft, rows leaving the batch, and each
+    row's non-contiguous KV compaction."""
+
+    def __init__(self, model, refs, hit=0.85, seed=0):
+        self.m, self.refs, self.hit, self.rng = model, refs, hit, random.Random(seed)
+        self.num_heads, self.config, self.generation_config = model.num_heads, model.config, model.generation_config
+        self.backbone, self.training = model.backbone, False
+
+    def parameters(self):
+        return self.m.parameters()
+
+    def eval(self):
+        pass
+
+    def train(self, mode=True):
+        pass
+
+    def spec_new_cache(self):
+        return self.m.spec_new_cache()
+
+    def spec_forward(self, ids, caches, pos=None, mask=None):
+        self.pos = pos
+        return self.m.spec_forward(ids, caches, pos, mask)
+
+    def spec_head_topk_rows(self, ctx, js, k):
+        top = torch.zeros(len(js), self.num_heads, k, dtype=torch.long)
+        for i, (b, j) in enumerate(zip(ctx["rows"], js.tolist())):
+            at = int(self.pos[i, j]) + 2                                     # the position head 1 drafts
+            for d in range(self.num_heads):
+                ref = self.refs[b]
+                right = int(ref[at + d]) if at + d < len(ref) else 0
+                row = self.rng.sample([t for t in range(V) if t != right], k)
+                if self.rng.random() < self.hit:
+                    r = self.rng.random()
+                    row[min(k - 1, 0 if r < 0.6 else 1 if r < 0.85 else self.rng.randrange(k))] = right
+                top[i, d] = torch.tensor(row)
+        return top
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_oracle_drafts_accept_many_tokens_per_row_and_stay_exact(seed):
+    model = medusa(num_medusa_heads=4, initializer_range=0.4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, V, (k,), generator=g) for k in (4, 1, 7, 3, 5)]
+    ids, mask = padded(prompts, ["left", "right", "left", "right", "left"])
+    for n in (5, 17, 40):
+        refs = [torch.cat([p, alone(model, p[None], n)]) for p in prompts]
+        for tree in ("chain", "medusa:30", "medusa:63"):
+            out, stats = speculative_generate(BatchOracle(model, refs, seed=seed), ids, n, tree=tree,
+                                              attention_mask=mask)
+            assert stats["batched"]
+            for b, p in enumerate(prompts):
+                ref = refs[b][len(p):]
+                assert torch.equal(out[b, ids.shape[1]: ids.shape[1] + len(ref)], ref)
+            if min(len(r) - len(p) for r, p in zip(refs, prompts)) > 8:
+                assert stats["mean_accepted_length"] > 1.5
+
+
+def test_finished_rows_leave_the_batch():
+    """A row that ends early stops costing compute: the loop's row-steps fall short of forwards x batch."""
+    model = get("medusa")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, V, (5,), generator=g) for _ in range(8)]
+    ids = torch.stack(prompts)
+    lengths = [len(alone(model, p[None], 40)) for p in prompts]
+    assert min(lengths) < max(lengths)  # some rows end (EOS) before others: the premise of the test
+    out, stats = speculative_generate(model, ids, 40, tree="medusa:9")
+    assert stats["row_steps"] < (stats["forward_passes"] - 1) * len(prompts)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_batched_sampling_keeps_each_rows_distribution(family):
+    """First two tokens of 3000 identical rows sampled in one batch vs the exact p(x1) p(x2 | x1), chi-square."""
+    model = (medusa(vocab_size=6, initializer_range=0.5, seed=3, eos_token_id=5, bos_token_id=5) if family == "gpt2"
+             else wrap_model_with_medusa(_llama(vocab=6, seed=3, ), num_medusa_heads=3).eval())
+    ids = torch.tensor([[2, 3, 1]])
+    T, P = 1.3, 0.9
+    with torch.no_grad():
+        p1 = target_probs(model(ids).logits[0, -1], T, P)
+        nxt = torch.cat([ids.repeat(6, 1), torch.arange(6).view(6, 1)], 1)
+        p2 = target_probs(model(nxt).logits[:, -1], T, P)
+    exact = (p1.view(6, 1) * p2).flatten()
+    N = 3000
+    out, stats = speculative_generate(model, ids.repeat(N, 1), 2, temperature=T, top_p=P, tree="medusa:8",
+                                      generator=torch.Generator().manual_seed(0), eos_token_id=[])
+    assert stats["batched"]
+    counts = torch.bincount(out[:, 3] * 6 + out[:, 4], minlength=36).float()
+    keep = exact * N >= 5
+    chi2 = (((counts - exact * N) ** 2) / (exact * N))[keep].sum().item()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)
+    assert counts[exact == 0].sum() == 0
+
+
+def test_bad_batches_fail_clearly():
+    model = get("medusa")
+    ids = torch.randint(2, V, (3, 6))
+    with pytest.raises(ValueError, match="only 0"):
+        speculative_generate(model, ids, 4, attention_mask=torch.full((3, 6), 2))
+    with pytest.raises(ValueError, match="does not match"):
+        speculative_generate(model, ids, 4, attention_mask=torch.ones(3, 5, dtype=torch.long))
+    empty = torch.ones(3, 6, dtype=torch.long)
+    empty[1] = 0
+    with pytest.raises(ValueError, match="empty prompt"):
+        speculative_generate(model, ids, 4, attention_mask=empty)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, :3] = 0                                     # the longest row (6) + 59 overflows the context of 64
+    with pytest.raises(ValueError, match="overflows the context"):
+        speculative_generate(model, ids, 59, attention_mask=mask)
+    with pytest.raises(ValueError, match="row by row"):
+        speculative_generate(get("mtp-10"), ids, 4, batched=True)
+
+
+def test_batched_answers_equal_row_by_row_answers():
+    """generate_responses(engine="speculative"): left-padded batches of the engine, each text the row's own."""
+    from multitoken.evaluation import generate_responses
+
+    class Tok:
+        pad_token_id, eos_token_id = PAD, EOS
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(int(t)) for t in ids if not (skip_special_tokens and int(t) in (PAD, EOS)))
+
+    model = get("medusa")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, V, (k,), generator=g) for k in (3, 9, 5, 1, 7, 4, 6)]
+    alone, _ = generate_responses(model, Tok(), prompts, 20, tree="medusa:9")
+    batched, stats = generate_responses(model, Tok(), prompts, 20, tree="medusa:9", batch_size=3, engine="speculative")
+    assert batched == alone and [s["batched"] for s in stats] == [True, True, False]  # a last chunk of 1 row
+    with pytest.raises(ValueError, match="engine"):
+        generate_responses(model, Tok(), prompts, 20, batch_size=3, engine="vllm")
