@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import EOS, PAD, V, VARIANTS, medusa, mtp
+from test_decoding import Oracle, assert_two_token_distribution, six_token_model
 from multitoken import wrap_model_with_medusa, wrap_model_with_mtp
-from multitoken.decoding import speculative_generate, target_probs
+from multitoken.decoding import speculative_generate
 
 
 def _llama(vocab=V, **kw):
@@ -68,27 +69,14 @@ def test_every_row_of_a_random_batch_equals_its_own_generate(name, tree, lens, n
         assert (got[len(ref):] == PAD).all()
 
 
-class BatchOracle:
+class BatchOracle(Oracle):
     """Heads that propose each row's true greedy continuation at a random sibling slot (or miss), for a whole batch
     at once: exercises per-row acceptance of several tokens, EOS inside a draft, rows leaving the batch, and each
     row's non-contiguous KV compaction."""
 
     def __init__(self, model, refs, hit=0.85, seed=0):
-        self.m, self.refs, self.hit, self.rng = model, refs, hit, random.Random(seed)
-        self.num_heads, self.config, self.generation_config = model.num_heads, model.config, model.generation_config
-        self.backbone, self.training = model.backbone, False
-
-    def parameters(self):
-        return self.m.parameters()
-
-    def eval(self):
-        pass
-
-    def train(self, mode=True):
-        pass
-
-    def spec_new_cache(self):
-        return self.m.spec_new_cache()
+        super().__init__(model, None, 0, hit, seed)
+        self.refs = refs
 
     def spec_forward(self, ids, caches, pos=None, mask=None):
         self.pos = pos
@@ -143,25 +131,13 @@ def test_finished_rows_leave_the_batch():
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_batched_sampling_keeps_each_rows_distribution(family):
     """First two tokens of 3000 identical rows sampled in one batch vs the exact p(x1) p(x2 | x1), chi-square."""
-    model = (medusa(vocab_size=6, initializer_range=0.5, seed=3, eos_token_id=5, bos_token_id=5) if family == "gpt2"
-             else wrap_model_with_medusa(_llama(vocab=6, seed=3, ), num_medusa_heads=3).eval())
+    model = six_token_model(family)
     ids = torch.tensor([[2, 3, 1]])
     T, P = 1.3, 0.9
-    with torch.no_grad():
-        p1 = target_probs(model(ids).logits[0, -1], T, P)
-        nxt = torch.cat([ids.repeat(6, 1), torch.arange(6).view(6, 1)], 1)
-        p2 = target_probs(model(nxt).logits[:, -1], T, P)
-    exact = (p1.view(6, 1) * p2).flatten()
-    N = 3000
-    out, stats = speculative_generate(model, ids.repeat(N, 1), 2, temperature=T, top_p=P, tree="medusa:8",
+    out, stats = speculative_generate(model, ids.repeat(3000, 1), 2, temperature=T, top_p=P, tree="medusa:8",
                                       generator=torch.Generator().manual_seed(0), eos_token_id=[])
     assert stats["batched"]
-    counts = torch.bincount(out[:, 3] * 6 + out[:, 4], minlength=36).float()
-    keep = exact * N >= 5
-    chi2 = (((counts - exact * N) ** 2) / (exact * N))[keep].sum().item()
-    dof = int(keep.sum()) - 1
-    assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)
-    assert counts[exact == 0].sum() == 0
+    assert_two_token_distribution(model, ids, T, P, torch.bincount(out[:, 3] * 6 + out[:, 4], minlength=36).float())
 
 
 def test_bad_batches_fail_clearly():

@@ -184,31 +184,41 @@ def _llama_medusa_of_six_tokens():
     return wrap_model_with_medusa(llama.eval(), num_medusa_heads=3).eval()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_speculative_sampling_keeps_the_distribution(family):
-    """First two tokens: empirical joint of speculative sampling vs the exact p(x1) p(x2 | x1), chi-square."""
-    torch.manual_seed(0)
-    model = (medusa(vocab_size=6, initializer_range=0.5, seed=3, eos_token_id=5, bos_token_id=5) if family == "gpt2"
-             else _llama_medusa_of_six_tokens())
-    ids = torch.tensor([[2, 3, 1]])
-    T, P = 1.3, 0.9
+def six_token_model(family):
+    return (medusa(vocab_size=6, initializer_range=0.5, seed=3, eos_token_id=5, bos_token_id=5) if family == "gpt2"
+            else _llama_medusa_of_six_tokens())
+
+
+def assert_two_token_distribution(model, ids, T, P, counts):
+    """``counts`` (36,) of sampled first-two-token pairs vs the exact p(x1) p(x2 | x1): chi-square, and nothing
+    outside the top-p nucleus."""
     with torch.no_grad():
         p1 = target_probs(model(ids).logits[0, -1], T, P)
         nxt = torch.cat([ids.repeat(6, 1), torch.arange(6).view(6, 1)], 1)
         p2 = target_probs(model(nxt).logits[:, -1], T, P)
-    exact = (p1.view(6, 1) * p2).flatten()
-    g = torch.Generator().manual_seed(0)
-    N, counts = 3000, torch.zeros(36)
-    for _ in range(N):
-        out, _ = speculative_generate(model, ids, 2, temperature=T, top_p=P, tree="medusa:8", generator=g,
-                                      eos_token_id=[])
-        counts[out[0, 3] * 6 + out[0, 4]] += 1
+    exact, N = (p1.view(6, 1) * p2).flatten(), counts.sum()
     keep = exact * N >= 5
     chi2 = (((counts - exact * N) ** 2) / (exact * N))[keep].sum().item()
     assert counts[~keep].sum() <= max(10, 3 * (exact[~keep] * N).sum())
     dof = int(keep.sum()) - 1
     assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)   # ~ p > 0.001
     assert counts[exact == 0].sum() == 0                      # nothing outside the top-p nucleus
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_speculative_sampling_keeps_the_distribution(family):
+    """First two tokens: empirical joint of speculative sampling vs the exact p(x1) p(x2 | x1), chi-square."""
+    torch.manual_seed(0)
+    model = six_token_model(family)
+    ids = torch.tensor([[2, 3, 1]])
+    T, P = 1.3, 0.9
+    g = torch.Generator().manual_seed(0)
+    N, counts = 3000, torch.zeros(36)
+    for _ in range(N):
+        out, _ = speculative_generate(model, ids, 2, temperature=T, top_p=P, tree="medusa:8", generator=g,
+                                      eos_token_id=[])
+        counts[out[0, 3] * 6 + out[0, 4]] += 1
+    assert_two_token_distribution(model, ids, T, P, counts)
 
 
 def test_wrapped_llama_decodes_losslessly():

@@ -1,0 +1,114 @@
+"""Markdown for the README's Results section, from the files a profile's last run wrote.
+
+    .venv/bin/python scripts/readme_results.py pretrained > /tmp/results.md
+
+Reads runs/<profile>/results/*.json, runs/<profile>/notebook_times.csv and figures/<profile>/thesis_*.md; prints
+tables only (the prose around them is written by hand, from these numbers)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ci(d, k=2, sign=False):
+    f = f"{{:{'+' if sign else ''}.{k}f}}"
+    return f"{f.format(d['value'])} [{f.format(d['lo'])}, {f.format(d['hi'])}]"
+
+
+def quality(res: Path) -> str:
+    q = json.loads((res / "quality.json").read_text())
+    out = ["| variant | perplexity | answer accuracy | BLEU | Δ perplexity | Δ accuracy | Δ BLEU | answers from |",
+           "|:--|:--|:--|:--|:--|:--|:--|:--|"]
+    for v, r in q.items():
+        d = r.get("diff_vs_ntp")
+        dd = [ci(d["perplexity"], 3, True), ci(d["accuracy"], 3, True), ci(d["bleu"], 1, True)] if d else ["—"] * 3
+        out.append(f"| {v} | {ci(r['perplexity'], 3)} | {ci(r['accuracy'], 3)} | {ci(r['bleu'], 1)} | "
+                   + " | ".join(dd) + f" | {r.get('answers_from', v)} |")
+    heads = {v: r["head_top1"] for v, r in q.items() if r.get("head_top1")}
+    out += ["", "Head top-1 accuracy by offset (t+2, t+3, ...): " + "; ".join(
+        f"{v} " + " / ".join(f"{a:.3f}" for a in h) for v, h in heads.items()),
+        f"({next(iter(q.values()))['n_eval']} problems, {next(iter(q.values()))['split']} split)"]
+    return "\n".join(out)
+
+
+def decoding(res: Path, name: str) -> str:
+    rows = json.loads((res / name).read_text())
+    r0 = rows[0]
+    out = [f"{r0['device_name']}, {r0['dtype']}, batch 1, {r0['prompts']} test prompts x up to {r0['new_tokens']} new "
+           f"tokens, {r0.get('torch_threads', '?')} threads", "",
+           "| method | tokens/s | vs HF generate [95% CI] | vs greedy_kv [95% CI] | τ | efficiency vs greedy_kv | "
+           "acceptance by depth | identical | tree | chosen on validation |",
+           "|:--|--:|:--|:--|--:|--:|:--|--:|:--|:--|"]
+    for r in rows:
+        kv = (f"{r['speedup_vs_greedy_kv']:.2f} [{r['speedup_vs_greedy_kv_lo']:.2f}, {r['speedup_vs_greedy_kv_hi']:.2f}]"
+              if "speedup_vs_greedy_kv" in r else "")
+        acc = ", ".join(f"{a:.2f}" for a in r.get("per_head_acceptance") or [])
+        sel = {True: "yes", False: ""}.get(r.get("selected"), "")
+        if r.get("validation_speedup") and r.get("selected"):
+            sel = f"yes ({r['validation_speedup']:.2f}x on validation)"
+        out.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf_greedy']:.2f} [{r['speedup_lo']:.2f}, "
+                   f"{r['speedup_hi']:.2f}] | {kv} | {r['mean_accepted_length']:.2f} | "
+                   f"{r.get('efficiency_vs_greedy_kv', float('nan')):.2f} | {acc} | "
+                   f"{r['identical_to_greedy']:.0%} ({r.get('identical_tokens', 1):.1%} tokens) | {r.get('tree') or ''} "
+                   f"| {sel} |")
+    return "\n".join(out)
+
+
+def targets(res: Path) -> str:
+    t = json.loads((res / "speed_targets.json").read_text())
+    out = [f"Fastest lossless head method, chosen on validation prompts: **{t['method']}**", "",
+           "| target | reached [95% CI] | status |", "|:--|:--|:--|"]
+    for k, label in (("hf", "x HF generate"), ("greedy_kv", "x greedy_kv"), ("efficiency", "efficiency (gain / τ)")):
+        r = t[k]
+        out.append(f"| ≥ {r['target']} {label} | {ci(r)} | {r['status']} |")
+    return "\n".join(out)
+
+
+def times(run: Path) -> str:
+    t = pd.read_csv(run / "notebook_times.csv")
+    total = t.seconds.sum()
+    return (" · ".join(f"{r.notebook.split('.')[0]} {int(r.seconds // 60)}m{int(r.seconds % 60):02d}s"
+                       for r in t.itertuples()) + f" · **total {int(total // 60)} min {int(total % 60)} s**")
+
+
+def batch(res: Path) -> str:
+    f = res / "batch_benchmark.json"
+    if not f.exists():
+        return "(no batch benchmark: `make bench-batch`)"
+    b = json.loads(f.read_text())
+    out = [f"{b['variant']}, {b['dtype']}, {b['prompts']} test prompts x up to {b['new_tokens']} new tokens, "
+           f"{b['rounds']} rounds; ratios [min, max] over rounds", "",
+           "| batch | tree (validation) | HF generate | engine, no drafts | speculation row by row | batched speculation | "
+           "batched / HF | batched / row by row | batched = row by row |", "|--:|:--|--:|--:|--:|--:|:--|:--|:--|"]
+    for r in b["rows"]:
+        out.append(f"| {r['batch']} | {r['tree']} | {r['hf_generate_tokens_per_s']} | "
+                   f"{r['engine_no_drafts_tokens_per_s']} | {r['spec_rows_tokens_per_s']} | "
+                   f"{r['spec_batched_tokens_per_s']} | {r['batched_vs_hf']} | {r['batched_vs_rows']} | "
+                   f"{r['batched_identical_to_rows']} |")
+    return "\n".join(out)
+
+
+def main(profile: str) -> None:
+    run, fig = ROOT / "runs" / profile, ROOT / "figures" / profile
+    res = run / "results"
+    parts = [("Time", lambda: times(run)), ("Quality", lambda: quality(res)),
+             ("Decoding fp32", lambda: decoding(res, "decoding_benchmark.json")),
+             ("Decoding bf16", lambda: decoding(res, "decoding_benchmark_bfloat16.json")),
+             ("Speed targets", lambda: targets(res)), ("Batches", lambda: batch(res)),
+             ("Thesis table", lambda: (fig / "thesis_table.md").read_text()),
+             ("Claims", lambda: (fig / "thesis_claims.md").read_text())]
+    for title, fn in parts:
+        try:
+            body = fn()
+        except FileNotFoundError as e:
+            body = f"(missing: {e.filename})"
+        print(f"#### {title}\n\n{body}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "pretrained")
