@@ -30,7 +30,8 @@ def quality(res: Path) -> str:
         out.append(f"| {v} | {ci(r['perplexity'], 3)} | {ci(r['accuracy'], 3)} | {ci(r['bleu'], 1)} | "
                    + " | ".join(dd) + f" | {r.get('answers_from', v)} |")
     heads = {v: r["head_top1"] for v, r in q.items() if r.get("head_top1")}
-    out += ["", "Head top-1 accuracy by offset (t+2, t+3, ...): " + "; ".join(
+    out += ["", "Top-1 accuracy on the reference answers by offset (t+1 = the model's next token, then its heads' "
+            "t+2, t+3, ...): " + "; ".join(
         f"{v} " + " / ".join(f"{a:.3f}" for a in h) for v, h in heads.items()),
         f"({next(iter(q.values()))['n_eval']} problems, {next(iter(q.values()))['split']} split)"]
     return "\n".join(out)
@@ -39,8 +40,8 @@ def quality(res: Path) -> str:
 def decoding(res: Path, name: str) -> str:
     rows = json.loads((res / name).read_text())
     r0 = rows[0]
-    out = [f"{r0['device_name']}, {r0['dtype']}, batch 1, {r0['prompts']} test prompts x up to {r0['new_tokens']} new "
-           f"tokens, {r0.get('torch_threads', '?')} threads", "",
+    out = [f"{r0['device_name']}, {r0['dtype']}, batch 1, {r0['prompts']} test prompts, {r0['new_tokens']} new "
+           f"tokens in all per method, {r0.get('torch_threads', '?')} threads", "",
            "| method | tokens/s | vs HF generate [95% CI] | vs greedy_kv [95% CI] | τ | efficiency vs greedy_kv | "
            "acceptance by depth | identical | tree | chosen on validation |",
            "|:--|--:|:--|:--|--:|--:|:--|--:|:--|:--|"]
