@@ -42,7 +42,9 @@ def _select(x, idx: torch.Tensor, B: int):
     return x
 
 
-def _row_ctx(ctx: dict, idx: torch.Tensor, B: int) -> dict:
+def _row_ctx(ctx: dict | None, idx: torch.Tensor, B: int) -> dict | None:
+    if ctx is None:                                                         # a model without drafts (PlainLM)
+        return None
     return {k: (v if k == "caches" else _select(v, idx, B)) for k, v in ctx.items()}
 
 
