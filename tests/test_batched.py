@@ -180,5 +180,7 @@ def test_batched_answers_equal_row_by_row_answers():
     alone, _ = generate_responses(model, Tok(), prompts, 20, tree="medusa:9")
     batched, stats = generate_responses(model, Tok(), prompts, 20, tree="medusa:9", batch_size=3, engine="speculative")
     assert batched == alone and [s["batched"] for s in stats] == [True, True, False]  # a last chunk of 1 row
+    plain, stats = generate_responses(model, Tok(), prompts, 20, tree="none", batch_size=3, engine="speculative")
+    assert plain == alone and all(s["mean_accepted_length"] == 1 for s in stats)      # run_quality's batched path
     with pytest.raises(ValueError, match="engine"):
         generate_responses(model, Tok(), prompts, 20, batch_size=3, engine="vllm")
