@@ -118,16 +118,20 @@ def test_oracle_drafts_accept_many_tokens_per_row_and_stay_exact(seed):
 
 @pytest.mark.parametrize("name", ["medusa", "mtp-2", "llama-plain"])
 def test_finished_rows_leave_the_batch(name):
-    """A row that ends early stops costing compute: the loop's row-steps fall short of forwards x batch, and the
-    rows that go on stay exact."""
+    """A row that ends early stops costing compute: the loop's row-steps fall short of forwards x batch, the rows
+    that go on stay exact, and each keeps drafting from its own state (a row's drafts are what they are alone: the
+    batch accepts as many drafts as its rows do one by one)."""
     model = get(name)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, V, (5,), generator=g) for _ in range(8)]
     ids = torch.stack(prompts)
     lengths = [len(alone(model, p[None], 40)) for p in prompts]
     assert min(lengths) < max(lengths)  # some rows end (EOS) before others: the premise of the test
-    out, stats = speculative_generate(model, ids, 40, tree="medusa:9" if getattr(model, "num_heads", 0) else "none")
+    tree = "medusa:9" if getattr(model, "num_heads", 0) else "none"
+    out, stats = speculative_generate(model, ids, 40, tree=tree)
     assert stats["row_steps"] < (stats["forward_passes"] - 1) * len(prompts)
+    rows = [speculative_generate(model, p[None], 40, tree=tree)[1] for p in prompts]
+    assert stats["head_hits"] == [sum(h) for h in zip(*(r["head_hits"] for r in rows))]
     for b, p in enumerate(prompts):
         ref = alone(model, p[None], 40)
         assert torch.equal(out[b, 5: 5 + len(ref)], ref)

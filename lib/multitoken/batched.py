@@ -48,10 +48,14 @@ def _row_ctx(ctx: dict | None, idx: torch.Tensor, B: int) -> dict | None:
     return {k: (v if k == "caches" else _select(v, idx, B)) for k, v in ctx.items()}
 
 
-def _drop_rows(caches, idx: torch.Tensor) -> None:
+def _leave(caches, ctx, stay: list[int], n: int, dev):
+    """Only rows ``stay`` (of ``n``) go on: the others leave every cache and the drafting context. Returns the new
+    context and the kept rows' index."""
+    idx = torch.tensor(stay, device=dev)
     for cache in caches:
         for layer in cache.layers:
             layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+    return _row_ctx(ctx, idx, n), idx
 
 
 def _compact_rows(caches, L: list[int], W: int, keeps: list[list[int]]) -> int:
@@ -125,9 +129,7 @@ def generate_rows(model, rows, max_new_tokens, temperature, top_p, tree, eos, n_
         if not stay:
             break
         if len(stay) < len(alive):                                           # finished rows leave the batch
-            idx = torch.tensor(stay, device=dev)
-            _drop_rows(caches, idx)
-            ctx = _row_ctx(ctx, idx, len(alive))
+            ctx, idx = _leave(caches, ctx, stay, len(alive), dev)
             alive, L, x0, js = [alive[i] for i in stay], [L[i] for i in stay], [x0[i] for i in stay], js[idx]
         n = len(alive)
         t = tree.truncate(min(max(max_new_tokens - len(outs[b]) for b in alive), n_pos - max(L) - 1))
@@ -178,15 +180,12 @@ def generate_rows(model, rows, max_new_tokens, temperature, top_p, tree, eos, n_
             if not done:
                 stay.append(i)
                 keeps.append([0] + paths[i])
-        W_now = width
         if not stay:
             break
         if len(stay) < n:
-            idx = torch.tensor(stay, device=dev)
-            _drop_rows(caches, idx)
-            ctx = _row_ctx(ctx, idx, n)
+            ctx, _ = _leave(caches, ctx, stay, n, dev)
         L = [L[i] for i in stay]
-        width = _compact_rows(caches, L, W_now, keeps)
+        width = _compact_rows(caches, L, width, keeps)
         alive = [alive[i] for i in stay]
         L = [l + len(k) for l, k in zip(L, keeps)]
         js = torch.tensor([k[-1] for k in keeps], device=dev)
