@@ -386,6 +386,26 @@ def test_growing_cache_equals_dynamic_cache_and_compacts_in_place():
     assert torch.equal(d.layers[0].keys, want)
 
 
+def test_growing_cache_keeps_its_capacity_when_rows_leave_the_batch():
+    """The batched loop drops finished rows by reassigning each layer's keys/values (index_select): the next update
+    copies them into a buffer of the capacity they need, and does not double it per reassignment (31 rows leaving
+    a batch of 32 one by one once asked for 2^31 slots: 28 GB on SmolLM2)."""
+    from multitoken.backbones import GrowingCache
+
+    g = GrowingCache()
+    g.update(torch.randn(16, 2, 10, 4), torch.randn(16, 2, 10, 4), 0)
+    for rows in range(15, 0, -1):
+        layer = g.layers[0]
+        keep = torch.arange(rows)                                                   # a row leaves, as in batched
+        layer.keys, layer.values = layer.keys.index_select(0, keep), layer.values.index_select(0, keep)
+        g.update(torch.randn(rows, 2, 1, 4), torch.randn(rows, 2, 1, 4), 0)
+    assert g.get_seq_length() == 25 and g.layers[0]._buf[0].shape == (1, 2, 64, 4)   # MIN_CAPACITY, not 64 x 2^15
+    layer = g.layers[0]                       # reassigned to more rows than the buffer has: copied into a new one
+    layer.keys, layer.values = torch.cat([layer.keys] * 2), torch.cat([layer.values] * 2)
+    g.update(torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4), 0)
+    assert g.layers[0].keys.shape == (2, 2, 26, 4) and g.layers[0].keys[:, :, -1].eq(1).all()
+
+
 def test_generation_settings_the_engine_does_not_apply_are_refused_by_name():
     model = get("medusa")
     ids = torch.randint(2, V, (1, 5))

@@ -46,10 +46,13 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         buf = getattr(self, "_buf", None)
         L, n = self.keys.shape[-2] if self.keys.dim() > 1 else 0, key_states.shape[-2]
-        mine = buf is not None and L and self.keys.data_ptr() == buf[0].data_ptr() and self.keys.stride() == buf[0] \
-            .stride()
-        if buf is None or (L and not mine) or L + n > buf[0].shape[-2]:
-            cap = max(L + n, 2 * (buf[0].shape[-2] if buf is not None else 0), self.MIN_CAPACITY)
+        mine = (buf is not None and L and self.keys.data_ptr() == buf[0].data_ptr()
+                and self.keys.stride() == buf[0].stride() and self.keys.shape[:-2] == buf[0].shape[:-2])
+        old = buf[0].shape[-2] if buf is not None else 0
+        if buf is None or (L and not mine) or L + n > old:
+            # doubles only when the cache outgrows its buffer; a reassigned cache (rows leaving a batch) that still
+            # fits keeps the capacity it had, else each reassignment would double it
+            cap = max(L + n, 2 * old if L + n > old else old, self.MIN_CAPACITY)
             new = tuple(t.new_empty((*t.shape[:-2], cap, t.shape[-1])) for t in (key_states, value_states))
             if L:
                 new[0][..., :L, :], new[1][..., :L, :] = self.keys, self.values
