@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from . import fastpath, pipeline, report
+from .backbones import backbone_of
 from .utils import write_json
 
 COLS = ["method", "tokens_per_s", "speedup_vs_hf_greedy", "speedup_vs_greedy_kv", "mean_accepted_length",
@@ -36,7 +37,7 @@ def decoding_bench(cfg, repeat: int = 1):
     print(pd.DataFrame(rows)[COLS].to_string(index=False))
     print("\n" + report.targets_summary(report.speed_targets(rows, cfg["speed_targets"])))
     if pipeline.device(cfg).type == "cpu":  # what a step of several positions costs here, layout by layout
-        d, v = models["ntp"].config.n_embd, models["ntp"].config.vocab_size
+        d, v = backbone_of(models["ntp"]).hidden_size, models["ntp"].config.vocab_size   # any family
         t = pd.DataFrame(fastpath.layout_timings([(d, 3 * d), (d, 4 * d), (4 * d, d), (d, v)]))
         write_json(pipeline.paths(cfg)["results"] / "matmul_layouts.json", t.round(1).to_dict("records"))
         print("\nmatmul time per layout (µs):\n" + t.round(1).to_string(index=False))
@@ -55,7 +56,6 @@ def length_bench(model, context: int, lengths=(64, 256, 1024), prompt_len: int =
     not fit the context are left out."""
     import time
 
-    from .backbones import backbone_of
     from .decoding import speculative_generate
 
     bb = backbone_of(model)
@@ -133,7 +133,6 @@ def step_costs(name: str, dtypes=("float32", "bfloat16"), context: int = 300, si
     import time
 
     from . import data as D
-    from .backbones import backbone_of
     from .decoding import speculative_generate
     from .evaluation import hf_method
     from .pretrained import load
