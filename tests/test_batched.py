@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import EOS, PAD, V, VARIANTS, medusa, mtp
 from test_decoding import Oracle, assert_two_token_distribution, six_token_model
 from multitoken import wrap_model_with_medusa, wrap_model_with_mtp
-from multitoken.decoding import speculative_generate
+from multitoken import batched
+from multitoken.decoding import parse_tree, speculative_generate
 
 
 def _llama(vocab=V, **kw):
@@ -135,6 +136,24 @@ def test_finished_rows_leave_the_batch(name):
     for b, p in enumerate(prompts):
         ref = alone(model, p[None], 40)
         assert torch.equal(out[b, 5: 5 + len(ref)], ref)
+
+
+@pytest.mark.parametrize("name", ["medusa", "llama-plain"])
+def test_finished_rows_kept_as_masked_no_ops_give_the_same_tokens_at_full_cost(name):
+    """The alternative to leaving (``batched="masked"``): finished rows stay in the batch, computed and discarded;
+    every row's tokens and accepted drafts are the same as when they leave, and every step costs the whole batch."""
+    model = get(name)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, V, (8, 5), generator=g)
+    tree = "medusa:9" if getattr(model, "num_heads", 0) else "none"
+    drop, sd = speculative_generate(model, ids, 40, tree=tree)
+    kept, sk = speculative_generate(model, ids, 40, tree=tree, batched="masked")
+    assert torch.equal(drop, kept)
+    assert sk["head_hits"] == sd["head_hits"] and sk["head_tries"] == sd["head_tries"]
+    assert sk["row_steps"] == (sk["forward_passes"] - 1) * len(ids) > sd["row_steps"]
+    with pytest.raises(ValueError, match="finished"):
+        batched.generate_rows(model, list(ids), 4, 0.0, 1.0, parse_tree("none", 0), {EOS}, 64, None,
+                              {"forward_passes": 0}, finished="keep")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -1,4 +1,4 @@
-"""``python -m multitoken {data,train,bench,bench-train,bench-batch} -f params.yaml`` (``train`` also under ``accelerate launch`` /
+"""``python -m multitoken {data,train,bench,bench-train,bench-batch,bench-length} -f params.yaml`` (``train`` also under ``accelerate launch`` /
 ``torchrun``); ``python -m multitoken notebooks|report --profile P`` for the pipeline and its HTML report."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train one variant with a profile's parameters")
     tr.add_argument("--variant", choices=list(pipeline.VARIANTS), required=True)
-    for name in ("train", "bench", "bench-train", "bench-batch", "data"):
+    for name in ("train", "bench", "bench-train", "bench-batch", "bench-length", "data"):
         p = tr if name == "train" else sub.add_parser(name)
         p.add_argument("-f", "--params", default=None, help="papermill parameter YAML (a profile)")
         p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters")
@@ -60,6 +60,10 @@ def main(argv=None):
         from .bench import decoding_bench
 
         decoding_bench(cfg, repeat=args.repeat)
+    elif args.cmd == "bench-length":
+        from .bench import length_section
+
+        length_section(cfg)
     elif args.cmd == "bench-batch":
         from .bench import batch_bench
 

@@ -7,7 +7,8 @@ every row at ``[W, W + N + 1)`` (``W`` the cache's width), with per-row position
 runs for every row at once (greedy: one host sync per step), then each row's kept step slots move to
 ``[L_b, L_b + k_b)`` (one indexed copy for the whole batch) and the cache is cut to ``max_b(L_b + k_b)``, so a
 step's cost does not grow with the junk. A row that ends (EOS, ``max_new_tokens``) leaves the batch: its rows are
-dropped from every cache and from the drafting context, so finished rows cost nothing. Prompts are packed
+dropped from every cache and from the drafting context, so finished rows cost nothing (``finished="masked"`` keeps
+them as no-ops instead, the alternative the batch benchmark measures). Prompts are packed
 right-padded whatever padding they came with (the pads are masked; position ids count each row's own tokens).
 
 Every row equals what it would be alone: with temperature 0, its tokens are ``generate(do_sample=False)``'s for that
@@ -99,8 +100,14 @@ def _propose(model, ctx, js, x0s, tree, B):
 
 
 @torch.inference_mode()
-def generate_rows(model, rows, max_new_tokens, temperature, top_p, tree, eos, n_pos, gen, stats) -> list[list[int]]:
-    """Decode the prompts ``rows`` (1-D tensors on the model's device) together; returns each row's new tokens."""
+def generate_rows(model, rows, max_new_tokens, temperature, top_p, tree, eos, n_pos, gen, stats,
+                  finished: str = "drop") -> list[list[int]]:
+    """Decode the prompts ``rows`` (1-D tensors on the model's device) together; returns each row's new tokens.
+    ``finished``: rows that end leave the batch (``"drop"``) or stay in it as masked no-ops (``"masked"``: computed
+    and drafted for, nothing kept; the alternative ``make bench-batch`` measures)."""
+    if finished not in ("drop", "masked"):
+        raise ValueError(f"finished must be 'drop' or 'masked', got {finished!r}")
+    masked = finished == "masked"
     dev, B = rows[0].device, len(rows)
     stats.setdefault("row_steps", 0)
     L = [int(r.numel()) for r in rows]
@@ -119,20 +126,22 @@ def generate_rows(model, rows, max_new_tokens, temperature, top_p, tree, eos, n_
     x0 = (last.argmax(-1) if greedy else
           torch.multinomial(target_probs(last, temperature, top_p), 1, generator=gen)[:, 0]).tolist()
     js = lens - 1                                                            # step-local position of x0's state
-    alive, outs, width = list(range(B)), [[] for _ in range(B)], W
+    alive, outs, width, done = list(range(B)), [[] for _ in range(B)], W, [False] * B
     while True:
         stay = []
         for i, b in enumerate(alive):
-            outs[b].append(x0[i])
-            if not (x0[i] in eos or len(outs[b]) >= max_new_tokens):
+            if not done[b]:
+                outs[b].append(x0[i])
+                done[b] = x0[i] in eos or len(outs[b]) >= max_new_tokens
+            if masked or not done[b]:
                 stay.append(i)
-        if not stay:
+        if all(done[alive[i]] for i in stay):
             break
         if len(stay) < len(alive):                                           # finished rows leave the batch
             ctx, idx = _leave(caches, ctx, stay, len(alive), dev)
             alive, L, x0, js = [alive[i] for i in stay], [L[i] for i in stay], [x0[i] for i in stay], js[idx]
         n = len(alive)
-        t = tree.truncate(min(max(max_new_tokens - len(outs[b]) for b in alive), n_pos - max(L) - 1))
+        t = tree.truncate(min(max(max_new_tokens - len(outs[b]) for b in alive if not done[b]), n_pos - max(L) - 1))
         tt = t.on(dev)
         Lt = torch.tensor(L, device=dev)
         prefix = torch.arange(width, device=dev)[None] < Lt[:, None]         # (n, W) each row's committed slots
@@ -168,19 +177,23 @@ def generate_rows(model, rows, max_new_tokens, temperature, top_p, tree, eos, n_
                 x_next = torch.multinomial(probs[:, 0], 1, generator=gen)[:, 0].tolist()
         stay, keeps = [], []
         for i, b in enumerate(alive):
-            for d in range(t.depth):
-                stats["head_tries"][d] += 1
-                stats["head_hits"][d] += int(d < len(paths[i]))
-            done = False
-            for node in paths[i]:
-                outs[b].append(int(cands[i][node - 1]))
-                if outs[b][-1] in eos or len(outs[b]) >= max_new_tokens:
-                    done = True
-                    break
-            if not done:
+            if not done[b]:
+                for d in range(t.depth):
+                    stats["head_tries"][d] += 1
+                    stats["head_hits"][d] += int(d < len(paths[i]))
+                for node in paths[i]:
+                    outs[b].append(int(cands[i][node - 1]))
+                    if outs[b][-1] in eos or len(outs[b]) >= max_new_tokens:
+                        done[b] = True
+                        break
+                else:
+                    stay.append(i)
+                    keeps.append([0] + paths[i])
+                    continue
+            if masked:                                                       # a masked no-op: its cache stays as is
                 stay.append(i)
-                keeps.append([0] + paths[i])
-        if not stay:
+                keeps.append([])
+        if all(done[alive[i]] for i in stay):
             break
         if len(stay) < n:
             ctx, _ = _leave(caches, ctx, stay, n, dev)
@@ -188,6 +201,6 @@ def generate_rows(model, rows, max_new_tokens, temperature, top_p, tree, eos, n_
         width = _compact_rows(caches, L, width, keeps)
         alive = [alive[i] for i in stay]
         L = [l + len(k) for l, k in zip(L, keeps)]
-        js = torch.tensor([k[-1] for k in keeps], device=dev)
+        js = torch.tensor([k[-1] if k else 0 for k in keeps], device=dev)
         x0 = [x_next[i] for i in stay]
     return outs

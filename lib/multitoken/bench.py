@@ -41,19 +41,33 @@ def decoding_bench(cfg, repeat: int = 1):
         t = pd.DataFrame(fastpath.layout_timings([(d, 3 * d), (d, 4 * d), (4 * d, d), (d, v)]))
         write_json(pipeline.paths(cfg)["results"] / "matmul_layouts.json", t.round(1).to_dict("records"))
         print("\nmatmul time per layout (µs):\n" + t.round(1).to_string(index=False))
-    lengths = length_bench(models["ntp"], pipeline.context_size(cfg))
-    write_json(pipeline.paths(cfg)["results"] / "length_benchmark.json", lengths)
-    print("\ntokens/s by output length (greedy_kv, one prompt, EOS ignored):\n" + pd.DataFrame(lengths).to_string(index=False))
+    length_section(cfg, models["ntp"])
     print(f"\nwritten: {pipeline.paths(cfg)['results'] / 'decoding_benchmark.json'}, speed_targets.json, "
           "length_benchmark.json")
     return rows
 
 
-def length_bench(model, context: int, lengths=(64, 256, 1024), prompt_len: int = 16, chain_model=None) -> list[dict]:
+def length_section(cfg, model=None) -> list[dict]:
+    """``make bench``'s length section (alone: ``make bench-length``): NTP's tokens/s at 64, 256 and 1,024 new tokens,
+    written to ``results/length_benchmark.json``."""
+    if model is None:
+        try:
+            model = pipeline.load_variant(cfg, "ntp")
+        except FileNotFoundError as e:
+            sys.exit(f"make bench-length needs the trained {cfg['profile']} NTP model: run `make all "
+                     f"PROFILE={cfg['profile']}` first ({e})")
+    torch.set_grad_enabled(False)
+    lengths = length_bench(model, pipeline.context_size(cfg))
+    write_json(pipeline.paths(cfg)["results"] / "length_benchmark.json", lengths)
+    print("\ntokens/s by output length (greedy_kv, one prompt, EOS ignored):\n" + pd.DataFrame(lengths).to_string(index=False))
+    return lengths
+
+
+def length_bench(model, context: int, lengths=(64, 256, 1024), prompt_len: int = 16, repeats: int = 2) -> list[dict]:
     """Tokens/s of this engine without drafts at growing output lengths, with its cache (``GrowingCache``: appends
     cost the new tokens, compaction is in place) and with transformers' ``DynamicCache`` (which concatenates the whole
-    cache at every step), interleaved: the per-token cost should not grow with the output length. Lengths that do
-    not fit the context are left out."""
+    cache at every step), interleaved, after one warm-up generation each, best of ``repeats``: the per-token cost
+    should not grow with the output length. Lengths that do not fit the context are left out."""
     import time
 
     from .decoding import speculative_generate
@@ -61,18 +75,25 @@ def length_bench(model, context: int, lengths=(64, 256, 1024), prompt_len: int =
     bb = backbone_of(model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(next(model.parameters()).device)
+    caches = (("growing_cache", None), ("dynamic_cache", DynamicCache))
+
+    def seconds(n, cache):
+        if cache is not None:
+            bb.new_cache = cache                               # this adapter instance only, undone below
+        try:
+            t0 = time.perf_counter()
+            speculative_generate(model, ids, n, tree="none", eos_token_id=[])
+            return time.perf_counter() - t0
+        finally:
+            bb.__dict__.pop("new_cache", None)
+
+    for _, cache in caches:                                    # warm-up: the lean forward's layout choice, allocations
+        seconds(8, cache)
     rows = []
     for n in [n for n in lengths if prompt_len + n <= context]:
         row = {"new_tokens": n}
-        for name, cache in (("growing_cache", None), ("dynamic_cache", DynamicCache)):
-            if cache is not None:
-                bb.new_cache = cache                           # this adapter instance only, undone below
-            try:
-                t0 = time.perf_counter()
-                speculative_generate(model, ids, n, tree="none", eos_token_id=[])
-                row[f"{name}_tokens_per_s"] = round(n / (time.perf_counter() - t0), 1)
-            finally:
-                bb.__dict__.pop("new_cache", None)
+        for name, cache in caches:
+            row[f"{name}_tokens_per_s"] = round(n / min(seconds(n, cache) for _ in range(repeats)), 1)
         rows.append(row)
     return rows
 
@@ -249,7 +270,8 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
     """Batched speculative decoding against HF's batched greedy ``generate`` (left-padded), this engine without
     drafts, and speculation row by row, at each batch size: total tokens/s over the same ``prompts`` test prompts
     (chunks of the batch size, each row's tokens counted up to its EOS), every method once per round in a fresh
-    order. The tree of each batch size is chosen on validation prompts (the fastest of ``trees`` for one chunk), the
+    order; at batch > 1 also batched speculation with finished rows kept as masked no-ops (``masked_vs_drop``: its
+    tokens/s over dropping them). The tree of each batch size is chosen on validation prompts (the fastest of ``trees`` for one chunk), the
     test prompts only measure. ``results/batch_benchmark.json``."""
     import random
     import time
@@ -279,7 +301,7 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
             out = speculative_generate(ntp, ids, new_tokens, tree="none", attention_mask=mask)[0]
         else:
             out = speculative_generate(heads, ids, new_tokens, tree=tree, attention_mask=mask,
-                                       batched=method == "spec_batched")[0]
+                                       batched={"spec_rows": False, "spec_batched": True}.get(method, "masked"))[0]
         return _new_tokens(out.cpu(), ids.shape[1], eos)
 
     def timed(method, chunks, tree=None):
@@ -295,7 +317,7 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
         chunks = [test[i: i + B] for i in range(0, len(test), B)]
         pick = {t: timed("spec_batched", [val[:B]], t)[0] for t in trees}    # validation chooses the tree
         tree = min(pick, key=pick.get)
-        methods = ["hf_generate", "engine_no_drafts", "spec_rows", "spec_batched"]
+        methods = ["hf_generate", "engine_no_drafts", "spec_rows", "spec_batched"] + ["spec_batched_masked"] * (B > 1)
         times, outs = {m: [] for m in methods}, {}
         run("spec_batched", chunks[0][:1], tree)                              # warm-up
         for _ in range(rounds):
@@ -312,6 +334,9 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
                    batched_vs_rows=[round(min(a / b for a, b in zip(tps["spec_batched"], tps["spec_rows"])), 2),
                                     round(max(a / b for a, b in zip(tps["spec_batched"], tps["spec_rows"])), 2)],
                    batched_identical_to_rows=outs["spec_batched"] == outs["spec_rows"],
+                   **({"masked_vs_drop": [round(min(a / b for a, b in zip(tps["spec_batched_masked"], tps["spec_batched"])), 2),
+                                          round(max(a / b for a, b in zip(tps["spec_batched_masked"], tps["spec_batched"])), 2)],
+                       "masked_identical": outs["spec_batched_masked"] == outs["spec_batched"]} if B > 1 else {}),
                    rows_identical_to_hf=sum(a == b for a, b in zip(outs["spec_rows"], outs["hf_generate"])),
                    rows=len(test))
         rows.append(row)

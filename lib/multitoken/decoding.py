@@ -274,7 +274,8 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     ``max_new_tokens`` included), row by row whatever the batch's padding; with ``temperature>0`` every token follows
     softmax(logits/T) within the top-p nucleus exactly. ``tree``: None (chain over all heads), "chain:N",
     "medusa[:N]", "none", paths, or a Tree. ``batched``: the rows advance together (``multitoken.batched``) or one
-    after the other; None: together for a batch of several rows where the model allows it.
+    after the other; None: together for a batch of several rows where the model allows it; ``"masked"``: together,
+    finished rows kept in the batch as masked no-ops instead of leaving it (a measurement, not faster).
     """
     if not hasattr(model, "spec_forward"):
         model = PlainLM(model)
@@ -329,7 +330,7 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     try:
         if batched:
             outs = batched_mod.generate_rows(model, rows, max_new_tokens, temperature, top_p, tree, eos, n_pos,
-                                             generator, stats)
+                                             generator, stats, finished="masked" if batched == "masked" else "drop")
         else:
             outs = [_generate_row(model, r, max_new_tokens, temperature, top_p, tree, eos, n_pos, generator, stats)
                     for r in rows]
