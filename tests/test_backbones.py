@@ -261,12 +261,23 @@ def test_length_bench_times_both_caches_and_leaves_the_adapter_as_it_was(family,
             super().__init__(*a, **k)
 
     monkeypatch.setattr(bench, "DynamicCache", Counted)
-    model = llama() if family == "llama" else GPT2LMHeadModel(GPT2Config(**tiny())).eval()
+    if family == "llama":                        # heads trained on this Llama's own text: drafts are accepted
+        heads, model = trained("sdpa", "medusa")
+    else:
+        model = GPT2LMHeadModel(GPT2Config(**tiny())).eval()
+        heads = wrap_model_with_medusa(model, num_medusa_heads=3)
     bb = backbone_of(model)
     ctx = bb.context_size
     with torch.no_grad():
-        rows = bench.length_bench(model, ctx, lengths=(8, ctx - 16, ctx), prompt_len=16, repeats=1)
+        rows = bench.length_bench(model, ctx, lengths=(8, ctx - 16, ctx), prompt_len=16, repeats=1, heads=heads,
+                                  tree="medusa:5")
     assert [r["new_tokens"] for r in rows] == [8, ctx - 16]
     assert all(r["growing_cache_tokens_per_s"] > 0 and r["dynamic_cache_tokens_per_s"] > 0 for r in rows)
-    assert len(made) == 1 + len(rows)            # the warm-up and one run per length
+    assert len(made) == 1 + len(rows)            # the warm-up and one run per length, not the speculation's
     assert "new_cache" not in bb.__dict__ and type(bb.new_cache()) is not Counted
+    for r in rows:                               # the head model's own steps: tokens / steps = τ
+        assert r["speculation_tree"] == "medusa:5" and r["speculation_tau"] >= 1
+        steps = r["new_tokens"] / r["speculation_tokens_per_s"] * 1000 / r["speculation_ms_per_step"]
+        assert abs(steps * r["speculation_tau"] - r["new_tokens"]) <= 0.05 * r["new_tokens"] + 1
+    if family == "llama":
+        assert rows[-1]["speculation_tau"] > 1   # the trained heads' drafts are accepted: speculation really ran

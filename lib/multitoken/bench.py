@@ -41,33 +41,36 @@ def decoding_bench(cfg, repeat: int = 1):
         t = pd.DataFrame(fastpath.layout_timings([(d, 3 * d), (d, 4 * d), (4 * d, d), (d, v)]))
         write_json(pipeline.paths(cfg)["results"] / "matmul_layouts.json", t.round(1).to_dict("records"))
         print("\nmatmul time per layout (µs):\n" + t.round(1).to_string(index=False))
-    length_section(cfg, models["ntp"])
+    length_section(cfg, models["ntp"], models["medusa"])
     print(f"\nwritten: {pipeline.paths(cfg)['results'] / 'decoding_benchmark.json'}, speed_targets.json, "
           "length_benchmark.json")
     return rows
 
 
-def length_section(cfg, model=None) -> list[dict]:
+def length_section(cfg, model=None, heads=None) -> list[dict]:
     """``make bench``'s length section (alone: ``make bench-length``): NTP's tokens/s at 64, 256 and 1,024 new tokens,
-    written to ``results/length_benchmark.json``."""
+    and MEDUSA-1's speculation on it, written to ``results/length_benchmark.json``."""
     if model is None:
         try:
-            model = pipeline.load_variant(cfg, "ntp")
+            model, heads = pipeline.load_variant(cfg, "ntp"), pipeline.load_variant(cfg, "medusa")
         except FileNotFoundError as e:
-            sys.exit(f"make bench-length needs the trained {cfg['profile']} NTP model: run `make all "
+            sys.exit(f"make bench-length needs the trained {cfg['profile']} NTP and MEDUSA-1 models: run `make all "
                      f"PROFILE={cfg['profile']}` first ({e})")
     torch.set_grad_enabled(False)
-    lengths = length_bench(model, pipeline.context_size(cfg))
+    lengths = length_bench(model, pipeline.context_size(cfg), heads=heads)
     write_json(pipeline.paths(cfg)["results"] / "length_benchmark.json", lengths)
-    print("\ntokens/s by output length (greedy_kv, one prompt, EOS ignored):\n" + pd.DataFrame(lengths).to_string(index=False))
+    print("\ntokens/s by output length (one prompt, EOS ignored):\n" + pd.DataFrame(lengths).to_string(index=False))
     return lengths
 
 
-def length_bench(model, context: int, lengths=(64, 256, 1024), prompt_len: int = 16, repeats: int = 2) -> list[dict]:
+def length_bench(model, context: int, lengths=(64, 256, 1024), prompt_len: int = 16, repeats: int = 2,
+                 heads=None, tree: str = "medusa:8") -> list[dict]:
     """Tokens/s of this engine without drafts at growing output lengths, with its cache (``GrowingCache``: appends
     cost the new tokens, compaction is in place) and with transformers' ``DynamicCache`` (which concatenates the whole
     cache at every step), interleaved, after one warm-up generation each, best of ``repeats``: the per-token cost
-    should not grow with the output length. Lengths that do not fit the context are left out."""
+    should not grow with the output length. With ``heads`` (a head model on the same backbone) also speculation with
+    ``tree`` (accepted entries compacted in place at every step): its tokens/s, ms per step and τ, since τ moves with
+    the text. Lengths that do not fit the context are left out."""
     import time
 
     from .decoding import speculative_generate
@@ -87,13 +90,25 @@ def length_bench(model, context: int, lengths=(64, 256, 1024), prompt_len: int =
         finally:
             bb.__dict__.pop("new_cache", None)
 
+    def speculation(n):
+        t0 = time.perf_counter()
+        _, st = speculative_generate(heads, ids, n, tree=tree, eos_token_id=[])
+        return time.perf_counter() - t0, st
+
     for _, cache in caches:                                    # warm-up: the lean forward's layout choice, allocations
         seconds(8, cache)
+    if heads is not None:
+        speculation(8)
     rows = []
     for n in [n for n in lengths if prompt_len + n <= context]:
         row = {"new_tokens": n}
         for name, cache in caches:
             row[f"{name}_tokens_per_s"] = round(n / min(seconds(n, cache) for _ in range(repeats)), 1)
+        if heads is not None:
+            s, st = min((speculation(n) for _ in range(repeats)), key=lambda r: r[0])
+            row.update({"speculation_tree": tree, "speculation_tokens_per_s": round(n / s, 1),
+                        "speculation_ms_per_step": round(1000 * s / st["forward_passes"], 2),
+                        "speculation_tau": round(st["mean_accepted_length"], 2)})
         rows.append(row)
     return rows
 
