@@ -231,3 +231,34 @@ def test_the_method_a_variant_is_judged_by_is_chosen_on_validation():
     bf = dict(rows[1], dtype="bfloat16", identical_to_greedy=0.5, identical_tokens=0.995)
     assert R.lossless(bf) and not R.lossless(dict(bf, identical_tokens=0.98)) and not R.lossless(dict(rows[1],
                                                                                                    identical_to_greedy=0.5))
+
+
+def test_other_claims_latency_verdict_comes_from_speculations_own_gain(tmp_path, monkeypatch):
+    """The MTP accelerator's "speculative decoding reduces latency": a method faster than HF generate only through
+    the engine's lean forward (1.31x HF, 0.90x greedy_kv) is judged slower, not faster."""
+    import json
+
+    import pandas as pd
+
+    from multitoken import ledger
+
+    def row(method, hf, kv, **kw):
+        return dict(method=method, speedup_vs_hf_greedy=hf, speedup_lo=hf - 0.1, speedup_hi=hf + 0.1,
+                    speedup_vs_greedy_kv=kv, speedup_vs_greedy_kv_lo=kv - 0.05, speedup_vs_greedy_kv_hi=kv + 0.05,
+                    mean_accepted_length=1.5, per_head_acceptance=[0.6, 0.3, 0.1], prompts=4, **kw)
+
+    ci = dict(value=1.0, lo=0.5, hi=1.5)
+    fake = dict(quality={"mtp": {"diff_vs_ntp": {"perplexity": ci, "accuracy": ci}}},
+                decoding_benchmark=[row("hf_greedy", 1.0, 0.7), row("mtp_tree", 1.31, 0.90, selected=True)],
+                logs={"ntp": pd.DataFrame({"eval_loss": [4.2], "train_loss": [4.0]}),
+                      "mtp": pd.DataFrame({"eval_head0_loss": [4.3], "train_loss": [8.0]})})
+    res, figs = tmp_path / "results", tmp_path / "figures"
+    res.mkdir(), figs.mkdir()
+    (res / "other_systems.json").write_text(json.dumps(
+        [row("hf_greedy_mtp", 1.0, 0.7)] + [row(f"lookahead_{k}", 0.9, 0.6) for k in (1, 2, 3)]))
+    monkeypatch.setattr(ledger.PL, "load_results", lambda cfg: fake)
+    monkeypatch.setattr(ledger.PL, "paths", lambda cfg: {"results": res, "figures": figs})
+    df = ledger.other_claims({"profile": "test", "mtp_n": 4})
+    latency = df[df.claim == "speculative decoding reduces latency"].iloc[0]
+    assert latency.verdict.startswith("slower") and "0.90 [0.85, 0.95] vs greedy_kv" in latency.measured
+    assert (figs / "other_claims.md").exists()
