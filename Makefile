@@ -49,7 +49,8 @@ REPEAT ?= 1
 bench: $(STAMP)
 	$(PY) -m multitoken bench -f notebooks/params/$(PROFILE).yaml --repeat $(REPEAT)
 
-# make bench's length section alone: NTP's tokens/s at 64, 256, 1024 new tokens (results/length_benchmark.json)
+# make bench's length section alone: NTP's tokens/s at 64, 256, 1024 new tokens, and MEDUSA-1's speculation
+# (results/length_benchmark.json)
 bench-length: $(STAMP)
 	$(PY) -m multitoken bench-length -f notebooks/params/$(PROFILE).yaml
 

@@ -342,15 +342,17 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
                 outs[m] = o
         n = {m: sum(len(r) for r in outs[m]) for m in methods}
         tps = {m: [n[m] / s for s in times[m]] for m in methods}
+
+        def ratio_range(a, b):                                                # [min, max] over rounds of a / b
+            r = [x / y for x, y in zip(tps[a], tps[b])]
+            return [round(min(r), 2), round(max(r), 2)]
+
         row = dict(batch=B, tree=tree, tree_validation_s={k: round(v, 2) for k, v in pick.items()},
                    **{f"{m}_tokens_per_s": round(sum(tps[m]) / rounds, 1) for m in methods},
-                   batched_vs_hf=[round(min(a / b for a, b in zip(tps["spec_batched"], tps["hf_generate"])), 2),
-                                  round(max(a / b for a, b in zip(tps["spec_batched"], tps["hf_generate"])), 2)],
-                   batched_vs_rows=[round(min(a / b for a, b in zip(tps["spec_batched"], tps["spec_rows"])), 2),
-                                    round(max(a / b for a, b in zip(tps["spec_batched"], tps["spec_rows"])), 2)],
+                   batched_vs_hf=ratio_range("spec_batched", "hf_generate"),
+                   batched_vs_rows=ratio_range("spec_batched", "spec_rows"),
                    batched_identical_to_rows=outs["spec_batched"] == outs["spec_rows"],
-                   **({"masked_vs_drop": [round(min(a / b for a, b in zip(tps["spec_batched_masked"], tps["spec_batched"])), 2),
-                                          round(max(a / b for a, b in zip(tps["spec_batched_masked"], tps["spec_batched"])), 2)],
+                   **({"masked_vs_drop": ratio_range("spec_batched_masked", "spec_batched"),
                        "masked_identical": outs["spec_batched_masked"] == outs["spec_batched"]} if B > 1 else {}),
                    rows_identical_to_hf=sum(a == b for a, b in zip(outs["spec_rows"], outs["hf_generate"])),
                    rows=len(test))
