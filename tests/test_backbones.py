@@ -281,3 +281,35 @@ def test_length_bench_times_both_caches_and_leaves_the_adapter_as_it_was(family,
         assert abs(steps * r["speculation_tau"] - r["new_tokens"]) <= 0.05 * r["new_tokens"] + 1
     if family == "llama":
         assert rows[-1]["speculation_tau"] > 1   # the trained heads' drafts are accepted: speculation really ran
+
+
+def test_batch_bench_rows_report_speculations_own_tau_and_identical_rows(monkeypatch):
+    """make bench-batch's rows on a Llama with trained heads: every method decodes the same tokens as HF's batched
+    greedy generate, the tree comes from the candidates, and the reported τ is batched speculation's own
+    (tokens per row per step, recomputed here from the engine on the same chunks and tree)."""
+    from multitoken import bench
+
+    heads, base = trained("sdpa", "medusa")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, V, (n,), generator=g) for n in (3, 5, 4, 6)]
+    val = [torch.randint(2, V, (4,), generator=g) for _ in range(2)]
+    base.generation_config.eos_token_id = EOS
+    with torch.no_grad():
+        rows = bench.batch_rows(base, heads, prompts, val, sizes=(1, 2), new_tokens=12,
+                                trees=("chain:1", "chain", "medusa:5"), rounds=1, pad=PAD)
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["tree"] in ("chain:1", "chain", "medusa:5") and set(r["tree_validation_s"]) == {"chain:1", "chain",
+                                                                                                  "medusa:5"}
+        assert r["batched_identical_to_rows"] and r["rows_identical_to_hf"] == len(prompts) == r["rows"]
+        assert ("masked_identical" in r) == (r["batch"] > 1) and r.get("masked_identical", True)
+        tokens = steps = 0
+        with torch.no_grad():
+            for i in range(0, len(prompts), r["batch"]):
+                ids, mask = bench._left_padded(prompts[i: i + r["batch"]], PAD)
+                st = speculative_generate(heads, ids, 12, tree=r["tree"], attention_mask=mask, batched=True)[1]
+                tokens, steps = tokens + st["new_tokens"], steps + st["new_tokens"] / st["mean_accepted_length"]
+        assert r["spec_batched_tau"] == round(tokens / steps, 3) and r["spec_batched_tau"] > 1   # drafts accepted
+    with pytest.raises(ValueError, match="pad token"):
+        base.generation_config.pad_token_id = None
+        bench.batch_rows(base, heads, prompts, val, sizes=(1,), new_tokens=4, trees=("chain",), rounds=1)

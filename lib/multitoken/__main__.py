@@ -25,6 +25,7 @@ def main(argv=None):
             p.add_argument("--prompts", type=int, default=16, help="test prompts (chunks of the batch size)")
             p.add_argument("--new-tokens", type=int, default=48)
             p.add_argument("--variant", default="medusa", help="the head model: medusa, mtp, mtp_seq")
+            p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the profile's inference_dtype)")
     nb = sub.add_parser("notebooks", help="run the numbered notebooks of a profile with papermill (make all)")
     nb.add_argument("--profile", default="cpu")
     nb.add_argument("--only", nargs="*", help="notebook names, e.g. 02_train_mtp")
@@ -68,7 +69,7 @@ def main(argv=None):
         from .bench import batch_bench
 
         batch_bench(cfg, sizes=tuple(args.sizes), prompts=args.prompts, new_tokens=args.new_tokens,
-                    variant=args.variant)
+                    variant=args.variant, dtype=args.dtype)
     else:
         from .bench import training_bench
 

@@ -281,31 +281,60 @@ def _new_tokens(seqs, width: int, eos: set) -> list[list[int]]:
 
 
 def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, variant: str = "medusa",
-                trees=("chain:1", "chain:2", "chain", "medusa:8", "medusa:16"), rounds: int = 2) -> dict:
-    """Batched speculative decoding against HF's batched greedy ``generate`` (left-padded), this engine without
-    drafts, and speculation row by row, at each batch size: total tokens/s over the same ``prompts`` test prompts
-    (chunks of the batch size, each row's tokens counted up to its EOS), every method once per round in a fresh
-    order; at batch > 1 also batched speculation with finished rows kept as masked no-ops (``masked_vs_drop``: its
-    tokens/s over dropping them). The tree of each batch size is chosen on validation prompts (the fastest of ``trees`` for one chunk), the
-    test prompts only measure. ``results/batch_benchmark.json``."""
+                trees=("chain:1", "chain:2", "chain", "medusa:8", "medusa:16"), rounds: int = 2,
+                dtype: str | None = None) -> dict:
+    """``make bench-batch``: :func:`batch_rows` on the profile's trained NTP model and ``variant``'s heads, in
+    ``dtype`` (default the profile's ``inference_dtype``), over ``prompts`` test prompts; the trees are chosen on
+    validation prompts. ``results/batch_benchmark.json`` (``batch_benchmark_<dtype>.json`` in another dtype)."""
+    torch.set_grad_enabled(False)
+    try:
+        ntp, heads = (pipeline.load_variant(cfg, v, dtype=dtype) for v in ("ntp", variant))
+    except FileNotFoundError as e:
+        sys.exit(f"make bench-batch needs the trained {cfg['profile']} models: run `make all "
+                 f"PROFILE={cfg['profile']}` first ({e})")
+    _, _, tok, prep = pipeline.loaders(cfg)
+    fit = lambda ps: [p for p in ps if len(p) + new_tokens <= pipeline.context_size(cfg)]  # noqa: E731
+    test = fit(pipeline.eval_set(cfg, tok, prep)["prompts"])[:prompts]
+    val = fit(pipeline.validation_prompts(cfg, tok, prep))
+    rows = batch_rows(ntp, heads, test, val, sizes, new_tokens, trees, rounds, pad=tok.pad_token_id)
+    dt = str(next(ntp.parameters()).dtype)
+    res = dict(profile=cfg["profile"], variant=variant, dtype=dt, device=str(pipeline.device(cfg)),
+               prompts=len(test), new_tokens=new_tokens, rounds=rounds, torch_threads=torch.get_num_threads(),
+               note="ratios: [min, max] over rounds of per-round tokens/s ratios; the tree of each batch size chosen "
+                    "on validation prompts (after a warm-up at that batch size); tau: tokens per row per step of "
+                    "batched speculation", rows=rows)
+    same = dt == str(pipeline.resolve_dtype(cfg["inference_dtype"], pipeline.device(cfg)))
+    name = "batch_benchmark.json" if same else f"batch_benchmark_{dt.removeprefix('torch.')}.json"
+    write_json(pipeline.paths(cfg)["results"] / name, res)
+    cols = ["batch", "tree", "spec_batched_tau", "hf_generate_tokens_per_s", "engine_no_drafts_tokens_per_s",
+            "spec_rows_tokens_per_s", "spec_batched_tokens_per_s", "batched_vs_hf", "batched_vs_rows",
+            "batched_identical_to_rows"]
+    print(pd.DataFrame(rows)[cols].to_string(index=False))
+    return res
+
+
+def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
+               trees=("chain:1", "chain:2", "chain", "medusa:8", "medusa:16"), rounds: int = 2,
+               pad: int | None = None) -> list[dict]:
+    """Batched speculative decoding (``heads``, a head model on ``ntp``'s backbone) against HF's batched greedy
+    ``generate`` of ``ntp`` (left-padded), this engine without drafts, and speculation row by row, at each batch size:
+    total tokens/s over the ``test`` prompts (chunks of the batch size, each row's tokens counted up to its EOS), every
+    method once per round in a fresh order; at batch > 1 also batched speculation with finished rows kept as masked
+    no-ops (``masked_vs_drop``: its tokens/s over dropping them). The tree of each batch size is the fastest of
+    ``trees`` on one chunk of ``val`` prompts, timed after a warm-up at that batch size; the test prompts only measure.
+    ``spec_batched_tau``: batched speculation's tokens per row per step, the reason a speedup is or is not there."""
     import random
     import time
 
     from .decoding import _eos_set, speculative_generate, sync
 
-    torch.set_grad_enabled(False)
-    try:
-        ntp, heads = pipeline.load_variant(cfg, "ntp"), pipeline.load_variant(cfg, variant)
-    except FileNotFoundError as e:
-        sys.exit(f"make bench-batch needs the trained {cfg['profile']} models: run `make all "
-                 f"PROFILE={cfg['profile']}` first ({e})")
-    _, _, tok, prep = pipeline.loaders(cfg)
-    dev = pipeline.device(cfg)
-    fit = lambda ps: [p for p in ps if len(p) + new_tokens <= pipeline.context_size(cfg)]  # noqa: E731
-    test = fit(pipeline.eval_set(cfg, tok, prep)["prompts"])[:prompts]
-    val = fit(pipeline.validation_prompts(cfg, tok, prep))
-    pad = ntp.generation_config.pad_token_id if ntp.generation_config.pad_token_id is not None else tok.pad_token_id
+    dev = next(ntp.parameters()).device
+    if ntp.generation_config.pad_token_id is not None:
+        pad = ntp.generation_config.pad_token_id
+    if pad is None:
+        raise ValueError("batch_rows needs a pad token id: the model's generation_config has none, pass pad=")
     eos = _eos_set(ntp, None)
+    taus = []
 
     def run(method, chunk, tree=None):
         ids, mask = _left_padded(chunk, pad)
@@ -315,8 +344,10 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
         elif method == "engine_no_drafts":
             out = speculative_generate(ntp, ids, new_tokens, tree="none", attention_mask=mask)[0]
         else:
-            out = speculative_generate(heads, ids, new_tokens, tree=tree, attention_mask=mask,
-                                       batched={"spec_rows": False, "spec_batched": True}.get(method, "masked"))[0]
+            out, st = speculative_generate(heads, ids, new_tokens, tree=tree, attention_mask=mask,
+                                           batched={"spec_rows": False, "spec_batched": True}.get(method, "masked"))
+            if method == "spec_batched":
+                taus.append((st["new_tokens"], st["new_tokens"] / st["mean_accepted_length"]))
         return _new_tokens(out.cpu(), ids.shape[1], eos)
 
     def timed(method, chunks, tree=None):
@@ -330,11 +361,13 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
     rows, order = [], random.Random(0)
     for B in sizes:
         chunks = [test[i: i + B] for i in range(0, len(test), B)]
+        run("spec_batched", val[:B], trees[0])                                # warm-up at this batch size
         pick = {t: timed("spec_batched", [val[:B]], t)[0] for t in trees}    # validation chooses the tree
         tree = min(pick, key=pick.get)
         methods = ["hf_generate", "engine_no_drafts", "spec_rows", "spec_batched"] + ["spec_batched_masked"] * (B > 1)
         times, outs = {m: [] for m in methods}, {}
-        run("spec_batched", chunks[0][:1], tree)                              # warm-up
+        run("hf_generate", chunks[0][:1])                                     # warm-up of the baseline
+        taus.clear()
         for _ in range(rounds):
             for m in order.sample(methods, len(methods)):
                 s, o = timed(m, chunks, tree)
@@ -348,6 +381,7 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
             return [round(min(r), 2), round(max(r), 2)]
 
         row = dict(batch=B, tree=tree, tree_validation_s={k: round(v, 2) for k, v in pick.items()},
+                   spec_batched_tau=round(sum(t for t, _ in taus) / sum(s for _, s in taus), 3),
                    **{f"{m}_tokens_per_s": round(sum(tps[m]) / rounds, 1) for m in methods},
                    batched_vs_hf=ratio_range("spec_batched", "hf_generate"),
                    batched_vs_rows=ratio_range("spec_batched", "spec_rows"),
@@ -358,12 +392,4 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
                    rows=len(test))
         rows.append(row)
         print(row, flush=True)
-    res = dict(profile=cfg["profile"], variant=variant, dtype=str(next(ntp.parameters()).dtype), device=str(dev),
-               prompts=len(test), new_tokens=new_tokens, rounds=rounds, torch_threads=torch.get_num_threads(),
-               note="ratios: [min, max] over rounds of per-round tokens/s ratios; the tree of each batch size chosen "
-                    "on validation prompts", rows=rows)
-    write_json(pipeline.paths(cfg)["results"] / "batch_benchmark.json", res)
-    cols = ["batch", "tree", "hf_generate_tokens_per_s", "engine_no_drafts_tokens_per_s", "spec_rows_tokens_per_s",
-            "spec_batched_tokens_per_s", "batched_vs_hf", "batched_vs_rows", "batched_identical_to_rows"]
-    print(pd.DataFrame(rows)[cols].to_string(index=False))
-    return res
+    return rows
