@@ -305,9 +305,49 @@ def test_layout_choice_is_timed_once_per_shape_recorded_and_replayed(monkeypatch
     assert fastpath._transposed_faster(3, 16, 24, torch.float32) and calls == [(3, 16, 24)]
 
 
-def test_medusa_batched_drafting_equals_one_head_at_a_time():
+class Forced(dict):
+    """A layout-choice table that answers ``value`` for every shape (both ways of a product get tested)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def __contains__(self, key):
+        return True
+
+    def __getitem__(self, key):
+        return self.value
+
+
+def test_heads_unembedding_layout_is_timed_once_per_shape_and_takes_the_faster(monkeypatch):
+    from multitoken import fastpath
+
+    monkeypatch.setattr(fastpath, "_PER_HEAD_FASTER", {})
+    calls = []
+
+    def fake_time(f, reps=10):                  # per head, then batched: per head faster, then slower
+        calls.append(f)
+        return [1.0, 2.0, 2.0, 1.0][len(calls) - 1]
+
+    monkeypatch.setattr(fastpath, "_time", fake_time)
+    ws = [torch.randn(24, 8) for _ in range(3)]
+    x, stacked = torch.randn(3, 2, 8), torch.stack([2 * w.mT for w in ws])   # twice: the two paths tell apart
+    per_head = torch.stack([x[s] @ w.T for s, w in enumerate(ws)])
+    for _ in range(2):
+        torch.testing.assert_close(fastpath.heads_unembed(x, stacked, ws), per_head)
+    assert len(calls) == 2 and fastpath._PER_HEAD_FASTER == {(3, 2, 8, 24, torch.float32): True}
+    x = torch.randn(3, 5, 8)                                                  # another row count: timed again
+    torch.testing.assert_close(fastpath.heads_unembed(x, stacked, ws), torch.bmm(x, stacked))
+    assert len(calls) == 4 and fastpath._PER_HEAD_FASTER[(3, 5, 8, 24, torch.float32)] is False
+
+
+@pytest.mark.parametrize("per_head", [True, False], ids=["per-head-unembedding", "batched-unembedding"])
+def test_medusa_batched_drafting_equals_one_head_at_a_time(per_head, monkeypatch):
     """Medusa drafts with all heads stacked into batched matmuls; the logits must equal running each head alone,
-    also after the weights change (the stacked copy is rebuilt)."""
+    also after the weights change (the stacked copy is rebuilt), with either layout of the heads' unembeddings."""
+    from multitoken import fastpath
+
+    monkeypatch.setattr(fastpath, "_PER_HEAD_FASTER", Forced(per_head))
     model = medusa(medusa_num_layers=2, initializer_range=0.4)
     ctx = {"h0": torch.randn(1, 5, model.config.n_embd)}
     for _ in range(2):
@@ -323,9 +363,13 @@ def test_medusa_batched_drafting_equals_one_head_at_a_time():
 
 @pytest.mark.parametrize("kw", [dict(head_type="mlp"), dict(head_type="mlp", head_own_unembedding=True),
                                 dict(head_type="linear", head_own_unembedding=True)], ids=str)
-def test_mtp_batched_drafting_equals_one_head_at_a_time(kw):
+@pytest.mark.parametrize("per_head", [True, False], ids=["per-head-unembedding", "batched-unembedding"])
+def test_mtp_batched_drafting_equals_one_head_at_a_time(kw, per_head, monkeypatch):
     """Position-wise MTP heads draft in batched matmuls too; equal to running each head alone, also after the weights
-    change."""
+    change, with either layout of the heads' own unembeddings."""
+    from multitoken import fastpath
+
+    monkeypatch.setattr(fastpath, "_PER_HEAD_FASTER", Forced(per_head))
     model = mtp(**kw, num_predict_tokens=4, initializer_range=0.4)
     assert model._batchable()
     ctx = {"h0": torch.randn(1, 5, model.config.n_embd)}

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers import initialization as init
 
+from . import fastpath
 from .backbones import backbone_of
 from .heads import HeadsMixin, MultiTokenOutput, ResBlock, init_special, named_step_losses, shifted_ce
 from .interfaces import remember_heads
@@ -127,7 +128,7 @@ class MedusaMixin(HeadsMixin):
         x = h.expand(self.num_heads, -1, -1)                                   # (S, B, d)
         for w, b in layers:
             x = x + F.silu(torch.baddbmm(b, x, w))
-        return torch.bmm(x, unembed)
+        return fastpath.heads_unembed(x, unembed, [h.unembed.weight for h in self.medusa_heads])
 
     def spec_head_topk(self, ctx, j: int, k: int):
         return self.spec_head_logits(ctx, j).topk(k, -1).indices              # (S, k)

@@ -381,6 +381,8 @@ class MultiTokenMixin(HeadsMixin):
         else:
             x = torch.baddbmm(body[1], x, body[0])
         x = self.backbone.norm_stacked(x, ln_w, ln_b)
+        if unembed.dim() == 3:                                                   # each head's own unembedding
+            return fastpath.heads_unembed(x, unembed, [u.weight for u in self.mtp_unembed])
         return torch.matmul(x, unembed)                                          # (S, B, V)
 
     def spec_head_topk(self, ctx, j, k):
