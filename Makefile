@@ -54,9 +54,10 @@ bench: $(STAMP)
 bench-length: $(STAMP)
 	$(PY) -m multitoken bench-length -f notebooks/params/$(PROFILE).yaml
 
-# batched speculative decoding vs HF batched generate, at batch 1, 4, 16 (results/batch_benchmark.json)
+# batched speculative decoding vs HF batched generate, at batch 1, 4, 16 (results/batch_benchmark.json;
+# DTYPE=bfloat16: results/batch_benchmark_bfloat16.json)
 bench-batch: $(STAMP)
-	$(PY) -m multitoken bench-batch -f notebooks/params/$(PROFILE).yaml
+	$(PY) -m multitoken bench-batch -f notebooks/params/$(PROFILE).yaml $(if $(DTYPE),--dtype $(DTYPE))
 
 bench-train: $(STAMP)
 	$(PY) -m multitoken bench-train -f notebooks/params/$(PROFILE).yaml
