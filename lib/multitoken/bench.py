@@ -301,7 +301,7 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
     res = dict(profile=cfg["profile"], variant=variant, dtype=dt, device=str(pipeline.device(cfg)),
                prompts=len(test), new_tokens=new_tokens, rounds=rounds, torch_threads=torch.get_num_threads(),
                note="ratios: [min, max] over rounds of per-round tokens/s ratios; the tree of each batch size chosen "
-                    "on validation prompts (after a warm-up at that batch size); tau: tokens per row per step of "
+                    "on validation prompts (after a warm-up at that batch size; every method warmed up before the rounds); tau: tokens per row per step of "
                     "batched speculation", rows=rows)
     same = dt == str(pipeline.resolve_dtype(cfg["inference_dtype"], pipeline.device(cfg)))
     name = "batch_benchmark.json" if same else f"batch_benchmark_{dt.removeprefix('torch.')}.json"
@@ -322,8 +322,8 @@ def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
     method once per round in a fresh order; at batch > 1 also batched speculation with finished rows kept as masked
     no-ops (``masked_vs_drop``: its tokens/s over dropping them). The tree of each batch size is the fastest of
     ``trees`` on one chunk of ``val`` prompts, timed after a warm-up at that batch size, and every method runs once on
-that chunk before the timed rounds (first calls at a new shape pay one-time costs: the engine's layout timing); the
-test prompts only measure.
+    that chunk before the timed rounds (first calls at a new shape pay one-time costs, the engine's layout timing
+    among them); the test prompts only measure.
     ``spec_batched_tau``: batched speculation's tokens per row per step, the reason a speedup is or is not there."""
     import random
     import time
@@ -368,8 +368,8 @@ test prompts only measure.
         tree = min(pick, key=pick.get)
         methods = ["hf_generate", "engine_no_drafts", "spec_rows", "spec_batched"] + ["spec_batched_masked"] * (B > 1)
         times, outs = {m: [] for m in methods}, {}
-        for m in methods:                  # warm-up: every method once at this batch size, on the validation chunk
-            run(m, val[:B], tree)          # (the engine times each new product shape once per process: not in a round)
+        for m in methods:                                                     # warm-up of every method
+            run(m, val[:B], tree)
         taus.clear()
         for _ in range(rounds):
             for m in order.sample(methods, len(methods)):
