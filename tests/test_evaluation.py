@@ -34,8 +34,16 @@ def test_perplexity_of_a_known_distribution():
     V = 7
 
     class Uniform(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(3, V, bias=False)
+            torch.nn.init.zeros_(self.lm_head.weight)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
         def forward(self, input_ids, attention_mask=None):
-            return type("O", (), {"logits": torch.zeros(*input_ids.shape, V)})()
+            return type("O", (), {"logits": self.lm_head(torch.ones(*input_ids.shape, 3))})()
 
     batch = {"input_ids": torch.randint(0, V, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long),
              "labels": torch.randint(0, V, (2, 9))}
@@ -44,6 +52,50 @@ def test_perplexity_of_a_known_distribution():
     batch["labels"][:] = -100
     with pytest.raises(ValueError, match="no response tokens"):
         E.perplexity(Uniform(), [batch])
+
+
+def _full_nll(model, batch):
+    """The reference: every position unembedded, the unscored ones dropped after."""
+    lg = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    tg = batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(lg.transpose(1, 2), tg, ignore_index=-100, reduction="none")
+    return ce.sum(1).tolist(), (tg != -100).sum(1).tolist()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mtp", "medusa", "llama_mtp", "llama_medusa", "thesis_leak"])
+def test_token_nll_unembeds_only_scored_positions_and_equals_the_full_logits(family):
+    from conftest import PAD, V, medusa, mtp
+    from test_backbones import llama
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from multitoken import thesis, wrap_model_with_medusa, wrap_model_with_mtp
+
+    torch.manual_seed(0)
+    model = {"gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=64)),
+             "mtp": lambda: mtp(head_type="transformer"), "medusa": medusa,
+             "llama_mtp": lambda: wrap_model_with_mtp(llama(), num_predict_tokens=3),
+             "llama_medusa": lambda: wrap_model_with_medusa(llama(), num_medusa_heads=2),
+             "thesis_leak": lambda: thesis.from_lm(llama(), 3, leak=True)}[family]().eval()
+    ids = torch.randint(2, V, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = mask[2, 4:] = 0                                    # right padding; row 2 is prompt only
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100                                                               # the prompt
+    labels[0, 6] = -100                                                                # a hole inside a response
+    batch = {"input_ids": ids.masked_fill(mask == 0, PAD), "attention_mask": mask, "labels": labels}
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, o: seen.append(a[0].shape[:-1]))
+    got = E.token_nll(model, [batch])
+    hook.remove()
+    want = _full_nll(model, batch)
+    assert got[1] == want[1] == [7, 5, 0]
+    assert got[0] == pytest.approx(want[0], rel=1e-5, abs=1e-5) and got[0][2] == 0.0
+    assert seen == [(12,)]                                                  # 12 scored positions, nothing else unembedded
+    with pytest.raises(RuntimeError, match="one unembedding"), E.logits_where(model, torch.ones(3, 5, dtype=torch.bool)):
+        model(input_ids=ids)                                                  # positions that are not the batch's
+    with pytest.raises(RuntimeError, match="a second one"), E.logits_where(model, mask.bool()):
+        model(input_ids=ids), model(input_ids=ids)                            # a second unembedding in one forward
+    assert model(input_ids=ids).logits.shape == (3, 12, V)                    # the hook is gone after the block
 
 
 def test_performance_tracker():

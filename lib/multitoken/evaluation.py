@@ -8,6 +8,7 @@ import resource
 import random
 import statistics
 import time
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -35,9 +36,32 @@ def to_device(batch: dict, device) -> dict:
 
 # --- quality -----------------------------------------------------------------------------------------------------
 
+@contextmanager
+def logits_where(model, keep):
+    """Inside, the model's output embedding unembeds only the positions where ``keep`` (B, T) is True: its forward's
+    logits come back as (K, V), K = keep.sum(), in row-major order, and the other positions (prompts, padding) cost no
+    unembedding. One unembedding per forward (every family's plain forward makes exactly one)."""
+    calls = []
+
+    def select(_, args):
+        (h,) = args
+        if calls or h.shape[:2] != keep.shape:
+            raise RuntimeError(f"logits_where: expected one unembedding of {tuple(keep.shape)} positions, got "
+                               f"{'a second one' if calls else tuple(h.shape[:2])}")
+        calls.append(1)
+        return (h[keep],)
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def token_nll(model, dataloader, max_batches: int | None = None):
-    """Per example: (summed next-token NLL over its response tokens, number of those tokens)."""
+    """Per example: (summed next-token NLL over its response tokens, number of those tokens). Only the positions
+    whose next token is scored are unembedded (``logits_where``): on GSM8K about 40% of a padded batch."""
     model.eval()
     dev = model_device(model)
     nll, ntok = [], []
@@ -45,11 +69,14 @@ def token_nll(model, dataloader, max_batches: int | None = None):
         if max_batches is not None and i >= max_batches:
             break
         batch = to_device(batch, dev)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        lg, tg = logits[:, :-1].float(), batch["labels"][:, 1:]
-        ce = F.cross_entropy(lg.transpose(1, 2), tg, ignore_index=-100, reduction="none")  # (B, T-1)
-        nll += ce.sum(1).tolist()
-        ntok += (tg != -100).sum(1).tolist()
+        tg = batch["labels"][:, 1:]
+        keep = F.pad(tg != -100, (0, 1))                                       # position t predicts label t+1
+        with logits_where(model, keep):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (K, V)
+        ce = F.cross_entropy(logits.float(), tg[keep[:, :-1]], reduction="none")
+        rows = keep.nonzero()[:, 0]
+        nll += torch.zeros(len(tg), dtype=ce.dtype, device=dev).index_add_(0, rows, ce).tolist()
+        ntok += keep.sum(1).tolist()
     return nll, ntok
 
 

@@ -52,8 +52,8 @@ DEFAULTS = dict(
     thesis_protocol_warmup=4,
     # the benchmark's targets for the fastest lossless head method: {hf: x, greedy_kv: x, efficiency: x} (None: none)
     speed_targets=None,
-    # quality: answers in batches of this many rows (1: the engine, row by row, with the model's drafts), in
-    # quality_dtype (None: inference_dtype), through quality_engine: "speculative", this engine's batched loop without
+    # quality: answers in batches of this many rows (1: the engine, row by row, with the model's drafts); answers,
+    # perplexities and head accuracies in quality_dtype (None: inference_dtype); answers through quality_engine: "speculative", this engine's batched loop without
     # drafts (each row what it would be alone, finished rows dropped; measured 1.10x HF generate at 32 rows in bf16),
     # or "hf" (HF batched generate); self-distillation likewise through distill_engine; reuse_frozen: MEDUSA-1 / MTP
     # modules take NTP's answers and NLLs (identical by construction; checked on the first batches)
@@ -522,8 +522,8 @@ def run_tree_sweep(cfg, models, loader, prompts=None, prep=None):
 def run_quality(cfg, models=None, prep=None):
     """Perplexity, answer accuracy and BLEU per variant on the evaluation split, each with a 95% bootstrap interval
     over problems, and the paired differences vs NTP (same problems, resampled together); ``base`` (the pretrained
-    model as installed) is a row of its own where the profile has one. Answers come from HF ``generate`` in batches of
-    ``quality_batch`` (1: the engine, row by row) in ``quality_dtype``; with ``reuse_frozen`` MEDUSA-1 and the MTP
+    model as installed) is a row of its own where the profile has one. Answers (in batches of ``quality_batch``; 1:
+    the engine, row by row), perplexities and head accuracies in ``quality_dtype``; with ``reuse_frozen`` MEDUSA-1 and the MTP
     modules take NTP's answers and NLLs, which a frozen backbone and lossless decoding make identical (checked: their
     NLLs on the first batches must equal NTP's exactly). Writes ``results/quality.json``,
     ``results/answers_per_problem.csv`` (1 = right) and qualitative samples."""
@@ -538,23 +538,24 @@ def run_quality(cfg, models=None, prep=None):
     quality, samples, per, texts_of = {}, [], {}, {}
     qdt = resolve_dtype(cfg["quality_dtype"], device(cfg)) if cfg["quality_dtype"] else None
     for v, model in models.items():
+        with torch.no_grad():
+            q = model if qdt is None or qdt == next(model.parameters()).dtype else copy.deepcopy(model).to(qdt)
         if cfg["reuse_frozen"] and v in FROZEN and "ntp" in per:
-            nll, ntok = E.token_nll(model, ev["loader"], max_batches=2)
+            nll, ntok = E.token_nll(q, ev["loader"], max_batches=2)
             if nll != per["ntp"]["nll"][: len(nll)] or ntok != per["ntp"]["ntok"][: len(ntok)]:
                 raise AssertionError(f"{v}'s NLLs differ from NTP's: its backbone is not NTP's frozen one")
             per[v], texts = dict(per["ntp"], reused="ntp"), texts_of["ntp"]
         else:
-            with torch.no_grad():
-                gen = model if qdt is None or qdt == next(model.parameters()).dtype else copy.deepcopy(model).to(qdt)
             # in batches every variant's answers take the same greedy path, without drafts: at 32 rows a forward is
             # already compute-bound on a CPU (drafts would cost more than they save), and drafts change bf16's
             # rounding (not lossless there); row by row (quality_batch 1) the model's own drafts, lossless in fp32
-            texts, _ = E.generate_responses(gen, tok, ev["prompts"], cfg["max_new_tokens"], desc=f"{v}: answers",
+            texts, _ = E.generate_responses(q, tok, ev["prompts"], cfg["max_new_tokens"], desc=f"{v}: answers",
                                             batch_size=cfg["quality_batch"], engine=cfg["quality_engine"],
                                             tree="none" if cfg["quality_batch"] > 1 else None)
-            del gen
-            nll, ntok = E.token_nll(model, ev["loader"])
+            nll, ntok = E.token_nll(q, ev["loader"])
             per[v] = {"hit": E.answer_hits(texts, refs), "bleu": S.bleu_stats(texts, refs), "nll": nll, "ntok": ntok}
+        top1 = head_accuracy(q, ev["loader"]) if v not in ("ntp", "base") else None
+        del q
         texts_of[v] = texts
         log = paths(cfg)["results"] / f"{v}_train_log.csv"
         quality[v] = {"perplexity": S.perplexity_ci(per[v]["nll"], per[v]["ntok"]).as_dict(),
@@ -563,7 +564,7 @@ def run_quality(cfg, models=None, prep=None):
                       "n_eval": len(refs), "n_ppl": len(per[v]["nll"]), "split": ev["split"],
                       "skipped_prompts": ev["skipped"], "answers_from": per[v].get("reused", v),
                       "train_s_per_epoch": E.train_time_per_epoch(log) if log.exists() else None,
-                      "head_top1": head_accuracy(model, ev["loader"]) if v not in ("ntp", "base") else None,
+                      "head_top1": top1, "dtype": str(qdt or next(model.parameters()).dtype).removeprefix("torch."),
                       "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
         for i in range(min(3, len(texts))):
             samples.append({"variant": v, "prompt": prep["raw"][ev["split"]][i]["query"], "output": texts[i],
