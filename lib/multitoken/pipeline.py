@@ -53,10 +53,11 @@ DEFAULTS = dict(
     # the benchmark's targets for the fastest lossless head method: {hf: x, greedy_kv: x, efficiency: x} (None: none)
     speed_targets=None,
     # quality: answers in batches of this many rows (1: the engine, row by row, with the model's drafts); answers,
-    # perplexities and head accuracies in quality_dtype (None: inference_dtype); answers through quality_engine: "speculative", this engine's batched loop without
-    # drafts (each row what it would be alone, finished rows dropped; measured 1.10x HF generate at 32 rows in bf16),
-    # or "hf" (HF batched generate); self-distillation likewise through distill_engine; reuse_frozen: MEDUSA-1 / MTP
-    # modules take NTP's answers and NLLs (identical by construction; checked on the first batches)
+    # perplexities and head accuracies in quality_dtype (None: inference_dtype); answers through quality_engine:
+    # "speculative", this engine's batched loop without drafts (each row what it would be alone, finished rows dropped;
+    # measured 1.10x HF generate at 32 rows in bf16), or "hf" (HF batched generate); self-distillation likewise through
+    # distill_engine; reuse_frozen: MEDUSA-1 / MTP modules take NTP's answers and NLLs (identical by construction;
+    # checked on the first batches)
     quality_batch=1, quality_dtype=None, reuse_frozen=True, quality_engine="speculative", distill_engine="speculative",
     # the decoding benchmark in these dtypes too (besides inference_dtype: results/decoding_benchmark_<dtype>.json);
     # frozen_hf_baselines: time HF generate of MEDUSA-1 / MTP modules too (their backbone is NTP's: same outputs)
@@ -523,9 +524,9 @@ def run_quality(cfg, models=None, prep=None):
     """Perplexity, answer accuracy and BLEU per variant on the evaluation split, each with a 95% bootstrap interval
     over problems, and the paired differences vs NTP (same problems, resampled together); ``base`` (the pretrained
     model as installed) is a row of its own where the profile has one. Answers (in batches of ``quality_batch``; 1:
-    the engine, row by row), perplexities and head accuracies in ``quality_dtype``; with ``reuse_frozen`` MEDUSA-1 and the MTP
-    modules take NTP's answers and NLLs, which a frozen backbone and lossless decoding make identical (checked: their
-    NLLs on the first batches must equal NTP's exactly). Writes ``results/quality.json``,
+    the engine, row by row), perplexities and head accuracies in ``quality_dtype``; with ``reuse_frozen`` MEDUSA-1 and
+    the MTP modules take NTP's answers and NLLs, which a frozen backbone and lossless decoding make identical
+    (checked: their NLLs on the first batches must equal NTP's exactly). Writes ``results/quality.json``,
     ``results/answers_per_problem.csv`` (1 = right) and qualitative samples."""
     import copy
 
@@ -555,6 +556,7 @@ def run_quality(cfg, models=None, prep=None):
             nll, ntok = E.token_nll(q, ev["loader"])
             per[v] = {"hit": E.answer_hits(texts, refs), "bleu": S.bleu_stats(texts, refs), "nll": nll, "ntok": ntok}
         top1 = head_accuracy(q, ev["loader"]) if v not in ("ntp", "base") else None
+        qdtype = str(next(q.parameters()).dtype).removeprefix("torch.")
         del q
         texts_of[v] = texts
         log = paths(cfg)["results"] / f"{v}_train_log.csv"
@@ -564,7 +566,7 @@ def run_quality(cfg, models=None, prep=None):
                       "n_eval": len(refs), "n_ppl": len(per[v]["nll"]), "split": ev["split"],
                       "skipped_prompts": ev["skipped"], "answers_from": per[v].get("reused", v),
                       "train_s_per_epoch": E.train_time_per_epoch(log) if log.exists() else None,
-                      "head_top1": top1, "dtype": str(qdt or next(model.parameters()).dtype).removeprefix("torch."),
+                      "head_top1": top1, "dtype": qdtype,
                       "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
         for i in range(min(3, len(texts))):
             samples.append({"variant": v, "prompt": prep["raw"][ev["split"]][i]["query"], "output": texts[i],
