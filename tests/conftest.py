@@ -29,6 +29,14 @@ def medusa(**kw):
     return MedusaGPT2(MedusaConfig(**tiny(**{"num_medusa_heads": 3, **kw}))).eval()
 
 
+def medusa_draft(k=10, **kw):
+    """MEDUSA-1 heads over a draft vocabulary of ``k`` tokens (EOS and a seeded random choice of the others)."""
+    model = medusa(medusa_draft_vocab=k, **kw)
+    g = torch.Generator().manual_seed(k)
+    model.set_draft_vocab(torch.cat([torch.tensor([EOS]), 2 + torch.randperm(V - 2, generator=g)[: k - 1]]))
+    return model
+
+
 # every head design the workbook offers
 VARIANTS = [dict(head_type=h, sequential=s, share_weights_across_steps=sh)
             for h in ("linear", "mlp", "transformer", "shared_lm_head")

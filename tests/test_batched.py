@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import EOS, PAD, V, VARIANTS, medusa, mtp
+from conftest import EOS, PAD, V, VARIANTS, medusa, medusa_draft, mtp
 from test_decoding import Oracle, assert_two_token_distribution, six_token_model
 from multitoken import wrap_model_with_medusa, wrap_model_with_mtp
 from multitoken import batched
@@ -25,6 +25,7 @@ def _llama(vocab=V, **kw):
 MODELS = {f"mtp-{i}": (lambda i=i: mtp(**VARIANTS[i], num_predict_tokens=4, initializer_range=0.4, seed=i))
           for i in range(len(VARIANTS))}
 MODELS["medusa"] = lambda: medusa(initializer_range=0.4, seed=99)
+MODELS["medusa-draft-vocab"] = lambda: medusa_draft(initializer_range=0.4, seed=98)
 MODELS["llama-medusa"] = lambda: wrap_model_with_medusa(_llama(seed=1), num_medusa_heads=3).eval()
 MODELS["llama-mtp-transformer"] = lambda: wrap_model_with_mtp(_llama(seed=2), num_predict_tokens=3,
                                                               head_type="transformer").eval()

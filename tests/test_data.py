@@ -170,3 +170,13 @@ def test_bad_gsm8k_lines_name_file_and_line(tmp_path, line, match):
 def test_missing_gsm8k_file_says_where_the_data_should_be(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"train.jsonl.*ships GSM8K under data/gsm8k"):
         D.load_metamathqa(f"gsm8k:{tmp_path}")
+
+
+def test_more_prompts_extends_train_with_unseen_records_of_the_pool():
+    """Self-distillation prompts beyond the train split come from the source's pool, never from validation (or
+    twice): the heads' validation text stays unseen."""
+    raw = D.load_metamathqa("gsm8k", max_examples=40, seed=3)
+    more = D.more_prompts("gsm8k", raw, 100, seed=3)
+    assert len(more) == 100 and more["query"][:36] == raw["train"]["query"]
+    assert len(set(more["query"])) == 100 and not set(more["query"]) & set(raw["validation"]["query"])
+    assert set(more.column_names) == set(raw["train"].column_names)

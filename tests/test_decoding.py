@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from conftest import EOS, PAD, V, VARIANTS, medusa, mtp
+from conftest import EOS, PAD, V, VARIANTS, medusa, medusa_draft, mtp
 from multitoken import wrap_model_with_mtp
 from multitoken.decoding import speculative_generate, target_probs
 from multitoken.trees import Tree, chain, fitted_tree, medusa_tree, parse_tree
@@ -14,6 +14,7 @@ from multitoken.trees import Tree, chain, fitted_tree, medusa_tree, parse_tree
 MODELS = {f"mtp-{i}": (lambda i=i: mtp(**VARIANTS[i], num_predict_tokens=4, initializer_range=0.4, seed=i))
           for i in range(len(VARIANTS))}
 MODELS["medusa"] = lambda: medusa(initializer_range=0.4, seed=99)
+MODELS["medusa-draft-vocab"] = lambda: medusa_draft(initializer_range=0.4, seed=98)
 _cache = {}
 
 

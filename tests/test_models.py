@@ -175,3 +175,107 @@ def test_wrap_tiny_llama_trains_and_is_causal():
     torch.testing.assert_close(out.head_logits[1][:, :6], out2.head_logits[1][:, :6])
     g = wrap_model_with_mtp(GPT2LMHeadModel(GPT2Config(**tiny())), num_predict_tokens=2)
     assert g(ids).logits.shape == (2, 10, V)
+
+
+def _draft_pair(k=10, seed=0):
+    """A MEDUSA-1 model over the whole vocabulary and its twin whose heads cover only ``k`` random tokens (EOS
+    among them): same blocks, the unembeddings' rows of those tokens."""
+    from multitoken.medusa import frequent_tokens
+
+    full = medusa(initializer_range=0.4, seed=seed)
+    with torch.no_grad():
+        for p in full.medusa_heads.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.tensor([EOS]), 2 + torch.randperm(V - 2, generator=g)[: k - 1]]).sort().values
+    draft = MedusaGPT2(MedusaConfig(**tiny(num_medusa_heads=3, medusa_draft_vocab=k))).eval()
+    sd = {n: (t[ids] if n.endswith("unembed.weight") else t) for n, t in full.state_dict().items()}
+    draft.load_state_dict({**sd, "draft_ids": ids})
+    assert torch.equal(frequent_tokens([ids[None]], k), ids)
+    return full, draft, ids
+
+
+def test_draft_vocabulary_heads_are_the_full_heads_restricted_to_it():
+    """Heads over a draft vocabulary: their logits are the full heads' on those tokens, and what they draft (top-k,
+    one row or a batch) is token ids of that vocabulary, the full heads' ranking among them."""
+    full, draft, ids = _draft_pair()
+    h0 = torch.randn(3, 5, full.config.n_embd)
+    for s in range(1, 4):
+        torch.testing.assert_close(draft._head_logits(s, draft._head_step(s, h0, h0, None)),
+                                   full._head_logits(s, full._head_step(s, h0, h0, None))[..., ids])
+    ctx = {"h0": h0[:1]}
+    want = ids[torch.stack([full._head_logits(s, full._head_step(s, h0[:1, 2:3], h0[:1, 2:3], None))[0, 0, ids]
+                            for s in range(1, 4)]).topk(4, -1).indices]
+    assert torch.equal(draft.spec_head_topk(ctx, 2, 4), want)
+    rows = draft.spec_head_topk_rows({"h0": h0}, torch.tensor([2, 0, 4]), 4)            # (B, S, k)
+    assert torch.equal(rows[0], want) and torch.isin(rows, ids).all()
+
+
+def test_draft_vocabulary_loss_skips_and_accuracy_misses_targets_outside_it():
+    import torch.nn.functional as F
+
+    full, draft, ids = _draft_pair()
+    x = torch.randint(2, V, (2, 12))
+    h = draft.backbone.trunk(x)[1]
+    # targets: head 1's own drafts on every other position (hits), tokens outside the vocabulary on the rest
+    labels = x.clone()
+    outside = torch.tensor([t for t in range(2, V) if t not in ids])
+    labels[:, 2:] = ids[draft._head_logits(1, draft._head_step(1, h, h, None))[:, :10].argmax(-1)]
+    labels[:, 3::2] = outside[torch.randint(0, len(outside), labels[:, 3::2].shape)]
+    labels[:, :2] = -100
+    out = draft(input_ids=x, labels=labels)
+    lut = torch.full((V,), -1)
+    lut[ids] = torch.arange(len(ids))
+    for s in range(1, 4):
+        lg = draft._head_logits(s, draft._head_step(s, h, h, None))[:, : 12 - s - 1]
+        tg = labels[:, s + 1:]
+        inv = (tg >= 0) & torch.isin(tg, ids)
+        assert inv.any() and ((tg >= 0) & ~inv).any()                 # both kinds of target occur
+        torch.testing.assert_close(out.step_losses[s], F.cross_entropy(lg[inv], lut[tg[inv]]))
+        hits = (ids[lg.argmax(-1)] == tg) & (tg >= 0)
+        assert s > 1 or hits.any()
+        torch.testing.assert_close(out.step_accuracy[s], hits.sum() / (tg >= 0).sum())
+
+
+def test_draft_vocabulary_survives_a_round_trip_and_bad_ones_are_refused(tmp_path):
+    from multitoken import wrap_model_with_medusa
+    from multitoken.medusa import frequent_tokens
+    from multitoken.pretrained import load_model
+
+    _, draft, ids = _draft_pair()
+    draft.save_pretrained(tmp_path)
+    again = load_model(str(tmp_path))
+    assert torch.equal(again.draft_ids, ids)
+    x = torch.randint(2, V, (1, 8))
+    assert torch.equal(again.spec_head_topk({"h0": again.backbone.trunk(x)[0]}, 7, 3),
+                       draft.spec_head_topk({"h0": draft.backbone.trunk(x)[0]}, 7, 3))
+    base = GPT2LMHeadModel(GPT2Config(**tiny())).eval()
+    wrapped = wrap_model_with_medusa(base, 2, draft_vocab=ids)
+    torch.testing.assert_close(wrapped.medusa_heads[1].unembed.weight, base.lm_head.weight[ids])
+    for bad in (torch.tensor([1, 1, 2, 3, 4, 5, 6, 7, 8, 9]), torch.tensor([1, 2]), torch.arange(V - 9, V + 1)):
+        with pytest.raises(ValueError, match="draft vocabulary"):
+            draft.set_draft_vocab(bad)
+    with pytest.raises(CONFIG_ERRORS, match="medusa_draft_vocab"):
+        MedusaConfig(**tiny(medusa_draft_vocab=V + 1))
+    # the most frequent targets, ties to the lower id, EOS always in; fewer when fewer occur
+    labels = [torch.tensor([[5, 5, 5, 7, 7, 3, -100, 9]]), torch.tensor([9, 2])]
+    assert frequent_tokens(labels, 3).tolist() == [5, 7, 9]
+    assert frequent_tokens(labels, 3, always=[EOS]).tolist() == [1, 5, 7]
+    assert frequent_tokens(labels, 50).tolist() == [2, 3, 5, 7, 9]
+    with pytest.raises(ValueError, match="no labelled token"):
+        frequent_tokens([torch.tensor([-100])], 3)
+
+
+def test_head_topk_accuracy_counts_draft_vocabulary_ranks_as_token_ids():
+    """Over every rank of a draft vocabulary of k tokens, a head's top-k accuracies add up to its targets inside
+    that vocabulary over head 1's targets (ranks compared as token ids, not as indices into the vocabulary)."""
+    from multitoken.pipeline import head_topk_accuracy
+
+    _, draft, ids = _draft_pair()
+    x = torch.randint(2, V, (4, 16), generator=torch.Generator().manual_seed(1))
+    batch = dict(input_ids=x, attention_mask=torch.ones_like(x), labels=x)
+    acc = head_topk_accuracy(draft, [batch], k=len(ids))
+    for d in range(1, 4):
+        tg = x[:, d + 1:]
+        n = x[:, 2:].numel()                                           # every head over head 1's targets
+        torch.testing.assert_close(sum(acc[d - 1]), float(torch.isin(tg, ids).sum()) / n)

@@ -289,6 +289,20 @@ def create_custom_dataloader(dataset_path, tokenizer, max_seq_len: int = 512, ba
     return make_dataloader(tokenize_dataset(ds, tokenizer, max_seq_len), tokenizer, batch_size)
 
 
+def more_prompts(source: str, raw, n: int, seed: int = 0):
+    """``raw["train"]`` and then records of ``source``'s train pool that are in neither ``raw["train"]`` nor
+    ``raw["validation"]`` (a seeded sample), ``n`` in all or as many as there are: prompts for self-distillation,
+    whose responses the model writes itself."""
+    from datasets import concatenate_datasets
+
+    seen = set(raw["train"]["query"]) | set(raw["validation"]["query"])
+    full = load_metamathqa(source, seed=seed)
+    pool = concatenate_datasets([full["train"], full["validation"]])
+    pool = pool.filter(lambda r: r["query"] not in seen).shuffle(seed=seed)
+    extra = pool.select(range(min(len(pool), n - len(raw["train"]))))
+    return concatenate_datasets([raw["train"], extra.select_columns(raw["train"].column_names)])
+
+
 # --- prepared data on disk (what 00_data writes and later notebooks read) ------------------------------------------
 
 def prepare(run_dir: str | Path, source: str = "synthetic", max_examples: int | None = 2000, seed: int = 0,

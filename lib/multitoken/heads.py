@@ -4,7 +4,8 @@ speculative-decoding hooks the decoding engine calls.
 A model with extra heads implements three small methods (see ``HeadsMixin``):
 
 - ``_head_step(k, h_prev, h0, input_ids)``   state of head k (1-based) at every position, ``(B, T, d)``;
-- ``_head_logits(k, h_k)``                     its logits, ``(B, T, V)``; head k predicts the token at t+k+1;
+- ``_head_logits(k, h_k)``                     its logits, ``(B, T, V)``; head k predicts the token at t+k+1
+                                               (over a draft vocabulary of its own where ``head_token_ids`` maps);
 - ``num_heads``                                the number of extra heads.
 
 Parallel heads ignore ``h_prev``; chained heads (sequential / shared-recursive) use it (``h_prev = h0`` for k=1).
@@ -66,15 +67,20 @@ def named_step_losses(step_losses: torch.Tensor | None) -> dict | None:
     return None if step_losses is None else {f"step_{k}": v for k, v in enumerate(step_losses.tolist()[1:], 1)}
 
 
+OUT_OF_VOCAB = -1  # a target a head's draft vocabulary lacks: no loss term, and a miss in the accuracy
+
+
 def shifted_ce(logits: torch.Tensor, labels: torch.Tensor, offset: int):
-    """Cross-entropy of logits at t against labels at t+offset; also the top-1 accuracy. ``-100`` is ignored."""
+    """Cross-entropy of logits at t against labels at t+offset; also the top-1 accuracy. ``-100`` is ignored;
+    ``OUT_OF_VOCAB`` (a target outside a head's draft vocabulary) adds no loss and counts as a miss."""
     T = labels.shape[1]
     if T <= offset:
         z = logits.sum() * 0.0
         return z, z.detach()
     lg = logits[:, : T - offset].float()                     # (B, T-o, V)
     tg = labels[:, offset:]                                   # (B, T-o)
-    loss = F.cross_entropy(lg.reshape(-1, lg.size(-1)), tg.reshape(-1), ignore_index=-100)
+    loss = F.cross_entropy(lg.reshape(-1, lg.size(-1)), tg.masked_fill(tg == OUT_OF_VOCAB, -100).reshape(-1),
+                           ignore_index=-100)
     with torch.no_grad():
         valid = tg != -100
         acc = ((lg.argmax(-1) == tg) & valid).sum() / valid.sum().clamp(min=1)
@@ -191,6 +197,7 @@ class HeadsMixin:
     # -- training ---------------------------------------------------------------------------------------------------
     def heads_loss(self, h0, input_ids, labels, weights):
         """(weighted sum, per-head losses, per-head top-1 accuracies) of heads 1..S."""
+        labels = self.head_labels(labels)
         params = [p for p in self.parameters() if p.requires_grad]
         if self.memory_efficient_loss and torch.is_grad_enabled() and (h0.requires_grad or params):
             return HeadwiseLoss.apply(self, list(weights), input_ids, labels, h0, *params)
@@ -203,8 +210,17 @@ class HeadsMixin:
             accs.append(acc.float())
         return total, torch.stack(losses), torch.stack(accs)
 
+    def head_labels(self, labels):
+        """Token ids as indices of the heads' output (their draft vocabulary, where they have one)."""
+        return labels
+
+    def head_token_ids(self, idx):
+        """Indices of the heads' output (e.g. their top-k) as token ids."""
+        return idx
+
     def all_head_logits(self, h0, input_ids):
-        """Every head's logits at every position (teacher-forced for sequential heads)."""
+        """Every head's logits at every position (teacher-forced for sequential heads), over the heads' output
+        (``head_token_ids`` turns its indices into token ids)."""
         states, out = [h0], []
         for k in range(1, self.num_heads + 1):
             states.append(self._head_step(k, states[-1], h0, input_ids))
@@ -234,7 +250,7 @@ class HeadsMixin:
         for s in range(1, self.num_heads + 1):
             h = self._head_step(s, h, h0, None)
             rows.append(self._head_logits(s, h)[0, -1].topk(k).indices)
-        return torch.stack(rows)
+        return self.head_token_ids(torch.stack(rows))
 
     def spec_propose(self, ctx, j: int, x0: int, tree):
         """Candidate token of every tree node (parallel heads: head d's top-(path[-1]) token at depth d)."""

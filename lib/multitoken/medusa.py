@@ -2,7 +2,10 @@
 
 Head i (0-based) = ``medusa_num_layers`` residual blocks ``x + SiLU(W x)`` (W zero-initialised, distinct weights per
 layer) then its own unembedding initialised from the LM head; it reads the backbone's last hidden state at t and
-predicts token t+i+2. Head losses are weighted ``medusa_decay ** i`` (0.8 in the paper). With the backbone frozen the
+predicts token t+i+2. With ``medusa_draft_vocab`` K > 0 a head's unembedding covers only K tokens (``draft_ids``,
+the most frequent in its training targets; EAGLE-3's reduced draft vocabulary, FR-Spec's frequency-ranked one):
+drafting and training multiply K rows instead of the whole vocabulary, and drafts stay drafts (the backbone verifies
+every token, so outputs do not change). Head losses are weighted ``medusa_decay ** i`` (0.8 in the paper). With the backbone frozen the
 model's next-token logits are exactly the base model's. ``MedusaGPT2`` (the thesis' name) and ``MedusaLlama`` are
 the faces of one class body; ``wrap_model_with_medusa(model, ...)`` puts heads on any model of a known family.
 """
@@ -20,7 +23,7 @@ from transformers import initialization as init
 
 from . import fastpath
 from .backbones import backbone_of
-from .heads import HeadsMixin, MultiTokenOutput, ResBlock, init_special, named_step_losses, shifted_ce
+from .heads import OUT_OF_VOCAB, HeadsMixin, MultiTokenOutput, ResBlock, init_special, named_step_losses, shifted_ce
 from .interfaces import remember_heads
 from .models import build_face
 
@@ -30,6 +33,7 @@ class MedusaFields:
     num_medusa_heads: int = 4
     medusa_num_layers: int = 1
     medusa_decay: float = 0.8
+    medusa_draft_vocab: int = 0  # K > 0: the heads predict over K tokens (draft_ids), 0: over the whole vocabulary
     memory_efficient_loss: bool = True
 
     def validate_architecture(self):
@@ -38,6 +42,9 @@ class MedusaFields:
             raise ValueError(f"num_medusa_heads must be >= 1, got {self.num_medusa_heads}")
         if self.medusa_num_layers < 1:
             raise ValueError(f"medusa_num_layers must be >= 1, got {self.medusa_num_layers}")
+        if not 0 <= self.medusa_draft_vocab <= self.vocab_size:
+            raise ValueError(f"medusa_draft_vocab must be in [0, vocab_size={self.vocab_size}] (0: the whole "
+                             f"vocabulary), got {self.medusa_draft_vocab}")
 
 
 @strict
@@ -51,14 +58,27 @@ class MedusaLlamaConfig(MedusaFields, LlamaConfig):
 
 
 class MedusaUnembed(nn.Linear):
-    """A head's own unembedding; initialised from the LM head."""
+    """A head's own unembedding; initialised from the LM head (its rows of the draft vocabulary)."""
 
 
 class MedusaHead(nn.Module):
     def __init__(self, config, d: int):
         super().__init__()
         self.blocks = nn.Sequential(*[ResBlock(d) for _ in range(config.medusa_num_layers)])  # distinct weights
-        self.unembed = MedusaUnembed(d, config.vocab_size, bias=False)
+        self.unembed = MedusaUnembed(d, config.medusa_draft_vocab or config.vocab_size, bias=False)
+
+
+def frequent_tokens(labels, k: int, always=()) -> torch.Tensor:
+    """The ``k`` most frequent token ids among ``labels`` (any iterable of id tensors; ``-100`` ignored), ties to
+    the lower id, with the ids in ``always`` (e.g. EOS) included; fewer when fewer distinct tokens occur. Sorted."""
+    flat = torch.cat([lab.reshape(-1).cpu() for lab in labels])
+    flat = flat[flat >= 0]
+    if not len(flat):
+        raise ValueError("no labelled token to build a draft vocabulary from")
+    counts = torch.bincount(flat, minlength=max(always, default=0) + 1)
+    counts[list(always)] = counts.max() + 1
+    order = torch.sort(-counts, stable=True).indices[: min(k, int((counts > 0).sum()))]
+    return order.sort().values
 
 
 class MedusaMixin(HeadsMixin):
@@ -68,6 +88,9 @@ class MedusaMixin(HeadsMixin):
         self.memory_efficient_loss = config.memory_efficient_loss
         d = self.backbone.hidden_size
         self.medusa_heads = nn.ModuleList([MedusaHead(config, d) for _ in range(config.num_medusa_heads)])
+        # the heads' token ids, saved with the model; None: the whole vocabulary
+        self.register_buffer("draft_ids", torch.arange(config.medusa_draft_vocab) if config.medusa_draft_vocab
+                             else None)
         self.post_init()
 
     @property
@@ -79,7 +102,38 @@ class MedusaMixin(HeadsMixin):
         super()._init_weights(module)
         init_special(module)
         if isinstance(module, MedusaUnembed):
-            init.copy_(module.weight, self.lm_head.weight)
+            w = self.lm_head.weight
+            init.copy_(module.weight, w if self.draft_ids is None else w[self.draft_ids.to(w.device)])
+
+    @torch.no_grad()
+    def set_draft_vocab(self, ids):
+        """Make ``ids`` (``config.medusa_draft_vocab`` distinct token ids; None without a draft vocabulary) the
+        heads' vocabulary; each head's unembedding restarts as those rows of the LM head."""
+        if ids is None or self.draft_ids is None:
+            if ids is not None or self.draft_ids is not None:
+                raise ValueError("a draft vocabulary needs medusa_draft_vocab > 0 in the config, and one with it")
+            for head in self.medusa_heads:
+                head.unembed.weight.copy_(self.lm_head.weight)
+            return
+        ids = torch.as_tensor(ids, device=self.draft_ids.device).sort().values
+        if ids.shape != self.draft_ids.shape or ids.unique().numel() != ids.numel() or ids.min() < 0 or \
+                ids.max() >= self.config.vocab_size:
+            raise ValueError(f"a draft vocabulary is {self.draft_ids.numel()} distinct ids in [0, "
+                             f"{self.config.vocab_size}); got shape {tuple(ids.shape)}")
+        self.draft_ids.copy_(ids)
+        for head in self.medusa_heads:
+            head.unembed.weight.copy_(self.lm_head.weight[ids])
+
+    def head_labels(self, labels):
+        if self.draft_ids is None:
+            return labels
+        lut = torch.full((self.config.vocab_size,), OUT_OF_VOCAB, dtype=labels.dtype, device=labels.device)
+        lut[self.draft_ids.to(labels.device)] = torch.arange(self.draft_ids.numel(), dtype=labels.dtype,
+                                                             device=labels.device)
+        return torch.where(labels < 0, labels, lut[labels.clamp(min=0)])
+
+    def head_token_ids(self, idx):
+        return idx if self.draft_ids is None else self.draft_ids[idx]
 
     @classmethod
     def from_base(cls, base, num_medusa_heads: int = 4, medusa_num_layers: int = 1, **kw):
@@ -119,7 +173,8 @@ class MedusaMixin(HeadsMixin):
         return self._cached_stack(list(heads.parameters()), build)
 
     def spec_head_logits(self, ctx, j: int):
-        """Every head's logits at step-local position j, ``(S, V)``: all heads at once, in batched matmuls."""
+        """Every head's logits at step-local position j, ``(S, K)`` over the draft vocabulary (``K = V`` without
+        one): all heads at once, in batched matmuls."""
         return self._stacked_logits(ctx["h0"][0, j: j + 1])[:, 0]
 
     def _stacked_logits(self, h):
@@ -131,12 +186,12 @@ class MedusaMixin(HeadsMixin):
         return fastpath.heads_unembed(x, unembed, [h.unembed.weight for h in self.medusa_heads])
 
     def spec_head_topk(self, ctx, j: int, k: int):
-        return self.spec_head_logits(ctx, j).topk(k, -1).indices              # (S, k)
+        return self.head_token_ids(self.spec_head_logits(ctx, j).topk(k, -1).indices)        # (S, k)
 
     def spec_head_topk_rows(self, ctx, js, k):
         """Top-k tokens of every head for each row ``b`` of a batch at its position ``js[b]``: ``(B, S, k)``."""
         h = ctx["h0"][torch.arange(len(js), device=js.device), js]
-        return self._stacked_logits(h).topk(k, -1).indices.transpose(0, 1)
+        return self.head_token_ids(self._stacked_logits(h).topk(k, -1).indices.transpose(0, 1))
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, labels=None,
                 use_cache=None, output_head_logits=False, logits_to_keep=0, **kwargs):
@@ -169,14 +224,18 @@ class MedusaLlama(MedusaMixin, LlamaForCausalLM):
 MEDUSA_FACES = {"gpt2": MedusaGPT2, "llama": MedusaLlama}
 
 
-def wrap_model_with_medusa(model, num_medusa_heads: int = 4, medusa_num_layers: int = 1, freeze: bool = True, **kw):
+def wrap_model_with_medusa(model, num_medusa_heads: int = 4, medusa_num_layers: int = 1, freeze: bool = True,
+                           draft_vocab=None, **kw):
     """MEDUSA-1 heads on ``model`` (any causal LM with a backbone adapter), sharing its parameters. ``freeze``
-    (MEDUSA-1): the backbone stops requiring grad, so next-token logits stay the base model's exactly."""
+    (MEDUSA-1): the backbone stops requiring grad, so next-token logits stay the base model's exactly.
+    ``draft_vocab``: token ids the heads predict over (e.g. :func:`frequent_tokens` of their training targets;
+    default the whole vocabulary)."""
+    if draft_vocab is not None:
+        kw["medusa_draft_vocab"] = len(draft_vocab)
     face, missing = build_face(model, MEDUSA_FACES, num_medusa_heads=num_medusa_heads,
                                medusa_num_layers=medusa_num_layers, **kw)
-    assert all(k.startswith("medusa_heads.") for k in missing), missing
+    assert all(k.startswith("medusa_heads.") or k == "draft_ids" for k in missing), missing
     remember_heads(model, face)
-    with torch.no_grad():  # the heads' unembeddings start as the (now loaded) LM head
-        for head in face.medusa_heads:
-            head.unembed.weight.copy_(face.lm_head.weight)
+    with torch.no_grad():  # the heads' unembeddings start as the (now loaded) LM head's rows
+        face.set_draft_vocab(draft_vocab)
     return face.freeze_backbone() if freeze else face

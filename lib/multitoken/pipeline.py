@@ -38,7 +38,10 @@ DEFAULTS = dict(
     mtp_trunk_layers=None,  # heads branch off after this many layers (None: after the last, reading the final norm)
     mtp_weighting="uniform", mtp_beta=0.8, mtp_lambda=1.0, mtp_warmup_steps=0, mtp_epochs=1, mtp_lr=3e-3, mtp_grad_accum=1, mtp_memory_efficient=True,
     medusa_heads=3, medusa_layers=1, medusa_epochs=1, medusa_lr=3e-3, medusa_self_distill=True,
-    medusa_max_examples=None,
+    # medusa_max_examples: distilled training prompts (None: every train prompt; more than the train split: the rest
+    # from the source's train pool outside train and validation); medusa_draft_vocab: K > 0 heads predict over the K
+    # tokens most frequent in their training targets (0: the whole vocabulary)
+    medusa_max_examples=None, medusa_draft_vocab=0,
     # MTP modules on the frozen NTP model (DeepSeek-V3's sequential transformer heads; FastMTP with mtpseq_share),
     # trained like MEDUSA-1 on the model's own continuations (mtpseq_self_distill)
     mtpseq_n=4, mtpseq_share=False, mtpseq_freeze=True, mtpseq_self_distill=True, mtpseq_weighting="uniform",
@@ -191,7 +194,8 @@ def train_variant(cfg, variant: str):
             tr, va = distilled_loaders(cfg, prep, tok)
         if variant == "medusa":
             model, _ = T.train_medusa(base, tr, va, tok, out, num_medusa_heads=cfg["medusa_heads"],
-                                      medusa_num_layers=cfg["medusa_layers"], log_csv=log, **_common(cfg, "medusa"))
+                                      medusa_num_layers=cfg["medusa_layers"], draft_vocab=cfg["medusa_draft_vocab"],
+                                      log_csv=log, **_common(cfg, "medusa"))
         else:
             model, _ = T.train_multi_token_gpt2(tr, va, tok, out, num_tokens_to_predict=cfg["mtpseq_n"],
                                                 base_model=str(base), log_csv=log, mtp=mtpseq_fields(cfg),
@@ -236,6 +240,8 @@ def distilled_loaders(cfg, prep, tok):
             raw = prep["raw"][split]
             if split == "train" and cfg["medusa_max_examples"] and len(raw) > cfg["medusa_max_examples"]:
                 raw = raw.select(range(cfg["medusa_max_examples"]))  # already shuffled by the split
+            elif split == "train" and cfg["medusa_max_examples"] and len(raw) < cfg["medusa_max_examples"]:
+                raw = D.more_prompts(cfg["source"], prep["raw"], cfg["medusa_max_examples"], cfg["seed"])
             T.self_distill(model, tok, raw, max_new_tokens=n_new, batch_size=cfg["distill_batch"],
                            engine=cfg["distill_engine"]).save_to_disk(
                 str(cache / split))
@@ -306,7 +312,7 @@ def head_topk_accuracy(model, loader, k=8, max_batches=10):
         for d, lg in enumerate(out.head_logits, 1):
             T = b["labels"].shape[1]
             tgt = b["labels"][:, d + 1:]
-            top = lg[:, : T - d - 1].topk(k, -1).indices
+            top = model.head_token_ids(lg[:, : T - d - 1].topk(k, -1).indices)
             valid = tgt != -100
             hits[d - 1] += ((top == tgt.unsqueeze(-1)) & valid.unsqueeze(-1)).sum((0, 1)).float()
             if d == 1:

@@ -15,7 +15,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback,
 
 from .backbones import backbone_of
 from .evaluation import peak_memory_mb
-from .medusa import wrap_model_with_medusa
+from .medusa import frequent_tokens, wrap_model_with_medusa
 from .models import MTP_FIELD_NAMES, MTPConfig, MultiTokenGPT2, wrap_model_with_mtp
 from .pretrained import load_model
 from .utils import write_csv
@@ -226,10 +226,17 @@ def train_multi_token_gpt2(train_dataloader, val_dataloader, tokenizer, output_d
 
 def train_medusa(base_model, train_dataloader, val_dataloader, tokenizer, output_dir, num_medusa_heads=5,
                  medusa_num_layers=1, freeze_backbone=True, num_train_epochs=1, learning_rate=1e-3,
-                 gradient_accumulation_steps=1, log_csv=None, resume_from_checkpoint=None, **args_kw):
-    """MEDUSA-1: heads on a frozen base of any family (a model, a registry name, a local directory, a hub name)."""
+                 gradient_accumulation_steps=1, log_csv=None, resume_from_checkpoint=None, draft_vocab=0, **args_kw):
+    """MEDUSA-1: heads on a frozen base of any family (a model, a registry name, a local directory, a hub name).
+    ``draft_vocab`` K > 0: the heads predict over the K tokens most frequent in the training targets (and EOS)."""
     set_seed(args_kw.get("seed", 0))
-    model = wrap_model_with_medusa(_base(base_model), num_medusa_heads, medusa_num_layers, freeze=False)
+    ids = None
+    if draft_vocab:
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        ids = frequent_tokens((b["labels"] for b in train_dataloader), draft_vocab, always=eos)
+        log.info("MEDUSA-1 draft vocabulary: %d tokens (asked %d)", len(ids), draft_vocab)
+    model = wrap_model_with_medusa(_base(base_model), num_medusa_heads, medusa_num_layers, freeze=False,
+                                   draft_vocab=ids)
     _sync_vocab(model, tokenizer)
     if freeze_backbone:
         model.freeze_backbone()
