@@ -288,6 +288,7 @@ def test_batch_bench_rows_report_speculations_own_tau_and_identical_rows(monkeyp
     greedy generate, the tree comes from the candidates, and the reported τ is batched speculation's own
     (tokens per row per step, recomputed here from the engine on the same chunks and tree)."""
     from multitoken import bench
+    from multitoken import evaluation as E
 
     heads, base = trained("sdpa", "medusa")
     g = torch.Generator().manual_seed(3)
@@ -306,7 +307,7 @@ def test_batch_bench_rows_report_speculations_own_tau_and_identical_rows(monkeyp
         tokens = steps = 0
         with torch.no_grad():
             for i in range(0, len(prompts), r["batch"]):
-                ids, mask = bench._left_padded(prompts[i: i + r["batch"]], PAD)
+                ids, mask = E._left_padded(prompts[i: i + r["batch"]], PAD)
                 st = speculative_generate(heads, ids, 12, tree=r["tree"], attention_mask=mask, batched=True)[1]
                 tokens, steps = tokens + st["new_tokens"], steps + st["new_tokens"] / st["mean_accepted_length"]
         assert r["spec_batched_tau"] == round(tokens / steps, 3) and r["spec_batched_tau"] > 1   # drafts accepted

@@ -164,3 +164,32 @@ def test_protocol_times_the_thesis_way_with_intervals_over_prompts(monkeypatch):
     calls = order[2:]                                                      # after the two warm-ups
     pairs = {tuple(calls[i: i + 2]) for i in range(0, len(calls), 2)}
     assert pairs == {("base", "fast"), ("fast", "base")}                    # the order is drawn, not fixed
+
+
+def test_thesis_loops_read_medusa_heads_through_their_draft_vocabulary():
+    """A MEDUSA-1 model whose draft vocabulary is the whole vocabulary in another order is the same model: the
+    thesis' loops must decode the same tokens with it (they map the heads' indices to token ids)."""
+    from conftest import medusa
+    from multitoken import MedusaConfig, MedusaGPT2
+
+    full = medusa(initializer_range=0.4, seed=5)
+    with torch.no_grad():
+        for p in full.medusa_heads.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(5))
+    same = MedusaGPT2(MedusaConfig(**tiny(num_medusa_heads=3, medusa_draft_vocab=V))).eval()
+    same.load_state_dict({**{n: (t[perm] if n.endswith("unembed.weight") else t) for n, t in full.state_dict().items()},
+                          "draft_ids": perm})
+    ids = torch.randint(2, V, (1, 6), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(TH.thesis_mtp_generate(same, ids, 20)[0], TH.thesis_mtp_generate(full, ids, 20)[0])
+    kw = dict(branching=(3, 2, 2), threshold=0.2, epsilon=1e-4)
+    assert torch.equal(TH.thesis_medusa_generate(same, ids, 20, **kw)[0], TH.thesis_medusa_generate(full, ids, 20, **kw)[0])
+    # and the engine drafts the same tokens with it: the same output in the same number of steps, one row or a batch
+    for tree in ("chain", "medusa:6"):
+        a, sa = speculative_generate(same, ids, 20, tree=tree)
+        b, sb = speculative_generate(full, ids, 20, tree=tree)
+        assert torch.equal(a, b) and sa["forward_passes"] == sb["forward_passes"]
+        batch = torch.cat([ids, ids.flip(1)])
+        a, sa = speculative_generate(same, batch, 20, tree=tree, batched=True)
+        b, sb = speculative_generate(full, batch, 20, tree=tree, batched=True)
+        assert torch.equal(a, b) and sa["mean_accepted_length"] == sb["mean_accepted_length"]

@@ -502,3 +502,106 @@ def evaluate_model_performance(models, test_dataloader, tokenizer, max_length=25
         res["bleu"][name] = bleu(texts, refs)
         res["memory"][name] = peak_memory_mb()
     return res
+
+
+def _left_padded(prompts, pad: int):
+    W = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), W), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), W, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, W - len(p):], mask[b, W - len(p):] = p, 1
+    return ids, mask
+
+
+def _new_tokens(seqs, width: int, eos: set) -> list[list[int]]:
+    """Each row's new tokens up to and including its first EOS (what a caller keeps)."""
+    out = []
+    for row in seqs[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        out.append(row[:cut])
+    return out
+
+
+def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
+               trees=("chain:1", "chain:2", "chain", "medusa:8", "medusa:16"), rounds: int = 2,
+               pad: int | None = None) -> list[dict]:
+    """Batched speculative decoding (``heads``, a head model on ``ntp``'s backbone) against HF's batched greedy
+    ``generate`` of ``ntp`` (left-padded), this engine without drafts, and speculation row by row, at each batch size:
+    total tokens/s over the ``test`` prompts (chunks of the batch size, each row's tokens counted up to its EOS), every
+    method once per round in a fresh order; at batch > 1 also batched speculation with finished rows kept as masked
+    no-ops (``masked_vs_drop``: its tokens/s over dropping them). The tree of each batch size is the fastest of
+    ``trees`` on one chunk of ``val`` prompts, timed after a warm-up at that batch size, and every method runs once on
+    that chunk before the timed rounds (first calls at a new shape pay one-time costs, the engine's layout timing
+    among them); the test prompts only measure.
+    ``spec_batched_tau``: batched speculation's tokens per row per step, the reason a speedup is or is not there."""
+    import random
+    import time
+
+    from .decoding import _eos_set, speculative_generate, sync
+
+    dev = next(ntp.parameters()).device
+    if ntp.generation_config.pad_token_id is not None:
+        pad = ntp.generation_config.pad_token_id
+    if pad is None:
+        raise ValueError("batch_rows needs a pad token id: the model's generation_config has none, pass pad=")
+    eos = _eos_set(ntp, None)
+    taus = []
+
+    def run(method, chunk, tree=None):
+        ids, mask = _left_padded(chunk, pad)
+        ids, mask = ids.to(dev), mask.to(dev)
+        if method == "hf_generate":
+            out = ntp.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        elif method == "engine_no_drafts":
+            out = speculative_generate(ntp, ids, new_tokens, tree="none", attention_mask=mask)[0]
+        else:
+            out, st = speculative_generate(heads, ids, new_tokens, tree=tree, attention_mask=mask,
+                                           batched={"spec_rows": False, "spec_batched": True}.get(method, "masked"))
+            if method == "spec_batched":
+                taus.append((st["new_tokens"], st["new_tokens"] / st["mean_accepted_length"]))
+        return _new_tokens(out.cpu(), ids.shape[1], eos)
+
+    def timed(method, chunks, tree=None):
+        sync(dev)
+        t0, outs = time.perf_counter(), []
+        for c in chunks:
+            outs += run(method, c, tree)
+        sync(dev)
+        return time.perf_counter() - t0, outs
+
+    rows, order = [], random.Random(0)
+    for B in sizes:
+        chunks = [test[i: i + B] for i in range(0, len(test), B)]
+        run("spec_batched", val[:B], trees[0])                                # warm-up at this batch size
+        pick = {t: timed("spec_batched", [val[:B]], t)[0] for t in trees}    # validation chooses the tree
+        tree = min(pick, key=pick.get)
+        methods = ["hf_generate", "engine_no_drafts", "spec_rows", "spec_batched"] + ["spec_batched_masked"] * (B > 1)
+        times, outs = {m: [] for m in methods}, {}
+        for m in methods:                                                     # warm-up of every method
+            run(m, val[:B], tree)
+        taus.clear()
+        for _ in range(rounds):
+            for m in order.sample(methods, len(methods)):
+                s, o = timed(m, chunks, tree)
+                times[m].append(s)
+                outs[m] = o
+        n = {m: sum(len(r) for r in outs[m]) for m in methods}
+        tps = {m: [n[m] / s for s in times[m]] for m in methods}
+
+        def ratio_range(a, b):                                                # [min, max] over rounds of a / b
+            r = [x / y for x, y in zip(tps[a], tps[b])]
+            return [round(min(r), 2), round(max(r), 2)]
+
+        row = dict(batch=B, tree=tree, tree_validation_s={k: round(v, 2) for k, v in pick.items()},
+                   spec_batched_tau=round(sum(t for t, _ in taus) / sum(s for _, s in taus), 3),
+                   **{f"{m}_tokens_per_s": round(sum(tps[m]) / rounds, 1) for m in methods},
+                   batched_vs_hf=ratio_range("spec_batched", "hf_generate"),
+                   batched_vs_rows=ratio_range("spec_batched", "spec_rows"),
+                   batched_identical_to_rows=outs["spec_batched"] == outs["spec_rows"],
+                   **({"masked_vs_drop": ratio_range("spec_batched_masked", "spec_batched"),
+                       "masked_identical": outs["spec_batched_masked"] == outs["spec_batched"]} if B > 1 else {}),
+                   rows_identical_to_hf=sum(a == b for a, b in zip(outs["spec_rows"], outs["hf_generate"])),
+                   rows=len(test))
+        rows.append(row)
+        print(row, flush=True)
+    return rows

@@ -124,7 +124,8 @@ def thesis_mtp_generate(model, input_ids, max_new_tokens: int = 100):
     new = cycles = 0
     while new < max_new_tokens:
         out = model(ids, output_head_logits=True)
-        cand = torch.stack([out.logits[0, -1].argmax()] + [h[0, -1].argmax() for h in out.head_logits])   # (n,)
+        cand = torch.stack([out.logits[0, -1].argmax()] +
+                           [model.head_token_ids(h[0, -1].argmax()) for h in out.head_logits])                # (n,)
         check = model(torch.cat([ids, cand[None, :-1]], 1)).logits[0, -n:].argmax(-1)                       # (n,)
         k = max(1, int((check == cand).long().cumprod(0).sum()))
         ids = torch.cat([ids, cand[None, :k]], 1)
@@ -151,7 +152,7 @@ def thesis_medusa_generate(model, input_ids, max_new_tokens: int = 100, branchin
     while ids.shape[1] < plen + max_new_tokens:
         out = model(ids, output_head_logits=True)
         x0 = out.logits[0, -1].argmax().view(1)
-        tops = [h[0, -1].topk(k).indices for h, k in zip(out.head_logits, branching)]
+        tops = [model.head_token_ids(h[0, -1].topk(k).indices) for h, k in zip(out.head_logits, branching)]
         branches = torch.stack([torch.cat([x0, torch.stack(c)]) for c in itertools.product(*tops)])  # (B, 1+D)
         logp = F.log_softmax(model(branches).logits.float(), -1)                                     # (B, 1+D, V)
         entropy = -(logp.exp() * logp).sum(-1)
