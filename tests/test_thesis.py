@@ -183,7 +183,8 @@ def test_thesis_loops_read_medusa_heads_through_their_draft_vocabulary():
     ids = torch.randint(2, V, (1, 6), generator=torch.Generator().manual_seed(6))
     assert torch.equal(TH.thesis_mtp_generate(same, ids, 20)[0], TH.thesis_mtp_generate(full, ids, 20)[0])
     kw = dict(branching=(3, 2, 2), threshold=0.2, epsilon=1e-4)
-    assert torch.equal(TH.thesis_medusa_generate(same, ids, 20, **kw)[0], TH.thesis_medusa_generate(full, ids, 20, **kw)[0])
+    assert torch.equal(TH.thesis_medusa_generate(same, ids, 20, **kw)[0],
+                       TH.thesis_medusa_generate(full, ids, 20, **kw)[0])
     # and the engine drafts the same tokens with it: the same output in the same number of steps, one row or a batch
     for tree in ("chain", "medusa:6"):
         a, sa = speculative_generate(same, ids, 20, tree=tree)

@@ -12,7 +12,9 @@ nothing needs ``datasets``, ``papermill`` or ``gguf`` (absent there). In about 6
    tree, all interleaved), plus the **perfect-drafter ceiling**: a drafter that proposes the model's own greedy
    continuation, i.e. the speedup any drafter could reach with chains of 1..8 drafts on this GPU;
 4. times a training step at the same shape (NTP vs MTP n=2 / n=4, naive vs head-wise loss): step time, peak memory;
-5. checks issue 22's targets and writes everything to ``$OUT`` (the device tool's folder; ``runs/gpu_check`` here),
+5. if time is left (it starts before ``budget_seconds``), issue 20's batch section in bf16: batched MEDUSA-1
+   speculation against HF's batched ``generate`` at batch 1, 4, 16 and 64 (``batch_benchmark.json``);
+6. checks issue 22's targets and writes everything to ``$OUT`` (the device tool's folder; ``runs/gpu_check`` here),
    after every phase, so a run cut short still returns what it measured: ``gpu_check.json`` (device, versions,
    commit, phases, targets), ``decoding_benchmark.json``, ``train_benchmark.json``, ``cuda_tests.txt``.
 
@@ -46,11 +48,12 @@ SIZES = {
     "gpu": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=8192, padded_vocab=50257,
                 max_seq_len=384, batch_size=32, lr=6e-4, ntp_seconds=100, medusa_seconds=35, mtp_seconds=50,
                 distill_prompts=512, prompts=8, new_tokens=96, oracle_depths=(1, 2, 4, 8), bench_batch=16,
-                bench_steps=10, tests_timeout=240, budget_seconds=390),
+                bench_steps=10, tests_timeout=240, budget_seconds=420,
+                batch_sizes=((1, 4), (16, 64)), batch_prompts=(16, 64), batch_new_tokens=32),
     "dry": dict(n_layer=2, n_embd=64, n_head=2, n_positions=512, vocab_size=400, padded_vocab=None, max_seq_len=256,
                 batch_size=8, lr=3e-3, ntp_seconds=3, medusa_seconds=1.5, mtp_seconds=1.5, distill_prompts=16,
                 prompts=2, new_tokens=12, oracle_depths=(1, 2), bench_batch=4, bench_steps=2, tests_timeout=300,
-                budget_seconds=300),
+                budget_seconds=300, batch_sizes=((1, 2), (4,)), batch_prompts=(2, 4), batch_new_tokens=8),
 }
 # issue 22's targets on one H200, batch 1, 124M shape, bf16 (met only where the measurement clears them)
 TARGETS = dict(speedup_vs_hf=3.0, tokens_per_s=1500.0, identical_fp32=1.0, identical_tokens_bf16=0.99,
@@ -85,7 +88,7 @@ class Check:
         self.S = SIZES["dry" if dry else "gpu"]
         self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.report = dict(info=_info(self.dev, dry), sizes={k: v for k, v in self.S.items()}, phases={})
-        self.rows, self.train_rows = [], []
+        self.rows, self.train_rows, self.batch_rows = [], [], []
         out.mkdir(parents=True, exist_ok=True)
 
     def elapsed(self) -> float:
@@ -115,6 +118,7 @@ class Check:
         write_json(self.out / "gpu_check.json", self.report)
         write_json(self.out / "decoding_benchmark.json", self.rows)
         write_json(self.out / "train_benchmark.json", self.train_rows)
+        write_json(self.out / "batch_benchmark.json", self.batch_rows)
 
 
 def _info(dev, dry) -> dict:
@@ -153,11 +157,13 @@ def gsm8k(ck: Check, d: dict) -> dict:
     """GSM8K in the workbook's format, a byte-level BPE trained on it, examples as token lists (no ``datasets``)."""
     S = ck.S
     train = D.read_gsm8k(D.GSM8K_DIR / "train.jsonl")[: 200 if ck.dry else None]
-    test = D.read_gsm8k(D.GSM8K_DIR / "test.jsonl")[: S["prompts"]]
+    nb = max(S["batch_prompts"])
+    test = D.read_gsm8k(D.GSM8K_DIR / "test.jsonl")[: max(S["prompts"], 2 * nb)]
     tok = D.build_tokenizer((D.format_prompt(r["query"]) + r["response"] for r in train), vocab_size=S["vocab_size"])
-    d.update(tok=tok, train=train, examples=examples(train, tok, S["max_seq_len"]),
-             prompts=[torch.tensor(tok(D.format_prompt(r["query"]), add_special_tokens=False)["input_ids"])
-                      for r in test])
+    enc = [torch.tensor(tok(D.format_prompt(r["query"]), add_special_tokens=False)["input_ids"]) for r in test]
+    # batch section: the first nb test prompts measure, the next nb choose each batch size's tree
+    d.update(tok=tok, train=train, examples=examples(train, tok, S["max_seq_len"]), prompts=enc[: S["prompts"]],
+             batch_test=enc[:nb], batch_val=enc[nb: 2 * nb])
     return dict(train_examples=len(d["examples"]), prompts=len(d["prompts"]), vocab=len(tok))
 
 
@@ -275,6 +281,33 @@ def decoding(ck: Check, d: dict, dtype: torch.dtype, oracle: bool) -> dict:
                 speedup_vs_greedy_kv=best.get("speedup_vs_greedy_kv"), tokens_per_s=best["tokens_per_s"])
 
 
+def batch(ck: Check, d: dict) -> dict:
+    """Issue 20's batch section on this GPU, in bf16: batched MEDUSA-1 speculation against HF's batched greedy
+    ``generate``, the engine without drafts and speculation row by row (:func:`evaluation.batch_rows`, one round), at
+    batch 1 and 4 on 16 prompts and at 16 and 64 on 64 (row by row costs the same at every size: fewer prompts where
+    the batch is small); each size's tree chosen on other test prompts. Rows in ``batch_benchmark.json``."""
+    from .evaluation import batch_rows
+
+    S, rows = ck.S, []
+    with torch.no_grad():
+        ntp = copy.deepcopy(d["models"]["ntp"]).to(torch.bfloat16).eval()
+        heads = copy.deepcopy(d["models"]["medusa"]).to(torch.bfloat16).eval()
+        ntp.generation_config.pad_token_id = heads.generation_config.pad_token_id = d["tok"].pad_token_id
+        for sizes, n in zip(S["batch_sizes"], S["batch_prompts"]):
+            rows += batch_rows(ntp, heads, d["batch_test"][:n], d["batch_val"], sizes, S["batch_new_tokens"],
+                               rounds=1)
+    name = ck.report["info"]["device_name"]
+    for r in rows:
+        r.update(dtype="bfloat16", device_name=name)
+    ck.batch_rows = rows
+    del ntp, heads
+    if ck.dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {f"batch_{r['batch']}": dict(tree=r["tree"], tau=r["spec_batched_tau"], batched_vs_hf=r["batched_vs_hf"],
+                                        hf_tokens_per_s=r["hf_generate_tokens_per_s"],
+                                        batched_tokens_per_s=r["spec_batched_tokens_per_s"]) for r in rows}
+
+
 def train_bench(ck: Check, d: dict) -> dict:
     """One training step at the check's shape: NTP vs MTP n=2/4 (transformer heads), naive vs head-wise loss; the
     median of ``bench_steps`` steps after two warm-ups, CUDA-fenced; peak memory after resetting the counters (CUDA:
@@ -385,10 +418,13 @@ def main(argv=None) -> int:
             ck.phase("decoding_bf16", decoding, ck, d, torch.bfloat16, True)
             ck.phase("decoding_fp32", decoding, ck, d, torch.float32, False)
         ck.phase("train_bench", train_bench, ck, d)
+        if "models" in d:
+            ck.phase("batch_bf16", batch, ck, d)
     ck.save()
     failed = [k for k, v in ck.report["phases"].items() if str(v.get("status", "")).startswith("FAILED")]
     print(json.dumps(ck.report["targets"], indent=1))
-    print(f"\nwritten: {ck.out}/gpu_check.json, decoding_benchmark.json, train_benchmark.json, cuda_tests.txt "
+    print(f"\nwritten: {ck.out}/gpu_check.json, decoding_benchmark.json, train_benchmark.json, "
+          f"batch_benchmark.json, cuda_tests.txt "
           f"({ck.elapsed():.0f} s){'; FAILED: ' + ', '.join(failed) if failed else ''}")
     return 1 if failed else 0
 

@@ -5,9 +5,10 @@ layer) then its own unembedding initialised from the LM head; it reads the backb
 predicts token t+i+2. With ``medusa_draft_vocab`` K > 0 a head's unembedding covers only K tokens (``draft_ids``,
 the most frequent in its training targets; EAGLE-3's reduced draft vocabulary, FR-Spec's frequency-ranked one):
 drafting and training multiply K rows instead of the whole vocabulary, and drafts stay drafts (the backbone verifies
-every token, so outputs do not change). Head losses are weighted ``medusa_decay ** i`` (0.8 in the paper). With the backbone frozen the
-model's next-token logits are exactly the base model's. ``MedusaGPT2`` (the thesis' name) and ``MedusaLlama`` are
-the faces of one class body; ``wrap_model_with_medusa(model, ...)`` puts heads on any model of a known family.
+every token, so outputs do not change). Head losses are weighted ``medusa_decay ** i`` (0.8 in the paper). With the
+backbone frozen the model's next-token logits are exactly the base model's. ``MedusaGPT2`` (the thesis' name) and
+``MedusaLlama`` are the faces of one class body; ``wrap_model_with_medusa(model, ...)`` puts heads on any model of a
+known family.
 """
 from __future__ import annotations
 
