@@ -190,12 +190,8 @@ def _generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, des
     texts, stats = [None] * len(prompts), []
     for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[s: s + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long, device=dev)
-        mask = torch.zeros((len(idx), width), dtype=torch.long, device=dev)
-        for r, i in enumerate(idx):
-            ids[r, width - len(prompts[i]):] = prompts[i].to(dev)
-            mask[r, width - len(prompts[i]):] = 1
+        ids, mask = _left_padded([prompts[i] for i in idx], pad, dev)
+        width = ids.shape[1]
         room = min(max_new_tokens, n_pos - width)
         if engine == "hf":
             out = model.generate(ids, attention_mask=mask, max_new_tokens=room, do_sample=False, pad_token_id=pad,
@@ -504,12 +500,13 @@ def evaluate_model_performance(models, test_dataloader, tokenizer, max_length=25
     return res
 
 
-def _left_padded(prompts, pad: int):
+def _left_padded(prompts, pad: int, device=None):
+    """Token-id rows left-padded with ``pad`` into one batch on ``device``, and its 0/1 attention mask."""
     W = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), W), pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), W, dtype=torch.long)
+    ids = torch.full((len(prompts), W), pad, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), W, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
-        ids[b, W - len(p):], mask[b, W - len(p):] = p, 1
+        ids[b, W - len(p):], mask[b, W - len(p):] = p.to(ids.device), 1
     return ids, mask
 
 
@@ -548,8 +545,7 @@ def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
     taus = []
 
     def run(method, chunk, tree=None):
-        ids, mask = _left_padded(chunk, pad)
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = _left_padded(chunk, pad, dev)
         if method == "hf_generate":
             out = ntp.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
         elif method == "engine_no_drafts":

@@ -237,11 +237,11 @@ def distilled_loaders(cfg, prep, tok):
         model = P.load_model(str(base), dtype=resolve_dtype(cfg["distill_dtype"] or cfg["inference_dtype"], dev),
                              device=dev)
         for split in ("train", "validation"):
-            raw = prep["raw"][split]
-            if split == "train" and cfg["medusa_max_examples"] and len(raw) > cfg["medusa_max_examples"]:
-                raw = raw.select(range(cfg["medusa_max_examples"]))  # already shuffled by the split
-            elif split == "train" and cfg["medusa_max_examples"] and len(raw) < cfg["medusa_max_examples"]:
-                raw = D.more_prompts(cfg["source"], prep["raw"], cfg["medusa_max_examples"], cfg["seed"])
+            raw, n = prep["raw"][split], cfg["medusa_max_examples"] if split == "train" else None
+            if n and len(raw) > n:
+                raw = raw.select(range(n))  # already shuffled by the split
+            elif n and len(raw) < n:
+                raw = D.more_prompts(cfg["source"], prep["raw"], n, cfg["seed"])
             T.self_distill(model, tok, raw, max_new_tokens=n_new, batch_size=cfg["distill_batch"],
                            engine=cfg["distill_engine"]).save_to_disk(
                 str(cache / split))
