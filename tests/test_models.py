@@ -279,3 +279,24 @@ def test_head_topk_accuracy_counts_draft_vocabulary_ranks_as_token_ids():
         tg = x[:, d + 1:]
         n = x[:, 2:].numel()                                           # every head over head 1's targets
         torch.testing.assert_close(sum(acc[d - 1]), float(torch.isin(tg, ids).sum()) / n)
+
+
+def test_a_draft_vocabulary_narrower_than_the_tree_is_refused_and_fitted_trees_stay_inside_it():
+    """Heads over 3 tokens cannot rank a 4th: the engine refuses a tree asking for their top-4 with a clear error,
+    head top-k accuracy ranks only 3, and the tree fitted from it decodes (and equals greedy)."""
+    from multitoken.decoding import speculative_generate
+    from multitoken.pipeline import head_topk_accuracy
+    from multitoken.trees import fitted_tree
+
+    _, draft, ids = _draft_pair(k=3)
+    x = torch.randint(2, V, (2, 8), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="top-4 but the heads predict over a draft vocabulary of 3 tokens"):
+        speculative_generate(draft, x[:1], 4, tree=[(3,)])
+    acc = head_topk_accuracy(draft, [dict(input_ids=x, attention_mask=torch.ones_like(x), labels=x)], k=8)
+    assert [len(row) for row in acc] == [3, 3, 3]
+    tree = fitted_tree(acc, 30)
+    assert tree.max_topk <= 3 and len(tree.paths) > 3
+    out, _ = speculative_generate(draft, x[:1], 6, tree=tree)
+    ref = draft.generate(x[:1], max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(x[:1]),
+                         eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(out, ref)

@@ -292,6 +292,10 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
         raise ValueError(f"generator is on {generator.device} but the model on {dev}: "
                          f"use torch.Generator(device={str(dev)!r})")
     tree = parse_tree(tree, model.num_heads)
+    draft = getattr(model, "draft_ids", None)
+    if draft is not None and tree.max_topk > draft.numel():
+        raise ValueError(f"the tree drafts a head's top-{tree.max_topk} but the heads predict over a draft vocabulary "
+                         f"of {draft.numel()} tokens: use a narrower tree or a larger medusa_draft_vocab")
     check_generation_config(model, sampling=temperature > 0)
     input_ids = input_ids.to(dev)
     if attention_mask is not None:

@@ -300,15 +300,19 @@ def head_accuracy(model, loader, max_batches=20) -> list:
 
 @torch.no_grad()
 def head_topk_accuracy(model, loader, k=8, max_batches=10):
-    """acc[d][j] = P(head d+1's (j+1)-th ranked token is the right one) on validation responses."""
+    """acc[d][j] = P(head d+1's (j+1)-th ranked token is the right one) on validation responses; ranks up to k, or
+    up to the size of the heads' output where that is smaller (a draft vocabulary)."""
     model.eval()
     dev = E.model_device(model)
-    hits, n = torch.zeros(model.num_heads, k, device=dev), 0
+    hits, n = None, 0
     for i, b in enumerate(loader):
         if i >= max_batches:
             break
         b = E.to_device(b, dev)
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_head_logits=True)
+        if hits is None:
+            k = min(k, min(lg.shape[-1] for lg in out.head_logits))
+            hits = torch.zeros(model.num_heads, k, device=dev)
         for d, lg in enumerate(out.head_logits, 1):
             T = b["labels"].shape[1]
             tgt = b["labels"][:, d + 1:]
@@ -317,6 +321,8 @@ def head_topk_accuracy(model, loader, k=8, max_batches=10):
             hits[d - 1] += ((top == tgt.unsqueeze(-1)) & valid.unsqueeze(-1)).sum((0, 1)).float()
             if d == 1:
                 n += int(valid.sum())
+    if hits is None:
+        raise ValueError("head_topk_accuracy needs at least one batch")
     return (hits / max(n, 1)).cpu().tolist()
 
 
