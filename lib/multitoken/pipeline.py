@@ -62,7 +62,8 @@ DEFAULTS = dict(
     # distill_engine; reuse_frozen: MEDUSA-1 / MTP modules take NTP's answers and NLLs (identical by construction;
     # checked on the first batches)
     quality_batch=1, quality_dtype=None, reuse_frozen=True, quality_engine="speculative", distill_engine="speculative",
-    # the decoding benchmark in these dtypes too (besides inference_dtype: results/decoding_benchmark_<dtype>.json);
+    # the decoding benchmark in these dtypes too (besides inference_dtype: results/decoding_benchmark_<dtype>.json; the
+    # baselines and each family's selected method, or all methods where nothing is selected);
     # frozen_hf_baselines: time HF generate of MEDUSA-1 / MTP modules too (their backbone is NTP's: same outputs)
     bench_extra_dtypes=[], frozen_hf_baselines=True,
     # new tokens per benchmark call (None: max_new_tokens, which answers use); tree kinds of the validation sweep
@@ -378,11 +379,15 @@ def bench_trees(cfg, models, loader, budget, prep=None):
     if budget != "auto":
         return {v: fitted_tree(head_topk_accuracy(models[v], loader), budget) for v in HEADED}
     sweep = tree_sweep(cfg, models, loader, prep)
+    acc_file = paths(cfg)["results"] / "head_topk_accuracy.json"       # the sweep's own, on the same loader
+    accs = json.loads(acc_file.read_text()) if acc_file.exists() else {}
     trees = {}
     for v in HEADED:
         best = sweep[(sweep.variant == v) & (sweep.tree != "chain")].sort_values("speedup").iloc[-1]
-        trees[v] = (fitted_tree(head_topk_accuracy(models[v], loader), int(best.budget)) if best.tree == "fitted"
-                    else medusa_tree(int(best.budget), models[v].num_heads))
+        if best.tree == "fitted":
+            trees[v] = fitted_tree(accs[v] if v in accs else head_topk_accuracy(models[v], loader), int(best.budget))
+        else:
+            trees[v] = medusa_tree(int(best.budget), models[v].num_heads)
     return trees
 
 
@@ -472,7 +477,8 @@ def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="note
         dt = resolve_dtype(name, device(cfg))
         with torch.no_grad():
             ms = models if i == 0 else {v: copy.deepcopy(m).to(dt) for v, m in models.items()}
-        rows, per = _benchmark(cfg, ms, prompts, trees, chosen)
+        # the extra dtypes time the baselines and each family's selected method (all methods when nothing is selected)
+        rows, per = _benchmark(cfg, ms, prompts, trees, chosen, everything=i == 0 or not chosen)
         if write:
             write_json(res / ("decoding_benchmark.json" if i == 0 else f"decoding_benchmark_{name}.json"), rows)
             record_bench_run(cfg, rows, source)
@@ -490,9 +496,13 @@ def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="note
     return out
 
 
-def _benchmark(cfg, models, prompts, trees, chosen):
+def _benchmark(cfg, models, prompts, trees, chosen, everything=True):
     dtype = next(models["ntp"].parameters()).dtype
-    rows, per = E.benchmark_decoding(decoding_methods(cfg, models, trees), prompts, {}, warmup=cfg["bench_warmup"],
+    meths = decoding_methods(cfg, models, trees)
+    if not everything:
+        keep = {c["method"] for c in chosen.values()} | {"greedy_kv"}
+        meths = {k: fb for k, fb in meths.items() if k in keep or k.startswith("hf_greedy")}
+    rows, per = E.benchmark_decoding(meths, prompts, {}, warmup=cfg["bench_warmup"],
                                      desc=f"decoding benchmark ({str(dtype).replace('torch.', '')})")
     dev = E.model_device(models["ntp"])
     info = dict(device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -506,29 +516,39 @@ def _benchmark(cfg, models, prompts, trees, chosen):
 
 def run_tree_sweep(cfg, models, loader, prompts=None, prep=None):
     """Speedup vs tree node budget (fitted trees and Medusa's sparse tree) and the chain over every head, for each
-    head family, on the validation prompts (``prompts`` overrides); against HF generate of the same model."""
+    head family, on the validation prompts (``prompts`` overrides); against HF generate of the same model (for the
+    frozen-backbone families, NTP's, unless ``frozen_hf_baselines``: the same weights, the same outputs), every
+    method of every family interleaved in one run. Writes ``results/tree_sweep.csv`` and the top-k accuracies the
+    fitted trees were built from (``results/head_topk_accuracy.json``, which ``bench_trees`` reuses)."""
     if prompts is None:
         prep = prep if prep is not None else loaders(cfg)[3]
         prompts = validation_prompts(cfg, prep["tokenizer"], prep)
     prompts = bench_prompts(cfg, prompts, max(2, cfg["bench_prompts"] // 2))
-    out = []
+    m, meths, accs = bench_tokens(cfg), {}, {}
     for v in HEADED:
-        acc = head_topk_accuracy(models[v], loader)
-        m = bench_tokens(cfg)
-        meths = {"hf": (E.hf_method(models[v], m), "hf"), "chain_all": (E.engine_method(models[v], m, "chain"), "hf")}
+        accs[v] = acc = head_topk_accuracy(models[v], loader)
+        hf = "hf/ntp" if v in FROZEN and not cfg["frozen_hf_baselines"] else f"hf/{v}"
+        if hf not in meths:
+            meths[hf] = (E.hf_method(models[hf.split("/")[1]], m), hf)
+        meths[f"{v}/chain_all"] = (E.engine_method(models[v], m, "chain"), hf)
         for b in cfg["tree_budgets"]:
             if "fitted" in cfg["tree_kinds"]:
-                meths[f"fitted_{b}"] = (E.engine_method(models[v], m, fitted_tree(acc, b)), "hf")
+                meths[f"{v}/fitted_{b}"] = (E.engine_method(models[v], m, fitted_tree(acc, b)), hf)
             if "medusa" in cfg["tree_kinds"]:
-                meths[f"medusa_{b}"] = (E.engine_method(models[v], m, medusa_tree(b, models[v].num_heads)), "hf")
-        rows, _ = E.benchmark_decoding(meths, prompts, {}, warmup=1, desc=f"tree sweep {v} (validation)")
-        for r in rows[1:]:
-            kind, b = r["method"].split("_")
-            out.append(dict(variant=v, tree=kind, budget=models[v].num_heads if b == "all" else int(b),
-                            speedup=r["speedup_vs_hf_greedy"], speedup_lo=r["speedup_lo"], speedup_hi=r["speedup_hi"],
-                            mean_accepted_length=r["mean_accepted_length"], identical=r["identical_to_greedy"],
-                            prompts=len(prompts), split="validation"))
+                meths[f"{v}/medusa_{b}"] = (E.engine_method(models[v], m, medusa_tree(b, models[v].num_heads)), hf)
+    rows, _ = E.benchmark_decoding(meths, prompts, {}, warmup=1, desc="tree sweep (validation)")
+    out = []
+    for r in rows:
+        v, name = r["method"].split("/")
+        if v == "hf":
+            continue
+        kind, b = name.split("_")
+        out.append(dict(variant=v, tree=kind, budget=models[v].num_heads if b == "all" else int(b),
+                        speedup=r["speedup_vs_hf_greedy"], speedup_lo=r["speedup_lo"], speedup_hi=r["speedup_hi"],
+                        mean_accepted_length=r["mean_accepted_length"], identical=r["identical_to_greedy"],
+                        prompts=len(prompts), split="validation", baseline=r["baseline"]))
     write_csv(paths(cfg)["results"] / "tree_sweep.csv", out)
+    write_json(paths(cfg)["results"] / "head_topk_accuracy.json", accs)
     return pd.DataFrame(out)
 
 
