@@ -314,3 +314,64 @@ def test_other_claims_latency_verdict_comes_from_speculations_own_gain(tmp_path,
     latency = df[df.claim == "speculative decoding reduces latency"].iloc[0]
     assert latency.verdict.startswith("slower") and "0.90 [0.85, 0.95] vs greedy_kv" in latency.measured
     assert (figs / "other_claims.md").exists()
+
+
+def test_the_sweep_times_frozen_families_against_ntps_generate_and_extra_dtypes_time_only_the_selection(
+        tmp_path, monkeypatch):
+    """The validation sweep is one interleaved run: MEDUSA-1 and the MTP modules (frozen NTP backbone) against NTP's
+    HF generate unless frozen_hf_baselines, MTP against its own; the fitted trees' top-k accuracies are kept and
+    reused by bench_trees. The extra-dtype benchmark times the baselines and each family's selected method only."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from multitoken import pipeline as PL
+
+    models = {v: SimpleNamespace(name=v, num_heads=3, parameters=lambda: iter([torch.zeros(1)])) for v in PL.VARIANTS}
+    calls, seen = {"acc": 0}, {}
+
+    def acc(model, loader, **kw):
+        calls["acc"] += 1
+        return [[0.5, 0.2]] * 3
+
+    def bench(meths, prompts, baseline, warmup=1, desc=""):
+        seen[desc] = meths
+        return [dict(method=k, baseline=b, speedup_vs_hf_greedy=1.0, speedup_lo=1.0, speedup_hi=1.0,
+                     mean_accepted_length=1.0, identical_to_greedy=1.0) for k, (_, b) in meths.items()], None
+
+    monkeypatch.setattr(PL, "head_topk_accuracy", acc)
+    monkeypatch.setattr(PL, "fitted_tree", lambda a, b: f"fitted{b}")
+    monkeypatch.setattr(PL, "paths", lambda cfg: {"results": tmp_path})
+    monkeypatch.setattr(PL, "bench_prompts", lambda cfg, p, n: p)
+    monkeypatch.setattr(PL.E, "hf_method", lambda model, m, **kw: ("hf", model.name))
+    monkeypatch.setattr(PL.E, "engine_method", lambda model, m, tree: ("engine", model.name, tree))
+    monkeypatch.setattr(PL.E, "benchmark_decoding", bench)
+    monkeypatch.setattr(PL.E, "model_device", lambda model: torch.device("cpu"))
+    cfg = PL.config(frozen_hf_baselines=False, tree_budgets=[4], tree_kinds=["fitted"], tree_budget="auto")
+
+    sweep = PL.run_tree_sweep(cfg, models, None, prompts=[torch.arange(3)])
+    meths = seen["tree sweep (validation)"]
+    assert [k for k in meths if k.startswith("hf/")] == ["hf/mtp", "hf/ntp"]
+    assert meths["hf/ntp"][0] == ("hf", "ntp") and meths["hf/mtp"][0] == ("hf", "mtp")
+    assert {v: meths[f"{v}/fitted_4"][1] for v in PL.HEADED} == {"mtp": "hf/mtp", "medusa": "hf/ntp",
+                                                                  "mtp_seq": "hf/ntp"}
+    assert sorted(sweep.variant.unique()) == sorted(PL.HEADED) and set(sweep.tree) == {"chain", "fitted"}
+    assert sorted(json.loads((tmp_path / "head_topk_accuracy.json").read_text())) == sorted(PL.HEADED)
+    n = calls["acc"]
+    assert PL.bench_trees(cfg, models, None, "auto") == {v: "fitted4" for v in PL.HEADED} and calls["acc"] == n
+
+    (tmp_path / "tree_sweep.csv").unlink()
+    PL.run_tree_sweep(dict(cfg, frozen_hf_baselines=True), models, None, prompts=[torch.arange(3)])
+    assert len([k for k in seen["tree sweep (validation)"] if k.startswith("hf/")]) == 3
+
+    trees = {v: SimpleNamespace(name="fitted4") for v in PL.HEADED}
+    chosen = {"mtp": {"method": "mtp_tree", "validation_speedup": 1.1},
+              "medusa": {"method": "medusa_chain", "validation_speedup": 1.3},
+              "mtp_seq": {"method": "mtp_seq_tree", "validation_speedup": 0.9}}
+    rows, _ = PL._benchmark(cfg, models, [torch.arange(3)], trees, chosen, everything=False)
+    assert [r["method"] for r in rows] == ["hf_greedy", "hf_greedy_mtp", "greedy_kv", "mtp_tree", "medusa_chain",
+                                           "mtp_seq_tree"]
+    assert [r["method"] for r in rows if r["selected"]] == ["mtp_tree", "medusa_chain", "mtp_seq_tree"]
+    rows, _ = PL._benchmark(cfg, models, [torch.arange(3)], trees, chosen)
+    assert len(rows) == 10
