@@ -58,7 +58,7 @@ def test_teacher_forced_pass_equals_the_step_by_step_recurrence(share):
         h = full[0][:, i: i + 1]
         for k in (1, 2, 3):
             h = model._head_step(k, h, None, None, cache=caches[k - 1], token_emb=wte(ids[:, i + k: i + k + 1]))
-            torch.testing.assert_close(h, full[k][:, i: i + 1], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(h, full[k][:, i: i + 1], atol=1e-4, rtol=1e-4)
 
 
 def naive_draft(model, text, tree):
