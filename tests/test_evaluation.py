@@ -375,3 +375,28 @@ def test_the_sweep_times_frozen_families_against_ntps_generate_and_extra_dtypes_
     assert [r["method"] for r in rows if r["selected"]] == ["mtp_tree", "medusa_chain", "mtp_seq_tree"]
     rows, _ = PL._benchmark(cfg, models, [torch.arange(3)], trees, chosen)
     assert len(rows) == 10
+
+
+def test_a_cpu_without_fast_bf16_runs_the_profiles_bf16_settings_in_fp32(monkeypatch):
+    """On a CPU whose bf16 products are emulated (AVX2 only: ~100x slower than fp32), the pretrained profile's bf16
+    training, evaluation, distillation, thesis arms and bf16 benchmark run in fp32, with a warning; where bf16 is
+    fast, or a profile asks for none, nothing changes (and the probe does not run); the fallback can be switched off."""
+    import yaml
+
+    from multitoken import pipeline as PL
+
+    prof = yaml.safe_load((PL.repo_root() / "notebooks/params/pretrained.yaml").read_text())
+    monkeypatch.setattr(PL, "cpu_bf16_fast", lambda: False)
+    with pytest.warns(UserWarning, match="no fast bfloat16.*quality_dtype, bench_extra_dtypes, distill_dtype, thesis_dtype, cpu_bf16"):
+        cfg = PL.config(**dict(prof, device="cpu"))
+    assert not cfg["cpu_bf16"] and cfg["bench_extra_dtypes"] == []
+    assert (cfg["quality_dtype"], cfg["distill_dtype"], cfg["thesis_dtype"]) == ("float32",) * 3
+    kept = PL.config(**dict(prof, device="cpu", cpu_bf16_fallback=False))
+    assert kept["cpu_bf16"] and kept["quality_dtype"] == "bfloat16" and kept["bench_extra_dtypes"] == ["bfloat16"]
+    assert PL.cpu_fp32_fallback(kept, fast=True) == kept
+
+    def probe():
+        raise AssertionError("probed a profile that asks for no bf16")
+    monkeypatch.setattr(PL, "cpu_bf16_fast", probe)
+    plain = PL.config(profile="smoke", device="cpu")
+    assert plain["quality_dtype"] is None and not plain["cpu_bf16"]

@@ -19,7 +19,7 @@ from . import training as T
 from .medusa import MedusaMixin
 from .models import HEAD_TYPES, MultiTokenMixin
 from .trees import fitted_tree, medusa_tree
-from .utils import repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
+from .utils import cpu_bf16_fast, repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
 
 VARIANTS = ("ntp", "mtp", "medusa", "mtp_seq")
 HEADED = VARIANTS[1:]  # the variants with heads that draft
@@ -70,8 +70,9 @@ DEFAULTS = dict(
     bench_max_new_tokens=None, tree_kinds=["fitted", "medusa"],
     # self-distillation in this dtype (None: inference_dtype), batched; notebook 07's arms decode in thesis_dtype
     distill_dtype=None, distill_batch=16, thesis_dtype=None,
-    # training on the CPU under bf16 autocast (else fp32)
-    cpu_bf16=False,
+    # training on the CPU under bf16 autocast (else fp32); cpu_bf16_fallback: on a CPU without fast bf16 (no AVX-512
+    # BF16 / AMX: emulated, ~100x slower than fp32) every bf16 setting of the profile runs in fp32 instead, with a warning
+    cpu_bf16=False, cpu_bf16_fallback=True,
     # nanochat's [training] fields (use_mtp: true/false; None: not used): they set mtp_n and the weighting
     # (interfaces.nanochat_fields), overriding mtp_n / mtp_weighting / mtp_beta / mtp_lambda
     use_mtp=None, mtp_n_tokens=3, mtp_weight=0.2,
@@ -90,9 +91,33 @@ def config(**overrides) -> dict:
 
         cfg.update(nanochat_fields(cfg["use_mtp"], cfg["mtp_n_tokens"], cfg["mtp_weight"]))
     resolve_dtype(cfg["inference_dtype"], resolve_device(cfg["device"]))
+    if cfg["cpu_bf16_fallback"] and resolve_device(cfg["device"]).type == "cpu":
+        cfg = cpu_fp32_fallback(cfg)
     for name in cfg["ablation_head_types"]:
         head_design(name)
     return cfg
+
+
+BF16_FIELDS = ("inference_dtype", "quality_dtype", "distill_dtype", "thesis_dtype")
+
+
+def cpu_fp32_fallback(cfg, fast=None) -> dict:
+    """``cfg`` with its bf16 settings in fp32 when this CPU has no fast bf16 (``cpu_bf16_fast``; ``fast`` overrides
+    the probe): training autocast off, bf16 evaluation / distillation / thesis dtypes to float32, and bf16 dropped from
+    the benchmark's extra dtypes; a warning names what changed. Unchanged where bf16 is fast or nothing asks for it."""
+    asks = cfg["cpu_bf16"] or "bfloat16" in cfg["bench_extra_dtypes"] or any(
+        cfg[k] == "bfloat16" for k in BF16_FIELDS)
+    if not asks or (cpu_bf16_fast() if fast is None else fast):
+        return cfg
+    import warnings
+
+    out = dict(cfg, cpu_bf16=False, bench_extra_dtypes=[d for d in cfg["bench_extra_dtypes"] if d != "bfloat16"],
+               **{k: "float32" for k in BF16_FIELDS if cfg[k] == "bfloat16"})
+    changed = [k for k in out if out[k] != cfg[k]]
+    warnings.warn(f"this CPU has no fast bfloat16 (no AVX-512 BF16 / AMX: bf16 products are emulated, far slower than "
+                  f"fp32), so profile {cfg['profile']!r} runs in float32 where it asked for bf16 ({', '.join(changed)}); "
+                  "set cpu_bf16_fallback: false to keep bf16", stacklevel=2)
+    return out
 
 
 def device(cfg) -> torch.device:
