@@ -386,7 +386,7 @@ def test_a_cpu_without_fast_bf16_runs_the_profiles_bf16_settings_in_fp32(monkeyp
     from multitoken import pipeline as PL
 
     prof = yaml.safe_load((PL.repo_root() / "notebooks/params/pretrained.yaml").read_text())
-    monkeypatch.setattr(PL, "cpu_bf16_fast", lambda: False)
+    monkeypatch.setattr(PL.fastpath, "cpu_bf16_fast", lambda: False)
     with pytest.warns(UserWarning, match="no fast bfloat16.*quality_dtype, bench_extra_dtypes, distill_dtype, thesis_dtype, cpu_bf16"):
         cfg = PL.config(**dict(prof, device="cpu"))
     assert not cfg["cpu_bf16"] and cfg["bench_extra_dtypes"] == []
@@ -397,6 +397,6 @@ def test_a_cpu_without_fast_bf16_runs_the_profiles_bf16_settings_in_fp32(monkeyp
 
     def probe():
         raise AssertionError("probed a profile that asks for no bf16")
-    monkeypatch.setattr(PL, "cpu_bf16_fast", probe)
+    monkeypatch.setattr(PL.fastpath, "cpu_bf16_fast", probe)
     plain = PL.config(profile="smoke", device="cpu")
     assert plain["quality_dtype"] is None and not plain["cpu_bf16"]

@@ -19,7 +19,7 @@ from . import training as T
 from .medusa import MedusaMixin
 from .models import HEAD_TYPES, MultiTokenMixin
 from .trees import fitted_tree, medusa_tree
-from .utils import cpu_bf16_fast, repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
+from .utils import repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
 
 VARIANTS = ("ntp", "mtp", "medusa", "mtp_seq")
 HEADED = VARIANTS[1:]  # the variants with heads that draft
@@ -102,12 +102,12 @@ BF16_FIELDS = ("inference_dtype", "quality_dtype", "distill_dtype", "thesis_dtyp
 
 
 def cpu_fp32_fallback(cfg, fast=None) -> dict:
-    """``cfg`` with its bf16 settings in fp32 when this CPU has no fast bf16 (``cpu_bf16_fast``; ``fast`` overrides
+    """``cfg`` with its bf16 settings in fp32 when this CPU has no fast bf16 (``fastpath.cpu_bf16_fast``; ``fast`` overrides
     the probe): training autocast off, bf16 evaluation / distillation / thesis dtypes to float32, and bf16 dropped from
     the benchmark's extra dtypes; a warning names what changed. Unchanged where bf16 is fast or nothing asks for it."""
     asks = cfg["cpu_bf16"] or "bfloat16" in cfg["bench_extra_dtypes"] or any(
         cfg[k] == "bfloat16" for k in BF16_FIELDS)
-    if not asks or (cpu_bf16_fast() if fast is None else fast):
+    if not asks or (fastpath.cpu_bf16_fast() if fast is None else fast):
         return cfg
     import warnings
 

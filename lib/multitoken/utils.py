@@ -89,31 +89,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
-_CPU_BF16_FAST: list = []   # the probe's answer, once per process
-
-
-def cpu_bf16_fast() -> bool:
-    """Whether this CPU multiplies bf16 matrices at least half as fast as fp32 ones. With AVX-512 BF16 / AMX bf16
-    runs faster than fp32; without native support PyTorch emulates it: 64 x 576 @ 576 x 1536 took 90 ms in bf16
-    against 0.9 ms in fp32 on an AVX2-only AMD EPYC (2 threads). Timed once per process (best of 3), not assumed."""
-    if not _CPU_BF16_FAST:
-        import time
-
-        def best(dtype):
-            x = torch.randn(64, 512, dtype=dtype, device="cpu")
-            w = torch.randn(512, 512, dtype=dtype, device="cpu")
-            x @ w
-            times = []
-            for _ in range(3):
-                t = time.perf_counter()
-                x @ w
-                times.append(time.perf_counter() - t)
-            return min(times)
-
-        _CPU_BF16_FAST.append(best(torch.bfloat16) <= 2 * best(torch.float32))
-    return _CPU_BF16_FAST[0]
-
-
 def resolve_dtype(name: str, device) -> torch.dtype:
     """``float32`` / ``bfloat16`` / ``float16``, checked against what the device can run."""
     if name not in DTYPES:
