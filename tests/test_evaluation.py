@@ -400,3 +400,30 @@ def test_a_cpu_without_fast_bf16_runs_the_profiles_bf16_settings_in_fp32(monkeyp
     monkeypatch.setattr(PL.fastpath, "cpu_bf16_fast", probe)
     plain = PL.config(profile="smoke", device="cpu")
     assert plain["quality_dtype"] is None and not plain["cpu_bf16"]
+
+
+@pytest.mark.parametrize("budget", ["auto", 4])
+def test_the_extra_dtype_benchmark_times_only_the_selection_where_there_is_one(budget, monkeypatch):
+    """run_decoding_benchmark: the inference dtype times every method; each extra dtype, on converted copies of the
+    models, the baselines and the selection when the tree budget is chosen on validation ("auto"), else everything."""
+    import torch
+
+    from multitoken import pipeline as PL
+
+    models = {v: torch.nn.Linear(2, 2) for v in PL.VARIANTS}
+    calls = []
+
+    def bench(cfg, ms, prompts, trees, chosen, everything=True):
+        calls.append((next(ms["ntp"].parameters()).dtype, everything, ms["ntp"] is models["ntp"]))
+        return [], None
+
+    monkeypatch.setattr(PL, "_setup", lambda cfg, m, p: (m, p))
+    monkeypatch.setattr(PL.D, "make_dataloader", lambda *a, **k: None)
+    monkeypatch.setattr(PL, "eval_set", lambda cfg, tok, prep: {"prompts": []})
+    monkeypatch.setattr(PL, "bench_prompts", lambda cfg, p, n: p)
+    monkeypatch.setattr(PL, "bench_trees", lambda *a, **k: {})
+    monkeypatch.setattr(PL, "selection", lambda *a, **k: {"medusa": {"method": "medusa_tree"}})
+    monkeypatch.setattr(PL, "_benchmark", bench)
+    cfg = PL.config(device="cpu", tree_budget=budget, bench_extra_dtypes=["bfloat16"], cpu_bf16_fallback=False)
+    PL.run_decoding_benchmark(cfg, models, {"tokenizer": None, "tokenized": {"validation": None}}, write=False)
+    assert calls == [(torch.float32, True, True), (torch.bfloat16, budget != "auto", False)]
