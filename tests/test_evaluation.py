@@ -387,7 +387,8 @@ def test_a_cpu_without_fast_bf16_runs_the_profiles_bf16_settings_in_fp32(monkeyp
 
     prof = yaml.safe_load((PL.repo_root() / "notebooks/params/pretrained.yaml").read_text())
     monkeypatch.setattr(PL.fastpath, "cpu_bf16_fast", lambda: False)
-    with pytest.warns(UserWarning, match="no fast bfloat16.*quality_dtype, bench_extra_dtypes, distill_dtype, thesis_dtype, cpu_bf16"):
+    fields = "quality_dtype, bench_extra_dtypes, distill_dtype, thesis_dtype, cpu_bf16"
+    with pytest.warns(UserWarning, match=f"no fast bfloat16.*{fields}"):
         cfg = PL.config(**dict(prof, device="cpu"))
     assert not cfg["cpu_bf16"] and cfg["bench_extra_dtypes"] == []
     assert (cfg["quality_dtype"], cfg["distill_dtype"], cfg["thesis_dtype"]) == ("float32",) * 3

@@ -90,8 +90,9 @@ def config(**overrides) -> dict:
         from .interfaces import nanochat_fields
 
         cfg.update(nanochat_fields(cfg["use_mtp"], cfg["mtp_n_tokens"], cfg["mtp_weight"]))
-    resolve_dtype(cfg["inference_dtype"], resolve_device(cfg["device"]))
-    if cfg["cpu_bf16_fallback"] and resolve_device(cfg["device"]).type == "cpu":
+    dev = resolve_device(cfg["device"])
+    resolve_dtype(cfg["inference_dtype"], dev)
+    if cfg["cpu_bf16_fallback"] and dev.type == "cpu":
         cfg = cpu_fp32_fallback(cfg)
     for name in cfg["ablation_head_types"]:
         head_design(name)
@@ -102,9 +103,10 @@ BF16_FIELDS = ("inference_dtype", "quality_dtype", "distill_dtype", "thesis_dtyp
 
 
 def cpu_fp32_fallback(cfg, fast=None) -> dict:
-    """``cfg`` with its bf16 settings in fp32 when this CPU has no fast bf16 (``fastpath.cpu_bf16_fast``; ``fast`` overrides
-    the probe): training autocast off, bf16 evaluation / distillation / thesis dtypes to float32, and bf16 dropped from
-    the benchmark's extra dtypes; a warning names what changed. Unchanged where bf16 is fast or nothing asks for it."""
+    """``cfg`` with its bf16 settings in fp32 when this CPU has no fast bf16 (``fastpath.cpu_bf16_fast``; ``fast``
+    overrides the probe): training autocast off, bf16 evaluation / distillation / thesis dtypes to float32, and bf16
+    dropped from the benchmark's extra dtypes; a warning names what changed. Unchanged where bf16 is fast or nothing
+    asks for it."""
     asks = cfg["cpu_bf16"] or "bfloat16" in cfg["bench_extra_dtypes"] or any(
         cfg[k] == "bfloat16" for k in BF16_FIELDS)
     if not asks or (fastpath.cpu_bf16_fast() if fast is None else fast):
@@ -380,18 +382,24 @@ def variant_of(method: str) -> str:
     return next((v for v in ("mtp_seq", "mtp", "medusa") if method.endswith(v) or f"{v}_" in method), "ntp")
 
 
+def baseline_variant(cfg, v: str) -> str:
+    """The variant whose HF generate ``v``'s methods are timed against: NTP's for the frozen-backbone families (the
+    same weights, the same outputs) unless ``frozen_hf_baselines``, else ``v``'s own."""
+    return "ntp" if v in FROZEN and not cfg["frozen_hf_baselines"] else v
+
+
 def decoding_methods(cfg, models: dict, trees: dict):
     m = bench_tokens(cfg)
     meths = {}
     meths["hf_greedy"] = (E.hf_method(models["ntp"], m), "hf_greedy")
     for v in HEADED:
-        if v in FROZEN and not cfg["frozen_hf_baselines"]:
+        if baseline_variant(cfg, v) == "ntp":
             continue  # its HF generate is NTP's: the same weights, the same outputs
         meths[f"hf_greedy_{v}"] = (E.hf_method(models[v], m), f"hf_greedy_{v}")
     meths["hf_prompt_lookup"] = (E.hf_method(models["ntp"], m, prompt_lookup_num_tokens=10), "hf_greedy")
     meths["greedy_kv"] = (E.engine_method(models["ntp"], m, "none"), "hf_greedy")
     for v in HEADED:
-        base = f"hf_greedy_{v}" if f"hf_greedy_{v}" in meths else "hf_greedy"
+        base = "hf_greedy" if baseline_variant(cfg, v) == "ntp" else f"hf_greedy_{v}"
         meths[f"{v}_chain"] = (E.engine_method(models[v], m, "chain"), base)
         meths[f"{v}_tree"] = (E.engine_method(models[v], m, trees[v]), base)
     return meths
@@ -552,9 +560,9 @@ def run_tree_sweep(cfg, models, loader, prompts=None, prep=None):
     m, meths, accs = bench_tokens(cfg), {}, {}
     for v in HEADED:
         accs[v] = acc = head_topk_accuracy(models[v], loader)
-        hf = "hf/ntp" if v in FROZEN and not cfg["frozen_hf_baselines"] else f"hf/{v}"
+        hf = f"hf/{baseline_variant(cfg, v)}"
         if hf not in meths:
-            meths[hf] = (E.hf_method(models[hf.split("/")[1]], m), hf)
+            meths[hf] = (E.hf_method(models[baseline_variant(cfg, v)], m), hf)
         meths[f"{v}/chain_all"] = (E.engine_method(models[v], m, "chain"), hf)
         for b in cfg["tree_budgets"]:
             if "fitted" in cfg["tree_kinds"]:
