@@ -1,5 +1,7 @@
 # The workbook's pipeline. Every target creates .venv/ itself when it is missing or requirements changed.
-PROFILE ?= cpu
+PROFILE ?= toy
+FORCE   ?=
+FROM    ?=
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 KERNEL  := multitoken
@@ -15,9 +17,11 @@ export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=687
 export THP_MEM_ALLOC_ENABLE ?= 1
 
 .PHONY: all test notebook figures report lab bench bench-length bench-batch bench-train bench-steps gpu-check gpu-wheels clean venv
-# Notebooks 00.. in order (one line each with its time, a summary table at the end), then the HTML report.
+# The stages (notebooks 00..07) in order, each only when something it read changed or its outputs are missing (an
+# interrupted run resumes where it stopped); FORCE=1 runs every stage, FROM=04_evaluate that one and the later ones.
+# One line per stage with its time or why it was skipped, a table at the end; then the HTML report.
 all: $(STAMP)
-	$(PY) -m multitoken notebooks --profile $(PROFILE)
+	$(PY) -m multitoken notebooks --profile $(PROFILE) $(if $(FORCE),--force) $(if $(FROM),--from $(FROM))
 	$(PY) -m multitoken report --profile $(PROFILE)
 
 venv: $(STAMP)
@@ -36,7 +40,7 @@ test: $(STAMP)
 	GPU_CHECK_DRY=1 GPU_PY=$(PY) OUT=runs/gpu_check_dry bash scripts/gpu_check.sh
 
 notebook: $(STAMP)
-	@test -n "$(N)" || { echo "usage: make notebook N=01_train_ntp [PROFILE=cpu]"; exit 2; }
+	@test -n "$(N)" || { echo "usage: make notebook N=01_train_ntp [PROFILE=pretrained]"; exit 2; }
 	$(PY) -m multitoken notebooks --profile $(PROFILE) --only $(N)
 
 figures: $(STAMP)
@@ -74,13 +78,13 @@ MODEL ?= smollm2-135m-instruct
 bench-steps: $(STAMP)
 	$(PY) -m multitoken bench-steps --model $(MODEL)
 
-# The GPU measurement in one prepared call (README: "GPU numbers"), with the device's python3 and PYTHONPATH=lib;
-# GPU_CHECK_DRY=1 runs it on the CPU at a toy size. Results in $$OUT (runs/gpu_check by default).
-GPU_PY ?= python3
-gpu-check:
+# A ~10-minute GPU benchmark for any CUDA machine (README: "GPU numbers"), with the workbook's environment;
+# GPU_CHECK_DRY=1 runs it on the CPU at a toy size. Results in OUT=... (runs/gpu_check by default).
+GPU_PY ?= $(PY)
+gpu-check: $(STAMP)
 	GPU_PY=$(GPU_PY) bash scripts/gpu_check.sh
 
-# Wheels the GPU machine lacks (it has no registry): transformers as pinned here, for its Python 3.12, into .whl/
+# For a GPU machine without a package registry: transformers as pinned here, for Python 3.12, into .whl/
 gpu-wheels:
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl transformers==5.23.0

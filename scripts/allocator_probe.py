@@ -24,8 +24,8 @@ CHILD = r'''
 import json, resource, sys, time, torch
 import transformers
 transformers.logging.set_verbosity_error()
-from multitoken import evaluation as E, ledger as L, pipeline as PL, thesis as TH, utils as U
-cfg = PL.config(**U.load_params("notebooks/params/pretrained.yaml"))
+from multitoken import evaluation as E, ledger as L, pipeline as PL, thesis as TH
+cfg = PL.profile_config("pretrained")
 tr, va, tok, prep = PL.loaders(cfg)
 out = {}
 

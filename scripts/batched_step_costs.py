@@ -9,7 +9,7 @@ import time
 import torch
 
 from multitoken import pipeline
-from multitoken.utils import load_params, repo_root, write_json
+from multitoken.utils import repo_root, write_json
 
 
 def best(f, n=5):
@@ -22,7 +22,7 @@ def best(f, n=5):
 
 
 def main():
-    cfg = pipeline.config(**load_params(str(repo_root() / "notebooks/params/pretrained.yaml")))
+    cfg = pipeline.profile_config("pretrained")
     torch.set_grad_enabled(False)
     g = torch.Generator().manual_seed(0)
     rows = []

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# make gpu-check: the GPU measurement in one call (lib/multitoken/gpucheck.py says what it measures).
-# On a lent GPU (the device tool): python3 there has torch + CUDA but an older transformers and no registry, so the
-# wheels `make gpu-wheels` put in .whl/ (git-ignored, carried with the tree) are installed into /tmp/site first.
-# Here, on the CPU: GPU_CHECK_DRY=1 runs the same check at a toy size with the venv's python (make test does).
+# make gpu-check: a ~10-minute GPU benchmark in one call (lib/multitoken/gpucheck.py says what it measures).
+# GPU_PY: the Python to run it with (make gpu-check: the workbook's .venv; default here: python3, any Python with
+# torch and CUDA). On a machine without a registry whose transformers is older than the pinned one, the wheels
+# `make gpu-wheels` put in .whl/ (git-ignored) are installed into /tmp/site first.
+# GPU_CHECK_DRY=1 runs the same check on the CPU at a toy size (make test does). OUT: the output folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${GPU_PY:-python3}

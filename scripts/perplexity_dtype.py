@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from multitoken import evaluation as E
 from multitoken import pipeline as PL
-from multitoken.utils import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +35,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=6)
     a = ap.parse_args()
-    cfg = PL.config(**load_params(ROOT / "notebooks" / "params" / "pretrained.yaml"))
+    cfg = PL.profile_config("pretrained")
     prep = PL.loaders(cfg)[3]
     ev = PL.eval_set(cfg, prep["tokenizer"], prep)
     batches = [b for _, b in zip(range(a.batches), ev["loader"])]

@@ -57,7 +57,7 @@ def test_cuda_without_cuda_fails_before_any_work():
 
 
 def test_bad_device_and_dtype():
-    with pytest.raises(ValueError, match="unknown inference_dtype"):
+    with pytest.raises(ValueError, match="inference_dtype: .float8. is not one of .float32., .bfloat16., .float16."):
         pipeline.config(inference_dtype="float8")
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("mps")
@@ -123,20 +123,14 @@ def test_bf16_engine_runs_in_the_models_dtype():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize("profile", ["gpu", "thesis", "thesis_recipe"])
 def test_gpu_profiles_refuse_a_cpu_only_machine_unless_asked(profile):
-    from multitoken.utils import load_params, repo_root
-
-    params = load_params(repo_root() / "notebooks" / "params" / f"{profile}.yaml")
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        pipeline.config(**params)
-    assert pipeline.device(pipeline.config(**{**params, "device": "cpu"})).type == "cpu"
+        pipeline.profile_config(profile)
+    assert pipeline.device(pipeline.profile_config(profile, device="cpu")).type == "cpu"
 
 
 def test_gpu_profile_pads_the_vocabulary_to_gpt2s():
     from multitoken.training import _fresh_config
-    from multitoken.utils import load_params, repo_root
-
-    params = load_params(repo_root() / "notebooks" / "params" / "gpu.yaml")
-    cfg = pipeline.config(**{**params, "device": "cpu"})
+    cfg = pipeline.profile_config("gpu", device="cpu")
     tok = type("Tok", (), {"__len__": lambda self: 8192, "eos_token_id": 0, "pad_token_id": 1})()
     c = _fresh_config(tok, pipeline.model_config(cfg))
     assert (c.vocab_size, c.n_layer, c.n_embd, c.n_head, c.n_positions) == (50257, 12, 768, 12, 1024)

@@ -387,7 +387,7 @@ def test_a_cpu_without_fast_bf16_runs_the_profiles_bf16_settings_in_fp32(monkeyp
 
     prof = yaml.safe_load((PL.repo_root() / "notebooks/params/pretrained.yaml").read_text())
     monkeypatch.setattr(PL.fastpath, "cpu_bf16_fast", lambda: False)
-    fields = "quality_dtype, bench_extra_dtypes, distill_dtype, thesis_dtype, cpu_bf16"
+    fields = "bench_extra_dtypes, cpu_bf16, distill_dtype, quality_dtype, thesis_dtype"
     with pytest.warns(UserWarning, match=f"no fast bfloat16.*{fields}"):
         cfg = PL.config(**dict(prof, device="cpu"))
     assert not cfg["cpu_bf16"] and cfg["bench_extra_dtypes"] == []

@@ -1,4 +1,4 @@
-"""The other MTP systems' usage examples (shared/SEEDS.md) run as written on the workbook, a tiny model in place of
+"""The other MTP systems' usage examples (docs/OTHER_SYSTEMS.md) run as written on the workbook, a tiny model in place of
 theirs; each test then checks that what the example prints is true."""
 import time
 

@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from . import pipeline
-from .utils import load_params
 
 
 def main(argv=None):
@@ -26,11 +25,13 @@ def main(argv=None):
             p.add_argument("--new-tokens", type=int, default=48)
             p.add_argument("--variant", default="medusa", help="the head model: medusa, mtp, mtp_seq")
             p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the profile's inference_dtype)")
-    nb = sub.add_parser("notebooks", help="run the numbered notebooks of a profile with papermill (make all)")
-    nb.add_argument("--profile", default="cpu")
-    nb.add_argument("--only", nargs="*", help="notebook names, e.g. 02_train_mtp")
+    nb = sub.add_parser("notebooks", help="run the profile's stages (numbered notebooks) that are not up to date (make all)")
+    nb.add_argument("--profile", default="pretrained")
+    nb.add_argument("--only", nargs="*", help="run just these stages, e.g. 02_train_mtp")
+    nb.add_argument("--force", action="store_true", help="run every stage (make all FORCE=1)")
+    nb.add_argument("--from", dest="start", default=None, help="run this stage and every later one (make all FROM=...)")
     rp = sub.add_parser("report", help="runs/<profile>/report.html from the executed notebooks")
-    rp.add_argument("--profile", default="cpu")
+    rp.add_argument("--profile", default="pretrained")
     st = sub.add_parser("bench-steps", help="one decoding step's cost for 1..32 tokens, HF generate vs the engine")
     st.add_argument("--model", default="smollm2-135m-instruct", help="a registry name, local directory or hub name")
     args = ap.parse_args(argv)
@@ -40,9 +41,9 @@ def main(argv=None):
         step_costs(args.model)
         return 0
     if args.cmd == "notebooks":
-        from .runner import run_notebooks
+        from .stages import run_stages
 
-        return run_notebooks(args.profile, args.only)
+        return run_stages(args.profile, force=args.force, start=args.start or None, only=args.only)
     if args.cmd == "report":
         from .report import build_report
 
@@ -50,9 +51,8 @@ def main(argv=None):
         return 0
     import yaml
 
-    overrides = load_params(args.params) if args.params else {}
-    overrides.update({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
-    cfg = pipeline.config(**overrides)
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = pipeline.profile_config(args.params, **overrides) if args.params else pipeline.config(**overrides)
     if args.cmd == "data":
         pipeline.run_data(cfg)
     elif args.cmd == "train":
@@ -77,5 +77,17 @@ def main(argv=None):
     return 0
 
 
+def cli(argv=None) -> int:
+    """``main`` with a one-line message instead of a traceback for settings and stages that cannot run."""
+    from .settings import SettingsError
+    from .stages import StageError
+
+    try:
+        return main(argv)
+    except (SettingsError, StageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

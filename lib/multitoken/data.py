@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
 from .synthetic import generate_records
+from .utils import note_written
 
 HUB_DATASET = "meta-math/MetaMathQA"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -321,6 +322,7 @@ def prepare(run_dir: str | Path, source: str = "synthetic", max_examples: int | 
     tokenized = tokenize_dataset(ds, tokenizer, max_seq_len)
     ds.save_to_disk(str(out / "raw"))
     tokenized.save_to_disk(str(out / "tokenized"))
+    note_written(out)
     return {"raw": ds, "tokenized": tokenized, "tokenizer": tokenizer}
 
 

@@ -1,8 +1,7 @@
-"""``make gpu-check``: the GPU measurement in one prepared call, sized for a lent H200.
+"""``make gpu-check``: a ~10-minute GPU benchmark for any CUDA machine, in one call.
 
-A lent GPU gives 15 minutes of device time in all (machine start included), at most 10 per command, no package
-registry, and a working tree of at most 64 MiB: no checkpoint can travel, so everything here starts from scratch, and
-nothing needs ``datasets``, ``papermill`` or ``gguf`` (absent there). In about 6 minutes of wall time on one H200 it:
+It assumes little of the machine: no package registry, no checkpoint (everything starts from scratch) and nothing of
+``datasets``, ``papermill`` or ``gguf``. In about 6 minutes of wall time on one H200 it:
 
 1. runs the CUDA tests (``tests/test_cuda.py``);
 2. trains the ``gpu`` profile's shape, GPT-2 124M (12 x 768, vocabulary padded to 50,257), from scratch on GSM8K for
@@ -12,9 +11,9 @@ nothing needs ``datasets``, ``papermill`` or ``gguf`` (absent there). In about 6
    tree, all interleaved), plus the **perfect-drafter ceiling**: a drafter that proposes the model's own greedy
    continuation, i.e. the speedup any drafter could reach with chains of 1..8 drafts on this GPU;
 4. times a training step at the same shape (NTP vs MTP n=2 / n=4, naive vs head-wise loss): step time, peak memory;
-5. if time is left (it starts before ``budget_seconds``), issue 20's batch section in bf16: batched MEDUSA-1
+5. if time is left (it starts before ``budget_seconds``), the batch section in bf16: batched MEDUSA-1
    speculation against HF's batched ``generate`` at batch 1, 4, 16 and 64 (``batch_benchmark.json``);
-6. checks issue 22's targets and writes everything to ``$OUT`` (the device tool's folder; ``runs/gpu_check`` here),
+6. checks the GPU targets (``TARGETS``) and writes everything to its output folder (``--out``; ``runs/gpu_check``),
    after every phase, so a run cut short still returns what it measured: ``gpu_check.json`` (device, versions,
    commit, phases, targets), ``decoding_benchmark.json``, ``train_benchmark.json``, ``cuda_tests.txt``.
 
@@ -55,7 +54,7 @@ SIZES = {
                 prompts=2, new_tokens=12, oracle_depths=(1, 2), bench_batch=4, bench_steps=2, tests_timeout=300,
                 budget_seconds=300, batch_sizes=((1, 2), (4,)), batch_prompts=(2, 4), batch_new_tokens=8),
 }
-# issue 22's targets on one H200, batch 1, 124M shape, bf16 (met only where the measurement clears them)
+# the GPU targets on one H200, batch 1, 124M shape, bf16 (met only where the measurement clears them)
 TARGETS = dict(speedup_vs_hf=3.0, tokens_per_s=1500.0, identical_fp32=1.0, identical_tokens_bf16=0.99,
                mtp4_step_vs_ntp=1.2, mtp4_peak_vs_ntp=1.10)
 
@@ -282,7 +281,7 @@ def decoding(ck: Check, d: dict, dtype: torch.dtype, oracle: bool) -> dict:
 
 
 def batch(ck: Check, d: dict) -> dict:
-    """Issue 20's batch section on this GPU, in bf16: batched MEDUSA-1 speculation against HF's batched greedy
+    """The batch section on this GPU, in bf16: batched MEDUSA-1 speculation against HF's batched greedy
     ``generate``, the engine without drafts and speculation row by row (:func:`evaluation.batch_rows`, one round), at
     batch 1 and 4 on 16 prompts and at 16 and 64 on 64 (row by row costs the same at every size: fewer prompts where
     the batch is small); each size's tree chosen on other test prompts. Rows in ``batch_benchmark.json``."""
@@ -363,7 +362,7 @@ def train_bench(ck: Check, d: dict) -> dict:
 
 
 def targets(rows, train_rows, dry) -> dict:
-    """Issue 22's targets from what was measured (bf16 rows for speed and near-identity, fp32 rows for identity)."""
+    """The GPU targets from what was measured (bf16 rows for speed and near-identity, fp32 rows for identity)."""
     heads = ("medusa_chain", "medusa_tree", "mtp_chain", "mtp_tree")
     bf = [r for r in rows if r["dtype"] == "bfloat16" and r["method"] in heads]
     fp = [r for r in rows if r["dtype"] == "float32" and r["method"] in heads]
@@ -404,7 +403,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.dry:
         print("make gpu-check needs a CUDA device, and this machine has none (torch "
-              f"{torch.__version__}, cuda {torch.version.cuda}). Run it on a lent GPU (README: 'GPU numbers'), or "
+              f"{torch.__version__}, cuda {torch.version.cuda}). Run it on a CUDA machine (README: 'GPU numbers'), or "
               "GPU_CHECK_DRY=1 make gpu-check for the same check on the CPU at a toy size.", file=sys.stderr)
         return 2
     if args.dry:

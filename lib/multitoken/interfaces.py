@@ -1,4 +1,4 @@
-"""The other MTP systems' own interfaces, on the workbook's models (their usage examples: ``shared/SEEDS.md``).
+"""The other MTP systems' own interfaces, on the workbook's models (their usage examples: ``docs/OTHER_SYSTEMS.md``).
 
 - an **MTP accelerator** module: ``MTPTrainer(model, tokenizer, mtp_sequence_length=4)`` puts heads on a plain causal
   LM (``trainer.model``) and ``train_step(batch, optimizer) -> float`` runs one MTP step;

@@ -298,7 +298,7 @@ def leak_curves(cfg) -> dict:
     return {LABEL[a]: pd.read_csv(res / f"thesis_{a}_train_log.csv") for a in ARMS}
 
 
-# --- the other MTP systems' claims (shared/SEEDS.md), measured on the profile's models -----------------------------
+# --- the other MTP systems' claims (docs/OTHER_SYSTEMS.md), measured on the profile's models ------------------------
 
 OLMO_LOOKAHEAD = {1: (0.81, 1.5), 2: (0.56, 1.8), 3: (0.36, 2.0)}   # k: (acceptance of draft k, speedup), its guide
 

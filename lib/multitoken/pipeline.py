@@ -1,6 +1,7 @@
 """The workbook's steps, one function each; notebooks and ``python -m multitoken`` call these.
 
-``DEFAULTS`` is the smoke profile (the notebooks' own defaults, what nbval runs); ``notebooks/params/*.yaml`` override.
+``DEFAULTS`` is the smoke profile (what nbval runs); ``notebooks/params/<profile>.yaml`` overrides it
+(``multitoken.settings`` types and checks every key).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from . import evaluation as E
 from . import fastpath
 from . import pretrained as P
 from . import report as R
+from . import settings
 from . import stats as S
 from . import training as T
 from .medusa import MedusaMixin
@@ -27,63 +29,24 @@ FROZEN = ("medusa", "mtp_seq")  # heads on the frozen NTP model: its next-token 
 NOTEBOOK_OF = {"ntp": "01_train_ntp", "mtp": "02_train_mtp", "medusa": "03_train_medusa", "mtp_seq": "03_train_medusa",
                "base": "00_data"}
 
-DEFAULTS = dict(
-    profile="smoke", source="synthetic", max_examples=240, first_examples=False, seed=0, val_fraction=0.1,
-    test_examples=None,
-    tokenizer_name=None, vocab_size=512, prompt_format="alpaca",
-    max_seq_len=192, model_name=None, model_vocab_size=None, n_layer=2, n_embd=64, n_head=2, n_positions=256,
-    batch_size=8, eval_steps=20, logging_steps=5, max_steps=-1,
-    ntp_epochs=1, ntp_lr=3e-3, ntp_grad_accum=1,
-    mtp_n=3, mtp_head_type="mlp", mtp_sequential=False, mtp_share=False, mtp_own_unembedding=False,
-    mtp_trunk_layers=None,  # heads branch off after this many layers (None: after the last, reading the final norm)
-    mtp_weighting="uniform", mtp_beta=0.8, mtp_lambda=1.0, mtp_warmup_steps=0, mtp_epochs=1, mtp_lr=3e-3, mtp_grad_accum=1, mtp_memory_efficient=True,
-    medusa_heads=3, medusa_layers=1, medusa_epochs=1, medusa_lr=3e-3, medusa_self_distill=True,
-    # medusa_max_examples: distilled training prompts (None: every train prompt; more than the train split: the rest
-    # from the source's train pool outside train and validation); medusa_draft_vocab: K > 0 heads predict over the K
-    # tokens most frequent in their training targets (0: the whole vocabulary)
-    medusa_max_examples=None, medusa_draft_vocab=0,
-    # MTP modules on the frozen NTP model (DeepSeek-V3's sequential transformer heads; FastMTP with mtpseq_share),
-    # trained like MEDUSA-1 on the model's own continuations (mtpseq_self_distill)
-    mtpseq_n=4, mtpseq_share=False, mtpseq_freeze=True, mtpseq_self_distill=True, mtpseq_weighting="uniform",
-    mtpseq_epochs=1, mtpseq_lr=3e-3,
-    device="auto", inference_dtype="float32", warmup_steps=0, eval_examples=8, max_new_tokens=48, bench_prompts=4, bench_warmup=1, tree_budgets=[4, 8, 16], tree_budget="auto",
-    ablation_n=[2, 3], ablation_lrs=[3e-3], ablation_head_types=["linear", "mlp", "seq_transformer"],
-    ablation_weightings=["uniform", "exponential"], ablation_steps=8,
-    # 07: the thesis' own experiment (multitoken.ledger): its layout with n heads, its recipe, loops and protocol
-    thesis_mtp_n=2, thesis_examples=60, thesis_epochs=1, thesis_lr=3e-3, thesis_batch_size=8, thesis_grad_accum=1,
-    thesis_eval_steps=3, thesis_bench_prompts=2, thesis_protocol_runs=1, thesis_protocol_tokens=12,
-    thesis_protocol_warmup=4,
-    # the benchmark's targets for the fastest lossless head method: {hf: x, greedy_kv: x, efficiency: x} (None: none)
-    speed_targets=None,
-    # quality: answers in batches of this many rows (1: the engine, row by row, with the model's drafts); answers,
-    # perplexities and head accuracies in quality_dtype (None: inference_dtype); answers through quality_engine:
-    # "speculative", this engine's batched loop without drafts (each row what it would be alone, finished rows dropped;
-    # measured 1.10x HF generate at 32 rows in bf16), or "hf" (HF batched generate); self-distillation likewise through
-    # distill_engine; reuse_frozen: MEDUSA-1 / MTP modules take NTP's answers and NLLs (identical by construction;
-    # checked on the first batches)
-    quality_batch=1, quality_dtype=None, reuse_frozen=True, quality_engine="speculative", distill_engine="speculative",
-    # the decoding benchmark in these dtypes too (besides inference_dtype: results/decoding_benchmark_<dtype>.json; the
-    # baselines and each family's selected method, or all methods where nothing is selected);
-    # frozen_hf_baselines: time HF generate of MEDUSA-1 / MTP modules too (their backbone is NTP's: same outputs)
-    bench_extra_dtypes=[], frozen_hf_baselines=True,
-    # new tokens per benchmark call (None: max_new_tokens, which answers use); tree kinds of the validation sweep
-    bench_max_new_tokens=None, tree_kinds=["fitted", "medusa"],
-    # self-distillation in this dtype (None: inference_dtype), batched; notebook 07's arms decode in thesis_dtype
-    distill_dtype=None, distill_batch=16, thesis_dtype=None,
-    # training on the CPU under bf16 autocast (else fp32); cpu_bf16_fallback: on a CPU without fast bf16 (no AVX-512
-    # BF16 / AMX: emulated, ~100x slower than fp32) every bf16 setting of the profile runs in fp32 instead, with a warning
-    cpu_bf16=False, cpu_bf16_fallback=True,
-    # nanochat's [training] fields (use_mtp: true/false; None: not used): they set mtp_n and the weighting
-    # (interfaces.nanochat_fields), overriding mtp_n / mtp_weighting / mtp_beta / mtp_lambda
-    use_mtp=None, mtp_n_tokens=3, mtp_weight=0.2,
-)
+DEFAULTS = settings.DEFAULTS  # every key with its default: the smoke profile (multitoken.settings types them)
 
 
 def config(**overrides) -> dict:
-    """The profile's parameters over the defaults; the device and dtype are checked here, before any work. A profile
-    that names a pretrained ``model_name`` uses that model's own tokenizer unless it names another."""
-    cfg = dict(DEFAULTS)
-    cfg.update({k: v for k, v in overrides.items() if k in DEFAULTS})
+    """The defaults with ``overrides``, every key checked (``settings.SettingsError`` names an unknown key's nearest
+    valid one), then resolved: the device and dtype checked here, before any work; a profile that names a pretrained
+    ``model_name`` uses that model's own tokenizer unless it names another; nanochat's fields applied; bf16 settings
+    in fp32 on a CPU without fast bf16 (``cpu_bf16_fallback``)."""
+    return resolve(settings.validate(overrides, "overrides").flat())
+
+
+def profile_config(profile: str, **overrides) -> dict:
+    """``notebooks/params/<profile>.yaml`` (or a YAML file's path) over the defaults, checked and resolved like
+    :func:`config`."""
+    return resolve(settings.load(profile, repo_root(), **overrides).flat())
+
+
+def resolve(cfg: dict) -> dict:
     if cfg["model_name"] and not cfg["tokenizer_name"]:
         cfg["tokenizer_name"] = cfg["model_name"]
     if cfg["use_mtp"] is not None:
@@ -117,7 +80,7 @@ def cpu_fp32_fallback(cfg, fast=None) -> dict:
                **{k: "float32" for k in BF16_FIELDS if cfg[k] == "bfloat16"})
     changed = [k for k in out if out[k] != cfg[k]]
     warnings.warn(f"this CPU has no fast bfloat16 (no AVX-512 BF16 / AMX: bf16 products are emulated, far slower than "
-                  f"fp32), so profile {cfg['profile']!r} runs in float32 where it asked for bf16 ({', '.join(changed)}); "
+                  f"fp32), so profile {cfg['profile']!r} runs in float32 where it asked for bf16 ({', '.join(sorted(changed))}); "
                   "set cpu_bf16_fallback: false to keep bf16", stacklevel=2)
     return out
 
@@ -271,8 +234,7 @@ def distilled_loaders(cfg, prep, tok):
             elif n and len(raw) < n:
                 raw = D.more_prompts(cfg["source"], prep["raw"], n, cfg["seed"])
             T.self_distill(model, tok, raw, max_new_tokens=n_new, batch_size=cfg["distill_batch"],
-                           engine=cfg["distill_engine"]).save_to_disk(
-                str(cache / split))
+                           engine=cfg["distill_engine"]).save_to_disk(str(cache / split))
         write_json(meta, key)
     return tuple(D.make_dataloader(D.tokenize_dataset(load_from_disk(str(cache / split)), tok, cfg["max_seq_len"]),
                                    tok, cfg["batch_size"], split == "train") for split in ("train", "validation"))

@@ -13,7 +13,7 @@ import seaborn as sns
 
 from .evaluation import best_methods, gain_of, speedup_of
 from .stats import CI, ci, verdict
-from .utils import atomic_write_text
+from .utils import atomic_write_text, note_written
 
 sns.set_theme(style="whitegrid", context="notebook")
 THESIS = {"ntp": {"speedup": 1.00, "perplexity": 17.45, "memory_gb": 3.2},
@@ -28,6 +28,7 @@ def _save(fig, out_dir, name):
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(out / f"{name}.{ext}", dpi=130)
+        note_written(out / f"{name}.{ext}")
     plt.close(fig)
     fig.saved = out / f"{name}.png"
     return fig

@@ -1,6 +1,6 @@
 """The thesis' OWN designs, kept apart from the workbook's corrected ones and named as what they are.
 
-Garipov (2025), code in ``Goldenwert/thesis_iml``; the facts are collected in ``shared/THESIS.md``.
+Garipov (2025), code in ``Goldenwert/thesis_iml``; what it claims and what its code does: ``docs/THESIS.md``.
 
 - ``thesis_mtp_config`` / ``from_lm`` (``from_gpt2``, its own words): its MTP layout, on any decoder stack. A model of
   ``L`` layers becomes a trunk of ``L - (n - 1)`` layers; head 1 (the next token) is the next layer, heads 2..n the

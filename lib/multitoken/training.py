@@ -18,7 +18,7 @@ from .evaluation import peak_memory_mb
 from .medusa import frequent_tokens, wrap_model_with_medusa
 from .models import MTP_FIELD_NAMES, MTPConfig, MultiTokenGPT2, wrap_model_with_mtp
 from .pretrained import load_model
-from .utils import write_csv
+from .utils import atomic_dir, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,8 @@ def _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     # Trainer turns the KV cache off for training (args.use_cache=False); a saved model should generate with it.
     model.config.use_cache = model.generation_config.use_cache = True
-    final = output_dir / "final"
-    trainer.save_model(str(final))  # safetensors + config (+ tokenizer via processing_class)
+    # safetensors + config (+ tokenizer via processing_class), written beside and renamed into place
+    atomic_dir(output_dir / "final", lambda tmp: trainer.save_model(str(tmp)))
     return trainer
 
 

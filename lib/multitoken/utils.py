@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,6 +35,26 @@ def figures_dir() -> Path:
     return d
 
 
+_WRITTEN: set | None = None  # what the running stage wrote (multitoken.stages reads it)
+
+
+def start_noting_writes() -> None:
+    global _WRITTEN
+    _WRITTEN = set()
+
+
+def stop_noting_writes() -> set:
+    global _WRITTEN
+    out, _WRITTEN = _WRITTEN or set(), None
+    return out
+
+
+def note_written(path: str | Path) -> None:
+    """Note a file or folder the running stage wrote (nothing happens outside a stage)."""
+    if _WRITTEN is not None:
+        _WRITTEN.add(str(Path(path).resolve()))
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write to a temporary file beside ``path`` and rename it, so a crash never leaves a half-written file."""
     path = Path(path)
@@ -48,6 +67,27 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    note_written(path)
+    return path
+
+
+def atomic_dir(path: str | Path, write) -> Path:
+    """``write(tmp)`` fills a temporary folder beside ``path``, which then replaces ``path``: an interrupted write
+    leaves the old folder or none, never a half-written one."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    note_written(path)
     return path
 
 
@@ -67,12 +107,6 @@ def write_json(path, obj) -> Path:
 def write_csv(path, rows: list[dict] | pd.DataFrame) -> Path:
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     return atomic_write_text(path, df.to_csv(index=False))
-
-
-def load_params(path: str | Path) -> dict:
-    """A papermill parameter file (YAML) as a dict."""
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -1,0 +1,324 @@
+"""The numbered notebooks as stages that resume: each records what it read and wrote, and reruns only when that changed.
+
+A notebook opens with ``cfg = stages.begin("<its name>", profile)`` and closes with ``stages.finish(cfg)``. Between
+the two, ``cfg`` (the profile's settings, checked and resolved) notes every key the stage reads, and the workbook's
+writers note every file it writes. :func:`finish` writes the stage's stamp, ``runs/<profile>/stages/<name>.json``:
+
+- ``settings``: each key the stage read, with its value; ``settings_hash`` over them;
+- ``notebook_sha256``: the notebook's code cells (its prose is not an input);
+- ``upstream``: the ``run_id`` of each stage whose outputs it read (``STAGES``);
+- ``outputs``: the files and folders it wrote; ``commit`` / ``dirty`` of the package that made them, and times.
+
+:func:`begin` refuses to start while a stage it reads is missing or out of date (an error naming the stage and the
+reason), and removes the stage's own stamp first: a stage that is interrupted (Ctrl-C, a crash, a killed machine)
+leaves no stamp, so nothing downstream takes its half-written outputs as finished, and :func:`run_stages` (``make
+all``) starts again there. A stage is up to date when its stamp exists, its notebook and every setting it read are
+unchanged, its upstream stages' run ids are those it read, and its outputs exist. The package's code is recorded
+(commit, dirty), not an input: editing the library does not rerun the profile; results label the commit that made
+them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from . import utils
+from .utils import repo_root, write_csv, write_json
+
+# each stage and the stages whose outputs it reads (05 reads 01-03's training logs beside 04's results)
+STAGES = {
+    "00_data": (),
+    "01_train_ntp": ("00_data",),
+    "02_train_mtp": ("00_data",),
+    "03_train_medusa": ("00_data", "01_train_ntp"),
+    "04_evaluate": ("00_data", "01_train_ntp", "02_train_mtp", "03_train_medusa"),
+    "05_figures": ("01_train_ntp", "02_train_mtp", "03_train_medusa", "04_evaluate"),
+    "06_ablations": ("00_data",),
+    "07_thesis_claims": ("00_data", "01_train_ntp", "04_evaluate"),
+}
+
+
+class StageError(RuntimeError):
+    """A stage that cannot start (what it reads is missing or out of date) or a stage name that does not exist."""
+
+
+class Tracked(dict):
+    """The settings as a dict that notes each key read (``reads``: key -> value as JSON stores it)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.reads = {}
+
+    def _note(self, key):
+        if key in self and key not in self.reads:
+            self.reads[key] = _jsonable(dict.__getitem__(self, key))
+
+    def __getitem__(self, key):
+        self._note(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._note(key)
+        return super().get(key, default)
+
+    def __iter__(self):  # a copy (dict(cfg), {**cfg}) reads everything
+        for k in super().__iter__():
+            self._note(k)
+            yield k
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+    def values(self):
+        return [self[k] for k in self]
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def stamp_path(profile: str, name: str, root: Path | None = None) -> Path:
+    return Path(root or repo_root()) / "runs" / profile / "stages" / f"{name}.json"
+
+
+def read_stamp(profile: str, name: str, root: Path | None = None) -> dict | None:
+    f = stamp_path(profile, name, root)
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def notebook_path(name: str, root: Path | None = None) -> Path:
+    return Path(root or repo_root()) / "notebooks" / f"{name}.ipynb"
+
+
+def notebook_sha256(path: Path) -> str:
+    """SHA-256 of a notebook's code cells (sources only: outputs and prose do not make it a different stage)."""
+    cells = json.loads(Path(path).read_text())["cells"]
+    code = "\n\x00".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def settings_hash(values: dict) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_names(root: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in (Path(root or repo_root()) / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def check_name(name: str, root: Path | None = None) -> str:
+    names = stage_names(root)
+    if name not in names:
+        import difflib
+
+        near = difflib.get_close_matches(name, names, n=1)
+        raise StageError(f"no stage {name!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                         + f" (stages: {', '.join(names)})")
+    return name
+
+
+def commit(root: Path | None = None) -> dict:
+    """The package's commit and whether the tree had changes (``None`` outside a git checkout)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root or repo_root(), capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def stale_reason(name: str, profile: str, cfg: dict, root: Path | None = None) -> str | None:
+    """Why stage ``name`` of ``profile`` must run again under the settings ``cfg``, or ``None`` when it is up to
+    date (its stamp exists; its notebook, the settings it read, its upstream runs and its outputs are as recorded)."""
+    root = Path(root or repo_root())
+    st = read_stamp(profile, name, root)
+    if st is None:
+        return "not run yet" if not stamp_path(profile, name, root).parent.exists() else "no finished run"
+    if st.get("profile") != profile:
+        return f"its run was made for profile {st.get('profile')!r}"
+    nb = notebook_path(name, root)
+    if nb.exists() and notebook_sha256(nb) != st["notebook_sha256"]:
+        return "its notebook changed"
+    for key, old in st["settings"].items():
+        if key not in cfg:
+            return f"setting {key} no longer exists"
+        new = _jsonable(cfg[key] if not isinstance(cfg, Tracked) else dict.__getitem__(cfg, key))
+        if new != old:
+            return f"setting {key} changed: {old!r} -> {new!r}"
+    for up, run_id in st["upstream"].items():
+        got = read_stamp(profile, up, root)
+        if got is None:
+            return f"{up} has no finished run"
+        if got["run_id"] != run_id:
+            return f"{up} ran again since"
+    for out in st["outputs"]:
+        if not (root / out).exists():
+            return f"its output {out} is missing"
+    return None
+
+
+def _settings(profile: str, root: Path, **overrides) -> dict:
+    from . import settings
+    from .pipeline import resolve
+
+    return resolve(settings.load(profile, root, **overrides).flat())
+
+
+class _Running:
+    def __init__(self, name, profile, root, upstream):
+        self.name, self.profile, self.root, self.upstream = name, profile, root, upstream
+        self.started = time.time()
+
+
+_RUNNING: dict[int, _Running] = {}  # id(cfg) -> the stage it belongs to
+
+
+def begin(name: str, profile: str = "smoke", *, after: tuple | None = None, root: Path | None = None,
+          **overrides) -> Tracked:
+    """Start stage ``name`` of ``profile``: the checked settings (a :class:`Tracked` dict), after making sure every
+    stage it reads (``after``, default ``STAGES[name]``) has a finished, up-to-date run, and removing its own stamp.
+    ``overrides`` change settings for this run (they are recorded like the profile's)."""
+    root = Path(root or repo_root())
+    check_name(name, root)
+    after = STAGES.get(name, ()) if after is None else tuple(after)
+    cfg = Tracked(_settings(profile, root, **overrides))
+    for up in after:
+        why = stale_reason(up, profile, cfg, root)
+        if why is not None:
+            raise StageError(f"stage {name} reads {up}'s results, but {up} of profile {profile!r} is not up to date "
+                             f"({why}): run `make all PROFILE={profile}`, which runs what is missing")
+    stamp_path(profile, name, root).unlink(missing_ok=True)
+    upstream = {up: read_stamp(profile, up, root)["run_id"] for up in after}
+    _RUNNING[id(cfg)] = _Running(name, profile, root, upstream)
+    utils.start_noting_writes()
+    return cfg
+
+
+def finish(cfg: Tracked) -> dict:
+    """Write the stamp of the stage ``cfg`` was begun for (what it read and wrote, its commit and times) and the
+    provenance of its outputs in the manifests (:func:`write_manifests`); returns the stamp."""
+    run = _RUNNING.pop(id(cfg), None)
+    if run is None:
+        raise StageError("finish(cfg) needs the settings that stages.begin returned")
+    root = run.root
+    outputs = set()
+    for p in utils.stop_noting_writes():
+        try:
+            rel = Path(p).resolve().relative_to(root.resolve())
+        except ValueError:
+            continue
+        if rel.parts[:2] in (("runs", run.profile), ("figures", run.profile)) and "stages" not in rel.parts:
+            outputs.add(str(_top_output(rel)))
+    nb = notebook_path(run.name, root)
+    stamp = dict(stage=run.name, profile=run.profile, run_id=uuid.uuid4().hex[:12],
+                 settings=dict(sorted(cfg.reads.items())), settings_hash=settings_hash(cfg.reads),
+                 notebook_sha256=notebook_sha256(nb) if nb.exists() else None, upstream=run.upstream,
+                 outputs=sorted(outputs), **commit(root),
+                 started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started)),
+                 finished=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=round(time.time() - run.started, 1))
+    write_manifests(stamp, root)
+    write_json(stamp_path(run.profile, run.name, root), stamp)
+    return stamp
+
+
+def _top_output(rel: Path) -> Path:
+    """A model folder is one output (``runs/p/models/ntp/final``), a data folder too; other files stand alone."""
+    parts = rel.parts
+    for marker, depth in (("models", 3), ("data", 2), ("ablations", 2)):
+        if len(parts) > 2 and parts[2] == marker:
+            return Path(*parts[: 2 + depth]) if len(parts) > 2 + depth else rel
+    return rel
+
+
+def provenance(stamp: dict) -> dict:
+    """What a result file records of the run that made it."""
+    return {k: stamp[k] for k in ("stage", "profile", "run_id", "commit", "dirty", "settings_hash", "finished")}
+
+
+def write_manifests(stamp: dict, root: Path) -> None:
+    """``manifest.json`` beside the outputs (``runs/<profile>/results/``, ``figures/<profile>/``): each file the stage
+    wrote -> its run's :func:`provenance`; entries of files the stage made before and did not write again are dropped
+    (nothing stale stays unlabelled)."""
+    by_dir = {}
+    for out in stamp["outputs"]:
+        p = Path(out)
+        by_dir.setdefault(p.parent, []).append(p.name)
+    stage_dirs = set(by_dir)
+    for d in {Path("runs") / stamp["profile"] / "results", Path("figures") / stamp["profile"]} | stage_dirs:
+        f = root / d / "manifest.json"
+        if not f.exists() and d not in by_dir:
+            continue
+        old = json.loads(f.read_text()) if f.exists() else {}
+        keep = {k: v for k, v in old.items() if v.get("stage") != stamp["stage"] and (root / d / k).exists()}
+        keep.update({name: provenance(stamp) for name in by_dir.get(d, []) if name != "manifest.json"})
+        write_json(f, dict(sorted(keep.items())))
+
+
+def run_stages(profile: str, *, force: bool = False, start: str | None = None, only: list[str] | None = None,
+               root: Path | None = None, kernel: str = "multitoken") -> int:
+    """Run the profile's stages in order with papermill, each only when :func:`stale_reason` says so (``force``: all;
+    ``start``: that stage and every later one; ``only``: just those). One line per stage with its time or why it was
+    skipped, a table at the end (``runs/<profile>/notebook_times.csv``); the first failure stops the run (exit 1)
+    and keeps the executed notebook under ``runs/<profile>/notebooks/``."""
+    import pandas as pd
+    import papermill as pm
+
+    root = Path(root or repo_root())
+    cfg = _settings(profile, root)  # the settings are checked before any work
+    names = stage_names(root)
+    for n in [start] + list(only or []):
+        if n is not None:
+            check_name(n, root)
+    out_dir = root / "runs" / profile / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, t_all = [], time.perf_counter()
+    for name in names:
+        if only and name not in only:
+            continue
+        if force or only:
+            why = "asked for"
+        elif start is not None and name >= start:
+            why = f"from {start} on"
+        else:
+            why = stale_reason(name, profile, cfg, root)
+        if why is None:
+            st = read_stamp(profile, name, root)
+            print(f"== {name}: up to date, skipped (finished {st['finished']}, commit {st['commit']}"
+                  f"{', dirty' if st['dirty'] else ''})", flush=True)
+            rows.append({"stage": name, "seconds": 0.0, "status": "skipped"})
+            continue
+        print(f"== {name} ({profile}): running ({why})", flush=True)
+        t0, status = time.perf_counter(), "ok"
+        try:
+            pm.execute_notebook(str(notebook_path(name, root)), str(out_dir / f"{name}.ipynb"),
+                                parameters={"profile": profile}, kernel_name=kernel, cwd=str(root),
+                                log_output=True, progress_bar=True)
+            if read_stamp(profile, name, root) is None:
+                raise StageError(f"{name} ended without its stamp: its last cell must call stages.finish(cfg)")
+        except Exception as e:  # papermill's execution error names the failing cell
+            status = "FAILED"
+            print(f"FAILED: {name} (kept at {out_dir / name}.ipynb): {type(e).__name__}: {str(e)[-1500:]}",
+                  flush=True)
+        dt = time.perf_counter() - t0
+        rows.append({"stage": name, "seconds": round(dt, 1), "status": status})
+        print(f"   {name}: {status} in {_mmss(dt)}", flush=True)
+        if status != "ok":
+            break
+    table = pd.DataFrame(rows)
+    times = root / "runs" / profile / "notebook_times.csv"
+    write_csv(times, table)
+    print(f"\n{table.to_string(index=False)}\ntotal: {_mmss(time.perf_counter() - t_all)} ({profile})", flush=True)
+    return 0 if all(r["status"] != "FAILED" for r in rows) else 1
+
+
+def _mmss(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s"
