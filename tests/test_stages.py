@@ -196,3 +196,27 @@ def test_a_folder_written_in_place_is_all_or_nothing(tmp_path):
     assert (final / "config.json").read_text() == "old" and [p.name for p in final.parent.iterdir()] == ["final"]
     atomic_dir(final, model("new"))
     assert (final / "model.safetensors").read_text() == "new"
+
+
+def test_tables_name_their_run_and_inputs_made_by_another_commit(workbook):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=workbook, check=True,
+                       capture_output=True)
+
+    assert stages.result_note() == "Made outside a workbook stage: no run recorded."
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "one")
+    first = stages.commit(workbook)["commit"]
+    run_in_process("00_a", workbook)
+    git("commit", "-q", "--allow-empty", "-m", "two")
+    cfg = stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)
+    note = stages.result_note()
+    a = stages.read_stamp("t", "00_a", workbook)
+    assert note.startswith(f"Made by 01_b run `{stages._CURRENT.run_id}` (commit `{stages.commit(workbook)['commit']}`")
+    assert f"from 00_a run `{a['run_id']}` (commit `{first}`" in note
+    assert note.endswith(f"inputs made by another commit ({first}) than this table.")
+    stages.finish(cfg)
+    assert stages.result_note() == "Made outside a workbook stage: no run recorded."
+    table = stages.runs_table("t", workbook)
+    assert f"| 00_a | `{a['run_id']}` | `{first}` — older than the checkout" in table
+    assert "| 02_c | no finished run |" in table

@@ -24,6 +24,7 @@ from . import pretrained as P
 from . import stats as S
 from . import thesis as TH
 from . import training as T
+from .stages import result_note
 from .utils import atomic_write_text, write_csv, write_json
 
 ARMS = ("ntp", "thesis_mtp", "thesis_mtp_leak")
@@ -287,7 +288,7 @@ def claims(cfg) -> pd.DataFrame:
     note += ("(c)'s verdicts come from speculation's own gain (the speedup over this engine without drafts, "
              "`greedy_kv`), with the speedup over HF `generate` beside it; the method each variant is judged by was "
              "chosen on validation prompts. (a)'s protocol intervals resample the prompts, a prompt's runs together.\n")
-    atomic_write_text(figs / "thesis_claims.md", df.to_markdown(index=False) + note)
+    atomic_write_text(figs / "thesis_claims.md", df.to_markdown(index=False) + note + "\n" + result_note() + "\n")
     write_json(figs / "thesis_claims.json", df.to_dict("records"))
     return df
 
@@ -378,6 +379,6 @@ def other_claims(cfg) -> pd.DataFrame:
     note = (f"\n\nProfile `{cfg['profile']}`: the MTP model of notebook 02 (n = {cfg['mtp_n']}), lookahead chains on "
             f"{look['hf_greedy_mtp']['prompts']} test prompts (results/other_systems.json); losses from the training "
             "logs (one run each, no interval); Δ from notebook 04 with 95% bootstrap intervals.\n")
-    atomic_write_text(figs / "other_claims.md", df.to_markdown(index=False) + note)
+    atomic_write_text(figs / "other_claims.md", df.to_markdown(index=False) + note + "\n" + result_note() + "\n")
     write_json(figs / "other_claims.json", df.to_dict("records"))
     return df

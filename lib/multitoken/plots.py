@@ -12,6 +12,7 @@ import pandas as pd
 import seaborn as sns
 
 from .evaluation import best_methods, gain_of, speedup_of
+from .stages import result_note
 from .stats import CI, ci, verdict
 from .utils import atomic_write_text, note_written
 
@@ -187,7 +188,7 @@ def qualitative_table(samples: pd.DataFrame, out_dir) -> Path:
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
     for r in samples.itertuples():
         lines.append(f"| {esc(r.prompt)} | {r.variant} | {esc(r.output)} | {esc(r.reference)} |")
-    return atomic_write_text(Path(out_dir) / "qualitative.md", "\n".join(lines) + "\n")
+    return atomic_write_text(Path(out_dir) / "qualitative.md", "\n".join(lines) + "\n\n" + result_note() + "\n")
 
 
 def _speed_verdict(c: CI, thesis: float) -> str:
@@ -242,6 +243,6 @@ def thesis_table(quality: dict, bench: list, memory_: dict, out_dir, profile: st
             "speculation's own gain, the speedup over this engine without drafts (`greedy_kv`), and the speedup over HF "
             "greedy `generate()` of the same model (which includes the engine's leaner forward) stands beside it. Memory: computed weights + KV cache + logits "
             "on a CPU, CUDA max allocated on a GPU (one model resident).\n")
-    atomic_write_text(Path(out_dir) / "thesis_table.md", df.to_markdown(index=False) + note)
+    atomic_write_text(Path(out_dir) / "thesis_table.md", df.to_markdown(index=False) + note + "\n" + result_note() + "\n")
     atomic_write_text(Path(out_dir) / "thesis_table.tex", df.to_latex(index=False))
     return df

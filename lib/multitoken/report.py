@@ -138,6 +138,10 @@ def build_report(profile: str, root: Path | None = None) -> Path:
     for name, title in (("thesis_table.md", "The thesis table"), ("thesis_claims.md", "The thesis' claims")):
         if (figs / name).exists():
             head += [f"## {title}", (figs / name).read_text()]
+    if (run / "stages").exists():
+        from .stages import runs_table
+
+        head += ["## The runs behind these results", runs_table(profile, root)]
     book = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("\n\n".join(head))])
     for f in executed:
         nb = nbformat.read(f, as_version=4)

@@ -175,10 +175,11 @@ def _settings(profile: str, root: Path, **overrides) -> dict:
 class _Running:
     def __init__(self, name, profile, root, upstream):
         self.name, self.profile, self.root, self.upstream = name, profile, root, upstream
-        self.started = time.time()
+        self.started, self.run_id, self.code = time.time(), uuid.uuid4().hex[:12], commit(root)
 
 
 _RUNNING: dict[int, _Running] = {}  # id(cfg) -> the stage it belongs to
+_CURRENT: _Running | None = None   # the stage this process is running (what result notes name)
 
 
 def begin(name: str, profile: str = "smoke", *, after: tuple | None = None, root: Path | None = None,
@@ -195,9 +196,10 @@ def begin(name: str, profile: str = "smoke", *, after: tuple | None = None, root
         if why is not None:
             raise StageError(f"stage {name} reads {up}'s results, but {up} of profile {profile!r} is not up to date "
                              f"({why}): run `make all PROFILE={profile}`, which runs what is missing")
+    global _CURRENT
     stamp_path(profile, name, root).unlink(missing_ok=True)
     upstream = {up: read_stamp(profile, up, root)["run_id"] for up in after}
-    _RUNNING[id(cfg)] = _Running(name, profile, root, upstream)
+    _RUNNING[id(cfg)] = _CURRENT = _Running(name, profile, root, upstream)
     utils.start_noting_writes()
     return cfg
 
@@ -205,9 +207,11 @@ def begin(name: str, profile: str = "smoke", *, after: tuple | None = None, root
 def finish(cfg: Tracked) -> dict:
     """Write the stamp of the stage ``cfg`` was begun for (what it read and wrote, its commit and times) and the
     provenance of its outputs in the manifests (:func:`write_manifests`); returns the stamp."""
+    global _CURRENT
     run = _RUNNING.pop(id(cfg), None)
     if run is None:
         raise StageError("finish(cfg) needs the settings that stages.begin returned")
+    _CURRENT = None if _CURRENT is run else _CURRENT
     root = run.root
     outputs = set()
     for p in utils.stop_noting_writes():
@@ -218,10 +222,10 @@ def finish(cfg: Tracked) -> dict:
         if rel.parts[:2] in (("runs", run.profile), ("figures", run.profile)) and "stages" not in rel.parts:
             outputs.add(str(_top_output(rel)))
     nb = notebook_path(run.name, root)
-    stamp = dict(stage=run.name, profile=run.profile, run_id=uuid.uuid4().hex[:12],
+    stamp = dict(stage=run.name, profile=run.profile, run_id=run.run_id,
                  settings=dict(sorted(cfg.reads.items())), settings_hash=settings_hash(cfg.reads),
                  notebook_sha256=notebook_sha256(nb) if nb.exists() else None, upstream=run.upstream,
-                 outputs=sorted(outputs), **commit(root),
+                 outputs=sorted(outputs), **run.code,
                  started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started)),
                  finished=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=round(time.time() - run.started, 1))
     write_manifests(stamp, root)
@@ -236,6 +240,48 @@ def _top_output(rel: Path) -> Path:
         if len(parts) > 2 and parts[2] == marker:
             return Path(*parts[: 2 + depth]) if len(parts) > 2 + depth else rel
     return rel
+
+
+def _who(stage, run_id, code, when) -> str:
+    c = f"commit `{code['commit']}`{' with uncommitted changes' if code['dirty'] else ''}" if code.get("commit") \
+        else "no commit recorded"
+    return f"{stage} run `{run_id}` ({c}, {when})"
+
+
+def result_note() -> str:
+    """One line for a rendered table: the run that made it and the runs of the stages it read, each with its commit
+    (a table whose inputs came from other runs says so here); outside a stage, that no run was recorded."""
+    run = _CURRENT
+    if run is None:
+        return "Made outside a workbook stage: no run recorded."
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.started))
+    parts = [f"Made by {_who(run.name, run.run_id, run.code, started)}, profile `{run.profile}`"]
+    ups = [read_stamp(run.profile, up, run.root) for up in run.upstream]
+    if ups:
+        parts.append("from " + "; ".join(_who(u["stage"], u["run_id"], u, u["finished"][:16]) for u in ups if u))
+    older = sorted({u["commit"] for u in ups if u and u.get("commit") and u["commit"] != run.code.get("commit")})
+    if older:
+        parts.append(f"inputs made by another commit ({', '.join(older)}) than this table")
+    return "; ".join(parts) + "."
+
+
+def runs_table(profile: str, root: Path | None = None) -> str:
+    """Markdown: each stage's finished run (id, commit, when, settings hash), flagging runs made by a commit other than
+    the checkout's, and stages with no finished run."""
+    root = Path(root or repo_root())
+    head = commit(root).get("commit")
+    rows = ["| stage | run | commit | finished | seconds | settings |", "|---|---|---|---|---|---|"]
+    for name in stage_names(root):
+        st = read_stamp(profile, name, root)
+        if st is None:
+            rows.append(f"| {name} | no finished run | | | | |")
+            continue
+        c = f"`{st['commit']}`" + (" (uncommitted changes)" if st["dirty"] else "") if st["commit"] else "—"
+        if st["commit"] and head and st["commit"] != head:
+            c += f" — older than the checkout (`{head}`)"
+        rows.append(f"| {name} | `{st['run_id']}` | {c} | {st['finished']} | {st['seconds']} | "
+                    f"`{st['settings_hash']}` |")
+    return "\n".join(rows)
 
 
 def provenance(stamp: dict) -> dict:
