@@ -201,3 +201,34 @@ def test_freeze_backbone_needs_a_base_model(loaders):
     tr, va, tok = loaders
     with pytest.raises(ValueError, match="needs a base_model"):
         T.train_multi_token_gpt2(tr, va, tok, "/tmp/x", num_tokens_to_predict=2, model_config=MC, freeze_backbone=True)
+
+
+def test_answers_cover_the_first_answer_examples_and_perplexity_every_problem(tmp_path, monkeypatch):
+    """run_quality: perplexity on all ``eval_examples`` problems, answers (accuracy, BLEU, right answers) on the first
+    ``answer_examples`` of them only, since answering costs ~100x a teacher-forced pass."""
+    import pandas as pd
+    import yaml
+
+    from multitoken import __main__ as cli
+    from multitoken import evaluation as E
+    from multitoken import pipeline
+
+    monkeypatch.setattr(pipeline, "repo_root", lambda: tmp_path)
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"profile": "anstest", "max_examples": 60, "max_steps": 2, "eval_steps": 2,
+                                      "eval_examples": 6, "answer_examples": 2, "max_new_tokens": 8}))
+    assert cli.main(["data", "-f", str(params)]) == 0
+    assert cli.main(["train", "--variant", "ntp", "-f", str(params)]) == 0
+    asked = []
+    real = E.generate_responses
+    monkeypatch.setattr(E, "generate_responses", lambda m, t, prompts, *a, **k: asked.append(len(prompts)) or real(
+        m, t, prompts, *a, **k))
+    cfg = pipeline.profile_config(str(params))
+    q, _ = pipeline.run_quality(cfg, {"ntp": pipeline.load_variant(cfg, "ntp")})
+    n = q["ntp"]
+    assert asked == [2] and (n["n_eval"], n["n_ppl"], n["n_answers"]) == (6, 6, 2)
+    hits = pd.read_csv(tmp_path / "runs/anstest/results/answers_per_problem.csv")["ntp"]
+    assert len(hits) == 2 and n["correct"] == hits.sum() and n["accuracy"]["value"] == hits.mean()
+    everything = pipeline.run_quality(pipeline.profile_config(str(params), answer_examples=None),
+                                      {"ntp": pipeline.load_variant(cfg, "ntp")})[0]["ntp"]
+    assert asked == [2, 6] and everything["n_answers"] == 6 and everything["perplexity"] == n["perplexity"]

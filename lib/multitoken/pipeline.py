@@ -548,8 +548,9 @@ def run_tree_sweep(cfg, models, loader, prompts=None, prep=None):
 
 
 def run_quality(cfg, models=None, prep=None):
-    """Perplexity, answer accuracy and BLEU per variant on the evaluation split, each with a 95% bootstrap interval
-    over problems, and the paired differences vs NTP (same problems, resampled together); ``base`` (the pretrained
+    """Perplexity (on the first ``eval_examples`` problems of the evaluation split), answer accuracy and BLEU (on the
+    first ``answer_examples`` of them, all by default) per variant, each with a 95% bootstrap interval over problems
+    and the number of right answers, and the paired differences vs NTP (same problems, resampled together); ``base`` (the pretrained
     model as installed) is a row of its own where the profile has one. Answers (in batches of ``quality_batch``; 1:
     the engine, row by row), perplexities and head accuracies in ``quality_dtype``; with ``reuse_frozen`` MEDUSA-1 and
     the MTP modules take NTP's answers and NLLs, which a frozen backbone and lossless decoding make identical
@@ -563,6 +564,7 @@ def run_quality(cfg, models=None, prep=None):
     tok = prep["tokenizer"]
     ev = eval_set(cfg, tok, prep)
     refs = ev["references"]
+    n_ans = min(cfg["answer_examples"] or len(refs), len(refs))  # answers cost ~100x a perplexity pass
     quality, samples, per, texts_of = {}, [], {}, {}
     qdt = resolve_dtype(cfg["quality_dtype"], device(cfg)) if cfg["quality_dtype"] else None
     for v, model in models.items():
@@ -577,11 +579,12 @@ def run_quality(cfg, models=None, prep=None):
             # in batches every variant's answers take the same greedy path, without drafts: at 32 rows a forward is
             # already compute-bound on a CPU (drafts would cost more than they save), and drafts change bf16's
             # rounding (not lossless there); row by row (quality_batch 1) the model's own drafts, lossless in fp32
-            texts, _ = E.generate_responses(q, tok, ev["prompts"], cfg["max_new_tokens"], desc=f"{v}: answers",
+            texts, _ = E.generate_responses(q, tok, ev["prompts"][:n_ans], cfg["max_new_tokens"], desc=f"{v}: answers",
                                             batch_size=cfg["quality_batch"], engine=cfg["quality_engine"],
                                             tree="none" if cfg["quality_batch"] > 1 else None)
             nll, ntok = E.token_nll(q, ev["loader"])
-            per[v] = {"hit": E.answer_hits(texts, refs), "bleu": S.bleu_stats(texts, refs), "nll": nll, "ntok": ntok}
+            per[v] = {"hit": E.answer_hits(texts, refs[:n_ans]), "bleu": S.bleu_stats(texts, refs[:n_ans]), "nll": nll,
+                      "ntok": ntok}
         top1 = head_accuracy(q, ev["loader"]) if v not in ("ntp", "base") else None
         qdtype = str(next(q.parameters()).dtype).removeprefix("torch.")
         del q
@@ -590,7 +593,8 @@ def run_quality(cfg, models=None, prep=None):
         quality[v] = {"perplexity": S.perplexity_ci(per[v]["nll"], per[v]["ntok"]).as_dict(),
                       "accuracy": S.mean_ci(per[v]["hit"]).as_dict(),
                       "bleu": S.bootstrap(S.bleu_of_columns, *per[v]["bleu"].T).as_dict(),
-                      "n_eval": len(refs), "n_ppl": len(per[v]["nll"]), "split": ev["split"],
+                      "n_eval": len(refs), "n_ppl": len(per[v]["nll"]), "n_answers": n_ans,
+                      "correct": int(sum(per[v]["hit"])), "split": ev["split"],
                       "skipped_prompts": ev["skipped"], "answers_from": per[v].get("reused", v),
                       "train_s_per_epoch": E.train_time_per_epoch(log) if log.exists() else None,
                       "head_top1": top1, "dtype": qdtype,

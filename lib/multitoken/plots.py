@@ -236,8 +236,9 @@ def thesis_table(quality: dict, bench: list, memory_: dict, out_dir, profile: st
             row["reproduced?"] = f"speed: {speed}; perplexity: {ppl}; answer accuracy vs NTP: {acc}"
         rows.append(row)
     df = pd.DataFrame(rows).fillna("—")
-    note = (f"\n\nProfile `{profile}`, {quality['ntp'].get('n_eval', '?')} held-out problems "
-            f"({quality['ntp'].get('split', '?')} split). Intervals: 95% percentile bootstrap, over problems for quality "
+    q0 = quality["ntp"]
+    note = (f"\n\nProfile `{profile}`, {q0.get('n_eval', '?')} held-out problems ({q0.get('split', '?')} split; "
+            f"accuracy and BLEU on the answers to the first {q0.get('n_answers', q0.get('n_eval', '?'))}). Intervals: 95% percentile bootstrap, over problems for quality "
             "and over prompts for speed; Δ = variant − NTP on the same problems. Speed: the variant's method chosen on "
             "validation prompts (chain or tree), measured on the test prompts, batch 1; the verdict is drawn from "
             "speculation's own gain, the speedup over this engine without drafts (`greedy_kv`), and the speedup over HF "

@@ -42,11 +42,13 @@ def training_summary(log: pd.DataFrame, variant: str) -> str:
 
 def quality_summary(quality: dict) -> str:
     q0 = quality["ntp"]
-    lines = [f"**Quality** on {q0['n_eval']} held-out problems ({q0['split']} split), 95% bootstrap intervals over "
-             "problems; Δ = variant − NTP on the same problems:", ""]
+    n_ans = q0.get("n_answers", q0["n_eval"])
+    lines = [f"**Quality** on {q0['n_eval']} held-out problems ({q0['split']} split; answers to the first {n_ans}), "
+             "95% bootstrap intervals over problems; Δ = variant − NTP on the same problems:", ""]
     for v, q in quality.items():
-        s = (f"- {NAMES[v]}: perplexity {ci(q['perplexity']).fmt(3)}, answer accuracy {ci(q['accuracy']).fmt(3)}, "
-             f"BLEU {ci(q['bleu']).fmt(1)}")
+        right = f" ({q['correct']} of {n_ans} right)" if "correct" in q else ""
+        s = (f"- {NAMES[v]}: perplexity {ci(q['perplexity']).fmt(3)}, answer accuracy {ci(q['accuracy']).fmt(3)}"
+             f"{right}, BLEU {ci(q['bleu']).fmt(1)}")
         if "diff_vs_ntp" in q:
             d = q["diff_vs_ntp"]
             s += (f"; Δ perplexity {ci(d['perplexity']).fmt(3)}, Δ accuracy {ci(d['accuracy']).fmt(3)}, "

@@ -138,7 +138,9 @@ class MTPSeq:
 @dataclass(frozen=True)
 class Evaluation:
     """Quality on the held-out problems and the self-distilled training text (notebooks 03, 04)."""
-    eval_examples: int = _f(8, ge=1)
+    eval_examples: int = _f(8, ge=1, doc="held-out problems scored by perplexity (teacher-forced: cheap)")
+    answer_examples: Optional[int] = _f(None, ge=1, doc="the first of them answered, for accuracy, BLEU and examples "
+                                                        "(None: all)")
     max_new_tokens: int = _f(48, ge=1)
     quality_batch: int = _f(1, ge=1, doc="answers in batches of this many rows (1: the engine with drafts)")
     quality_dtype: Optional[Dtype] = None
