@@ -81,7 +81,9 @@ def test_mtp_and_medusa_training_log_per_head_metrics(tmp_path, loaders):
         assert m.config.use_cache and m.generation_config.use_cache, d
 
 
-def test_cli_trains_a_variant(tmp_path, monkeypatch):
+def _ntp_of_a_profile(tmp_path, monkeypatch, **settings):
+    """A profile file under ``tmp_path`` (60 synthetic records, 2 steps of training) with its data and NTP model made
+    through the command line, the workbook's root moved to ``tmp_path``; returns the file's path."""
     import yaml
 
     from multitoken import __main__ as cli
@@ -89,9 +91,14 @@ def test_cli_trains_a_variant(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "repo_root", lambda: tmp_path)
     params = tmp_path / "p.yaml"
-    params.write_text(yaml.safe_dump({"profile": "clitest", "max_examples": 60, "max_steps": 2, "eval_steps": 2}))
+    params.write_text(yaml.safe_dump({"max_examples": 60, "max_steps": 2, "eval_steps": 2, **settings}))
     assert cli.main(["data", "-f", str(params)]) == 0
     assert cli.main(["train", "--variant", "ntp", "-f", str(params)]) == 0
+    return params
+
+
+def test_cli_trains_a_variant(tmp_path, monkeypatch):
+    _ntp_of_a_profile(tmp_path, monkeypatch, profile="clitest")
     assert (tmp_path / "runs" / "clitest" / "models" / "ntp" / "final" / "model.safetensors").exists()
 
 
@@ -158,17 +165,11 @@ def test_self_distill_skips_prompts_longer_than_the_context(loaders, caplog):
 def test_mtp_modules_on_a_frozen_backbone_share_the_cached_self_distillation(tmp_path, monkeypatch):
     """mtp_seq: DeepSeek-V3 modules on the frozen NTP model, trained on its own greedy continuations, which are
     generated once per NTP checkpoint and reused (MEDUSA-1 reads the same files)."""
-    import yaml
-
     from multitoken import __main__ as cli
     from multitoken import pipeline
 
-    monkeypatch.setattr(pipeline, "repo_root", lambda: tmp_path)
-    params = tmp_path / "p.yaml"
-    params.write_text(yaml.safe_dump({"profile": "seqtest", "max_examples": 60, "max_steps": 2, "eval_steps": 2,
-                                      "max_new_tokens": 12, "medusa_max_examples": 16, "mtpseq_n": 3}))
-    assert cli.main(["data", "-f", str(params)]) == 0
-    assert cli.main(["train", "--variant", "ntp", "-f", str(params)]) == 0
+    params = _ntp_of_a_profile(tmp_path, monkeypatch, profile="seqtest", max_new_tokens=12, medusa_max_examples=16,
+                               mtpseq_n=3)
     calls = []
     real = T.self_distill
     monkeypatch.setattr(T, "self_distill", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -176,7 +177,7 @@ def test_mtp_modules_on_a_frozen_backbone_share_the_cached_self_distillation(tmp
     assert len(calls) == 2                                       # train and validation, generated once
     assert cli.main(["train", "--variant", "medusa", "-f", str(params)]) == 0
     assert len(calls) == 2                                       # reused from the cache
-    cfg = pipeline.config(**yaml.safe_load(params.read_text()))
+    cfg = pipeline.profile_config(str(params))
     ntp, seq = pipeline.load_variant(cfg, "ntp"), pipeline.load_variant(cfg, "mtp_seq")
     assert seq.config.sequential and seq.config.head_type == "transformer" and seq.num_heads == 2
     for (n, p), q in zip(ntp.named_parameters(), seq.transformer.parameters()):
@@ -207,18 +208,12 @@ def test_answers_cover_the_first_answer_examples_and_perplexity_every_problem(tm
     """run_quality: perplexity on all ``eval_examples`` problems, answers (accuracy, BLEU, right answers) on the first
     ``answer_examples`` of them only, since answering costs ~100x a teacher-forced pass."""
     import pandas as pd
-    import yaml
 
-    from multitoken import __main__ as cli
     from multitoken import evaluation as E
     from multitoken import pipeline
 
-    monkeypatch.setattr(pipeline, "repo_root", lambda: tmp_path)
-    params = tmp_path / "p.yaml"
-    params.write_text(yaml.safe_dump({"profile": "anstest", "max_examples": 60, "max_steps": 2, "eval_steps": 2,
-                                      "eval_examples": 6, "answer_examples": 2, "max_new_tokens": 8}))
-    assert cli.main(["data", "-f", str(params)]) == 0
-    assert cli.main(["train", "--variant", "ntp", "-f", str(params)]) == 0
+    params = _ntp_of_a_profile(tmp_path, monkeypatch, profile="anstest", eval_examples=6, answer_examples=2,
+                               max_new_tokens=8)
     asked = []
     real = E.generate_responses
     monkeypatch.setattr(E, "generate_responses", lambda m, t, prompts, *a, **k: asked.append(len(prompts)) or real(
