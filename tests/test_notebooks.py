@@ -11,12 +11,20 @@ from multitoken.utils import repo_root
 
 def test_executed_notebook_shows_every_figure_and_the_report_embeds_them(tmp_path):
     papermill = pytest.importorskip("papermill")
+    import shutil
+
     root = repo_root()
+    (tmp_path / "pyproject.toml").write_text("")          # a scratch workbook: the run's files stay in tmp_path
+    (tmp_path / "lib" / "multitoken").mkdir(parents=True)
+    (tmp_path / "notebooks" / "params").mkdir(parents=True)
+    shutil.copy(root / "notebooks" / "00_data.ipynb", tmp_path / "notebooks")
+    shutil.copy(root / "notebooks" / "params" / "smoke.yaml", tmp_path / "notebooks" / "params")
     run = tmp_path / "runs" / "smoke"
     out = run / "notebooks" / "00_data.ipynb"
     out.parent.mkdir(parents=True)
-    papermill.execute_notebook(str(root / "notebooks" / "00_data.ipynb"), str(out), kernel_name="multitoken",
-                               cwd=str(root), progress_bar=False, parameters={"max_examples": 60})
+    papermill.execute_notebook(str(tmp_path / "notebooks" / "00_data.ipynb"), str(out), kernel_name="multitoken",
+                               cwd=str(tmp_path), progress_bar=False)
+    assert (run / "stages" / "00_data.json").exists()
     nb = json.loads(out.read_text())
     figure_cells = [c for c in nb["cells"] if c["cell_type"] == "code" and "plots." in "".join(c["source"])]
     assert figure_cells
@@ -24,7 +32,7 @@ def test_executed_notebook_shows_every_figure_and_the_report_embeds_them(tmp_pat
         assert any("image/png" in o.get("data", {}) for o in c["outputs"]), "".join(c["source"])
     assert any("text/markdown" in o.get("data", {}) for c in nb["cells"] if c["cell_type"] == "code"
                for o in c.get("outputs", []))  # the closing sentence written from the results
-    (run / "figures").mkdir()
+    (run / "figures").mkdir(exist_ok=True)
     (run / "figures" / "thesis_table.md").write_text("| variant | speedup (ours) |\n|---|---|\n| mtp | 2.21 [2.1, 2.3] |\n")
     html = build_report("smoke", root=tmp_path).read_text()
     assert html.count("data:image/png;base64,") >= len(figure_cells)

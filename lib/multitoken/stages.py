@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from . import utils
-from .utils import repo_root, write_csv, write_json
+from .utils import atomic_write_text, repo_root, write_csv, write_json
 
 # each stage and the stages whose outputs it reads (05 reads 01-03's training logs beside 04's results)
 STAGES = {
@@ -347,8 +347,11 @@ def run_stages(profile: str, *, force: bool = False, start: str | None = None, o
             pm.execute_notebook(str(notebook_path(name, root)), str(out_dir / f"{name}.ipynb"),
                                 parameters={"profile": profile}, kernel_name=kernel, cwd=str(root),
                                 log_output=True, progress_bar=True)
-            if read_stamp(profile, name, root) is None:
+            st = read_stamp(profile, name, root)
+            if st is None:
                 raise StageError(f"{name} ended without its stamp: its last cell must call stages.finish(cfg)")
+            # the stage's time as a reader waits for it: the kernel's start and imports included
+            write_json(stamp_path(profile, name, root), dict(st, wall_seconds=round(time.perf_counter() - t0, 1)))
         except Exception as e:  # papermill's execution error names the failing cell
             status = "FAILED"
             print(f"FAILED: {name} (kept at {out_dir / name}.ipynb): {type(e).__name__}: {str(e)[-1500:]}",
@@ -362,7 +365,34 @@ def run_stages(profile: str, *, force: bool = False, start: str | None = None, o
     times = root / "runs" / profile / "notebook_times.csv"
     write_csv(times, table)
     print(f"\n{table.to_string(index=False)}\ntotal: {_mmss(time.perf_counter() - t_all)} ({profile})", flush=True)
+    atomic_write_text(root / "runs" / profile / "stage_times.md", time_table(profile, root) + "\n")
     return 0 if all(r["status"] != "FAILED" for r in rows) else 1
+
+
+def time_table(profile: str, root: Path | None = None, yardstick: str = "smoke") -> str:
+    """Markdown: each stage's finished run (its time, when, commit) and their total, with the ``yardstick`` profile's
+    total beside it (the same machine's speed varies from day to day: compare runs through it)."""
+    root = Path(root or repo_root())
+
+    def stamps(p):
+        return {n: st for n in stage_names(root) if (st := read_stamp(p, n, root))}
+
+    mine = stamps(profile)
+    rows = ["| stage | time | finished | commit |", "|---|---|---|---|"]
+    rows += [f"| {n} | {_mmss(_secs(st))} | {st['finished']} | `{st['commit']}` |" if (st := mine.get(n))
+             else f"| {n} | no finished run | | |" for n in stage_names(root)]
+    rows.append(f"| **total** | **{_mmss(sum(map(_secs, mine.values())))}** | | |")
+    ref = stamps(yardstick)
+    if ref and yardstick != profile:
+        day = max(st["finished"] for st in ref.values())
+        rows.append(f"\nYardstick: `make all PROFILE={yardstick}`'s stages took "
+                    f"{_mmss(sum(map(_secs, ref.values())))} in all on this machine (last finished {day}).")
+    return "\n".join(rows)
+
+
+def _secs(stamp: dict) -> float:
+    """A run's seconds as ``make all`` timed it (kernel start included), else from its first cell to its last."""
+    return stamp.get("wall_seconds", stamp["seconds"])
 
 
 def _mmss(seconds: float) -> str:
