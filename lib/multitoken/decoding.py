@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from . import fastpath
+from . import drafters, fastpath
 from .backbones import Backbone, backbone_of
 from .trees import Tree, parse_tree
 
@@ -195,11 +195,24 @@ def _children(tree: Tree):
     return ch
 
 
+def _checked(t, cand, vocab: int):
+    """A proposal of a drafter from outside the workbook, refused when it does not fit its tree or the vocabulary."""
+    if len(t) and (cand is None or cand.shape != (len(t),)):
+        raise ValueError(f"the drafter proposed {None if cand is None else tuple(cand.shape)} tokens for a tree of "
+                         f"{len(t)} nodes: one token per node")
+    if len(t) and (int(cand.min()) < 0 or int(cand.max()) >= vocab):
+        raise ValueError(f"the drafter proposed token {int(cand.max()) if int(cand.max()) >= vocab else int(cand.min())}"
+                         f" outside the model's vocabulary of {vocab}")
+    return t, cand
+
+
 @torch.inference_mode()
-def _generate_row(model, ids, max_new_tokens, temperature, top_p, tree, eos, n_pos, gen, stats):
+def _generate_row(model, ids, max_new_tokens, temperature, top_p, drafter, eos, n_pos, gen, stats):
     dev = ids.device
     caches = model.spec_new_cache()
     L = ids.numel()
+    prompt = ids.tolist()
+    own = isinstance(drafter, (drafters.Heads, drafters.PromptLookup, drafters.Hybrid))
     logits, ctx = model.spec_forward(ids.view(1, -1), caches)              # prefill
     stats["forward_passes"] += 1
     greedy = temperature == 0
@@ -214,10 +227,14 @@ def _generate_row(model, ids, max_new_tokens, temperature, top_p, tree, eos, n_p
         out.append(x0)
         if x0 in eos or len(out) >= max_new_tokens:
             break
-        t = tree.truncate(min(max_new_tokens - len(out), n_pos - L - 1))
+        limit = min(max_new_tokens - len(out), n_pos - L - 1)
+        t, cand = drafter.propose(model, ctx, j, x0, prompt + out, limit)    # a tree and a token per node
+        if not own:
+            t, cand = _checked(t, cand, logits.shape[-1])
+        if t.depth > limit:
+            raise ValueError(f"the drafter proposed a tree {t.depth} deep where {limit} tokens are left")
         tt = t.on(dev)
         if len(t):
-            cand = model.spec_propose(ctx, j, x0, t)                         # (N,) a token per node
             step = torch.cat([cand.new_tensor([x0]), cand]).view(1, -1)
             pos = (L + tt.steps_pos).view(1, -1)
             mask = torch.cat([torch.ones(len(t) + 1, L, dtype=torch.bool, device=dev), tt.ancestors], 1)[None, None]
@@ -239,6 +256,9 @@ def _generate_row(model, ids, max_new_tokens, temperature, top_p, tree, eos, n_p
             path, x_next = _sample_accept(t, cand, probs, gen) if len(t) else (
                 [], int(torch.multinomial(probs[0], 1, generator=gen)))
         for d in range(t.depth):
+            if d == len(stats["head_tries"]):
+                stats["head_tries"].append(0)
+                stats["head_hits"].append(0)
             stats["head_tries"][d] += 1
             stats["head_hits"][d] += int(d < len(path))
         done = False
@@ -267,15 +287,19 @@ def cache_bytes(caches) -> int:
 
 
 def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, tree=None,
-                         attention_mask=None, eos_token_id=None, pad_token_id=None, generator=None, batched=None):
-    """Generate with the model's heads as drafters; returns ``(sequences, stats)``.
+                         attention_mask=None, eos_token_id=None, pad_token_id=None, generator=None, batched=None,
+                         drafter="heads"):
+    """Generate with drafts verified by the model (by default its heads'); returns ``(sequences, stats)``.
 
     With ``temperature=0`` the sequences equal ``model.generate(do_sample=False)`` token for token (EOS and
     ``max_new_tokens`` included), row by row whatever the batch's padding; with ``temperature>0`` every token follows
     softmax(logits/T) within the top-p nucleus exactly. ``tree``: None (chain over all heads), "chain:N",
-    "medusa[:N]", "none", paths, or a Tree. ``batched``: the rows advance together (``multitoken.batched``) or one
-    after the other; None: together for a batch of several rows where the model allows it; ``"masked"``: together,
-    finished rows kept in the batch as masked no-ops instead of leaving it (a measurement, not faster).
+    "medusa[:N]", "none", paths, or a Tree: what the heads draft. ``drafter``: ``"heads"``, ``"prompt_lookup[:K]"``
+    (n-gram lookup in the row's own tokens, no heads needed), ``"hybrid[:K]"`` (both in one tree) or an object with
+    ``propose`` (``multitoken.drafters``; its proposals are checked). ``batched``: the rows advance together
+    (``multitoken.batched``; the heads' drafts only) or one after the other; None: together for a batch of several rows
+    where the model and drafter allow it; ``"masked"``: together, finished rows kept in the batch as masked no-ops
+    instead of leaving it (a measurement, not faster).
     """
     if not hasattr(model, "spec_forward"):
         model = PlainLM(model)
@@ -292,6 +316,12 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
         raise ValueError(f"generator is on {generator.device} but the model on {dev}: "
                          f"use torch.Generator(device={str(dev)!r})")
     tree = parse_tree(tree, model.num_heads)
+    drafter = drafters.make(drafter, tree)
+    from . import batched as batched_mod
+
+    if not isinstance(drafter, drafters.Heads) and not batched_mod.supports(model):
+        raise ValueError(f"{type(model).__name__} keeps drafting state of its own (its MTP modules' caches follow "
+                         f"the heads' tree): it drafts with its heads only, not with {drafter.name!r}")
     draft = getattr(model, "draft_ids", None)
     if draft is not None and tree.max_topk > draft.numel():
         raise ValueError(f"the tree drafts a head's top-{tree.max_topk} but the heads predict over a draft vocabulary "
@@ -324,19 +354,20 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     model.eval()
     sync(dev)
     t0 = time.perf_counter()
-    from . import batched as batched_mod
-
+    heads_only = isinstance(drafter, drafters.Heads)
     if batched is None:
-        batched = len(rows) > 1 and batched_mod.supports(model)
+        batched = len(rows) > 1 and batched_mod.supports(model) and heads_only
     elif batched and not batched_mod.supports(model):
         raise ValueError(f"{type(model).__name__} keeps drafting state of its own (spec_accept): it decodes row by "
                          "row (batched=False)")
+    elif batched and not heads_only:
+        raise ValueError(f"the {drafter.name} drafter decodes row by row (batched=False)")
     try:
         if batched:
             outs = batched_mod.generate_rows(model, rows, max_new_tokens, temperature, top_p, tree, eos, n_pos,
                                              generator, stats, finished="masked" if batched == "masked" else "drop")
         else:
-            outs = [_generate_row(model, r, max_new_tokens, temperature, top_p, tree, eos, n_pos, generator, stats)
+            outs = [_generate_row(model, r, max_new_tokens, temperature, top_p, drafter, eos, n_pos, generator, stats)
                     for r in rows]
     finally:
         model.train(was_training)
@@ -350,7 +381,8 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     row_forwards = len(rows) + stats["row_steps"] if batched else stats["forward_passes"]  # forwards seen per row
     stats.update(new_tokens=n_new, wall_time_s=wall, mean_accepted_length=n_new / row_forwards, batched=batched,
                  per_head_acceptance=[h / t if t else 0.0 for h, t in zip(stats["head_hits"], stats["head_tries"])],
-                 tree=tree.name, tree_nodes=len(tree), tokens_per_s=n_new / wall if wall > 0 else 0.0)
+                 tree=tree.name, tree_nodes=len(tree), drafter=getattr(drafter, "name", type(drafter).__name__),
+                 tokens_per_s=n_new / wall if wall > 0 else 0.0)
     return torch.cat([input_ids, new], 1), stats
 
 

@@ -1,0 +1,172 @@
+"""Drafters as objects: prompt lookup and the hybrid of heads and lookup decode exactly what the model decodes alone
+(greedy equals HF ``generate``, sampling keeps the distribution), and bad proposals are refused."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import EOS, PAD, V, VARIANTS, medusa, medusa_draft, mtp, tiny
+from multitoken import drafters
+from multitoken.decoding import speculative_generate
+from multitoken.trees import Tree, chain, medusa_tree
+from test_decoding import assert_two_token_distribution, hf, six_token_model
+
+_models = {}
+
+
+def get(name):
+    if name not in _models:
+        torch.manual_seed(7)
+        _models[name] = {
+            "plain-gpt2": lambda: GPT2LMHeadModel(GPT2Config(**tiny(initializer_range=0.4))).eval(),
+            "mtp": lambda: mtp(**VARIANTS[1], num_predict_tokens=3, initializer_range=0.4, seed=3),
+            "medusa": lambda: medusa(initializer_range=0.4, seed=5),
+            "medusa-draft-vocab": lambda: medusa_draft(initializer_range=0.4, seed=6),
+        }[name]()
+    return _models[name]
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(["plain-gpt2", "mtp", "medusa", "medusa-draft-vocab"]),
+       drafter=st.sampled_from(["prompt_lookup", "prompt_lookup:1", "prompt_lookup:7", "hybrid", "hybrid:2"]),
+       tree=st.sampled_from([None, "chain:1", "medusa:6"]), plen=st.integers(1, 12), n=st.integers(1, 40),
+       seed=st.integers(0, 10 ** 6))
+def test_lookup_and_hybrid_greedy_equal_hf_generate(name, drafter, tree, plen, n, seed):
+    model = get(name)
+    if name == "plain-gpt2" and (drafter.startswith("hybrid") or tree):
+        drafter, tree = "prompt_lookup", None                      # no heads: lookup alone
+    ids = torch.randint(2, 8, (1, plen), generator=torch.Generator().manual_seed(seed))  # few tokens: n-grams repeat
+    out, stats = speculative_generate(model, ids, n, tree=tree, drafter=drafter)
+    assert torch.equal(out, hf(model, ids, n))
+    assert stats["drafter"] == drafters.make(drafter, chain(model.num_heads if hasattr(model, "num_heads") else 0)).name \
+        or tree is not None
+
+
+def lookup_passes(prompt: list, greedy: list, lookup) -> int:
+    """Forward passes lookup decoding takes to emit ``greedy`` after ``prompt``, by hand: each step drafts the
+    lookup of the history so far (the model's last token included) and keeps the drafts that match."""
+    out, passes, n = greedy[:1], 1, len(greedy)
+    while len(out) < n:
+        prop, passes = lookup.lookup(prompt + out, n - len(out)), passes + 1
+        k = next((i for i, t in enumerate(prop) if t != greedy[len(out) + i]), len(prop))
+        out += greedy[len(out): len(out) + k]
+        if len(out) < n:
+            out.append(greedy[len(out)])
+    return passes
+
+
+def test_lookup_drafts_keep_exactly_the_tokens_that_match_the_models_own_continuation():
+    """The engine drafts from the row's history with the model's last token in it and keeps each matching draft: the
+    number of forward passes equals the hand count, and it is below one pass per token where the output repeats."""
+    model = get("plain-gpt2")
+    for seed in range(4):
+        ids = torch.randint(2, 8, (1, 6), generator=torch.Generator().manual_seed(seed))
+        ref, alone = speculative_generate(model, ids, 50, tree="none", eos_token_id=[])
+        out, st = speculative_generate(model, ids, 50, drafter="prompt_lookup:4", eos_token_id=[])
+        assert torch.equal(out, ref) and alone["forward_passes"] == 50
+        want = lookup_passes(ids[0].tolist(), ref[0, 6:].tolist(), drafters.PromptLookup(4))
+        assert st["forward_passes"] == want, seed
+    assert want < 50
+
+
+def test_a_padded_batch_decodes_each_row_as_alone_with_lookup_and_hybrid():
+    model = get("medusa")
+    a, b = torch.randint(2, 8, (1, 7)), torch.randint(2, 8, (1, 3))
+    batch, mask = torch.full((2, 7), PAD), torch.zeros(2, 7, dtype=torch.long)
+    batch[0], mask[0] = a[0], 1
+    batch[1, 4:], mask[1, 4:] = b[0], 1
+    for drafter in ("prompt_lookup", "hybrid"):
+        out, st = speculative_generate(model, batch, 25, tree="medusa:6", attention_mask=mask, drafter=drafter)
+        assert st["batched"] is False
+        for row, ids in ((0, a), (1, b)):
+            ref = hf(model, ids, 25)[0, ids.shape[1]:]
+            assert torch.equal(out[row, 7: 7 + len(ref)], ref) and (out[row, 7 + len(ref):] == PAD).all()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hybrid_sampling_keeps_the_distribution(family):
+    """First two tokens under the hybrid drafter: empirical joint vs the exact p(x1) p(x2 | x1), chi-square."""
+    torch.manual_seed(0)
+    model = six_token_model(family)
+    ids = torch.tensor([[2, 3, 1, 2, 3]])                          # the lookup proposes 1, 2, 3 after "2 3"
+    T, P = 1.3, 0.9
+    g = torch.Generator().manual_seed(0)
+    N, counts = 3000, torch.zeros(36)
+    for _ in range(N):
+        out, _ = speculative_generate(model, ids, 2, temperature=T, top_p=P, tree="medusa:4", generator=g,
+                                      eos_token_id=[], drafter="hybrid:2")
+        counts[out[0, 5] * 6 + out[0, 6]] += 1
+    assert_two_token_distribution(model, ids, T, P, counts)
+
+
+def test_prompt_lookup_takes_the_earliest_match_of_the_longest_ngram():
+    pl = drafters.PromptLookup(num_tokens=3, max_ngram=2)
+    assert pl.lookup([5, 6, 7, 8, 9, 5, 6, 1, 5, 6]) == [7, 8, 9]        # "5 6" first at 0 (not at 5)
+    assert pl.lookup([5, 6, 7, 8, 9, 5, 6, 1, 5, 6], limit=1) == [7]
+    assert pl.lookup([4, 6, 7, 3, 1, 9, 7]) == [3, 1, 9]                  # no "9 7" before: the 1-gram "7"
+    assert pl.lookup([1, 2, 3, 4]) == [] and pl.lookup([3]) == [] and pl.lookup([]) == []
+    assert pl.lookup([2, 2]) == [2]                                       # a match right before the tail
+    with pytest.raises(ValueError, match="num_tokens >= 1"):
+        drafters.PromptLookup(num_tokens=0)
+
+
+class FixedHeads(drafters.Heads):
+    """Heads that draft fixed tokens for their tree (no model needed)."""
+
+    def __init__(self, tree, tokens):
+        super().__init__(tree)
+        self.tokens = tokens
+
+    def propose(self, model, ctx, j, x0, history, limit):
+        t = self.tree.truncate(limit)
+        return t, torch.tensor(self.tokens[: len(t)])
+
+
+def test_hybrid_merges_shared_prefixes_and_branches_where_the_proposals_part():
+    model = torch.nn.Linear(1, 1)                                          # only its device is read
+    heads = FixedHeads(Tree(((0,), (1,), (0, 0), (0, 0, 0))), [8, 3, 4, 9])   # node order: (0,) (1,) (0,0) (0,0,0)
+    hy = drafters.Hybrid(heads, drafters.PromptLookup(3, 1))
+    t, cand = hy.propose(model, None, 0, 0, [7, 8, 4, 5, 7], 4)             # lookup after "7": 8 4 5
+    got = dict(zip(t.paths, cand.tolist()))
+    assert got == {(0,): 8, (1,): 3, (0, 0): 4, (0, 0, 0): 9, (0, 0, 1): 5} and t.depth == 3
+    t, cand = hy.propose(model, None, 0, 0, [6, 2, 6], 4)                    # lookup "2 6" shares nothing: a branch
+    assert dict(zip(t.paths, cand.tolist()))[(2,)] == 2 and len(t) == 6
+    t, cand = hy.propose(model, None, 0, 0, [1, 2, 3], 4)                    # no match: the heads' tree alone
+    assert t is heads.tree and cand.tolist() == [8, 3, 4, 9]
+
+
+class Bad:
+    name = "bad"
+
+    def __init__(self, tokens, tree=None):
+        self.tokens, self.tree = tokens, tree
+
+    def propose(self, model, ctx, j, x0, history, limit):
+        return self.tree or chain(len(self.tokens)), torch.tensor(self.tokens)
+
+
+def test_bad_drafters_and_drafter_settings_are_refused():
+    model, ids = get("medusa"), torch.randint(2, 8, (1, 5))
+    with pytest.raises(ValueError, match=f"token {V + 3} outside the model's vocabulary of {V}"):
+        speculative_generate(model, ids, 10, drafter=Bad([2, V + 3]))
+    with pytest.raises(ValueError, match="token -1 outside"):
+        speculative_generate(model, ids, 10, drafter=Bad([-1]))
+    with pytest.raises(ValueError, match=r"proposed \(1,\) tokens for a tree of 2 nodes"):
+        speculative_generate(model, ids, 10, drafter=Bad([2], tree=chain(2)))
+    with pytest.raises(ValueError, match="a tree 3 deep where 2 tokens are left"):
+        speculative_generate(model, ids, 3, drafter=Bad([2, 3, 4]))
+    out, _ = speculative_generate(model, ids, 10, drafter=Bad([], tree=Tree(())))   # an empty proposal: greedy
+    assert torch.equal(out, hf(model, ids, 10))
+    with pytest.raises(ValueError, match="unknown drafter 'lookahead'"):
+        speculative_generate(model, ids, 10, drafter="lookahead")
+    with pytest.raises(ValueError, match="unknown drafter 'hybrid:x'"):
+        speculative_generate(model, ids, 10, drafter="hybrid:x")
+    with pytest.raises(ValueError, match="needs a propose"):
+        speculative_generate(model, ids, 10, drafter=object())
+    with pytest.raises(ValueError, match="decodes row by row"):
+        speculative_generate(model, ids.repeat(2, 1), 10, drafter="prompt_lookup", batched=True)
+    seq = mtp(head_type="transformer", sequential=True, num_predict_tokens=2)
+    with pytest.raises(ValueError, match="drafts with its heads only, not with 'medusa8\\+lookup4'|not with"):
+        speculative_generate(seq, ids, 10, drafter="hybrid")
+    assert medusa_tree(8).name == "medusa8"
