@@ -428,3 +428,22 @@ def test_the_extra_dtype_benchmark_times_only_the_selection_where_there_is_one(b
     cfg = PL.config(device="cpu", tree_budget=budget, bench_extra_dtypes=["bfloat16"], cpu_bf16_fallback=False)
     PL.run_decoding_benchmark(cfg, models, {"tokenizer": None, "tokenized": {"validation": None}}, write=False)
     assert calls == [(torch.float32, True, True), (torch.bfloat16, budget != "auto", False)]
+
+
+def test_the_bf16_probe_reads_the_cpus_flags_and_times_only_where_pytorch_cannot_tell(monkeypatch):
+    """cpu_bf16_fast: PyTorch's AVX-512 BF16 / AMX checks decide; without them (private API gone) a warm one-thread
+    timing does, and on this machine the timing agrees with the flags."""
+    import torch
+
+    from multitoken import fastpath
+
+    flags = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    monkeypatch.setattr(fastpath, "_CPU_BF16_FAST", [])
+    monkeypatch.setattr(fastpath, "_bf16_timed_fast", lambda: pytest.fail("timed although the flags were there"))
+    assert fastpath.cpu_bf16_fast() == flags
+    monkeypatch.setattr(fastpath, "_CPU_BF16_FAST", [])
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.setattr(fastpath, "_bf16_timed_fast", lambda: "timed")
+    assert fastpath.cpu_bf16_fast() is True and fastpath._CPU_BF16_FAST == [True]
+    monkeypatch.undo()
+    assert fastpath._bf16_timed_fast() == flags
