@@ -345,7 +345,7 @@ def test_the_sweep_times_frozen_families_against_ntps_generate_and_extra_dtypes_
     monkeypatch.setattr(PL, "paths", lambda cfg: {"results": tmp_path})
     monkeypatch.setattr(PL, "bench_prompts", lambda cfg, p, n: p)
     monkeypatch.setattr(PL.E, "hf_method", lambda model, m, **kw: ("hf", model.name))
-    monkeypatch.setattr(PL.E, "engine_method", lambda model, m, tree: ("engine", model.name, tree))
+    monkeypatch.setattr(PL.E, "engine_method", lambda model, m, tree, drafter="heads": ("engine", model.name, tree))
     monkeypatch.setattr(PL.E, "benchmark_decoding", bench)
     monkeypatch.setattr(PL.E, "model_device", lambda model: torch.device("cpu"))
     cfg = PL.config(frozen_hf_baselines=False, tree_budgets=[4], tree_kinds=["fitted"], tree_budget="auto")
@@ -374,7 +374,9 @@ def test_the_sweep_times_frozen_families_against_ntps_generate_and_extra_dtypes_
                                            "mtp_seq_tree"]
     assert [r["method"] for r in rows if r["selected"]] == ["mtp_tree", "medusa_chain", "mtp_seq_tree"]
     rows, _ = PL._benchmark(cfg, models, [torch.arange(3)], trees, chosen)
-    assert len(rows) == 10
+    names = [r["method"] for r in rows]
+    assert len(rows) == 13 and {"prompt_lookup", "mtp_hybrid", "medusa_hybrid"} <= set(names)
+    assert "mtp_seq_hybrid" not in names          # the MTP modules draft with their own tree only
 
 
 def test_a_cpu_without_fast_bf16_runs_the_profiles_bf16_settings_in_fp32(monkeypatch):

@@ -230,9 +230,10 @@ def hf_method(model, max_new_tokens, **gen_kw):
     return fn
 
 
-def engine_method(model, max_new_tokens, tree):
+def engine_method(model, max_new_tokens, tree, drafter="heads"):
+    """This engine as a benchmark method (batch 1): the model's heads under ``tree``, or another ``drafter``."""
     def fn(ids):
-        return speculative_generate(model, ids, max_new_tokens, tree=tree)
+        return speculative_generate(model, ids, max_new_tokens, tree=tree, drafter=drafter)
     fn.device = model_device(model)
     return fn
 

@@ -360,10 +360,13 @@ def decoding_methods(cfg, models: dict, trees: dict):
         meths[f"hf_greedy_{v}"] = (E.hf_method(models[v], m), f"hf_greedy_{v}")
     meths["hf_prompt_lookup"] = (E.hf_method(models["ntp"], m, prompt_lookup_num_tokens=10), "hf_greedy")
     meths["greedy_kv"] = (E.engine_method(models["ntp"], m, "none"), "hf_greedy")
+    meths["prompt_lookup"] = (E.engine_method(models["ntp"], m, "none", drafter="prompt_lookup"), "hf_greedy")
     for v in HEADED:
         base = "hf_greedy" if baseline_variant(cfg, v) == "ntp" else f"hf_greedy_{v}"
         meths[f"{v}_chain"] = (E.engine_method(models[v], m, "chain"), base)
         meths[f"{v}_tree"] = (E.engine_method(models[v], m, trees[v]), base)
+        if v != "mtp_seq":  # the MTP modules' caches follow their own tree: no hybrid
+            meths[f"{v}_hybrid"] = (E.engine_method(models[v], m, trees[v], drafter="hybrid"), base)
     return meths
 
 
