@@ -1,5 +1,5 @@
 # The workbook's pipeline. Every target creates .venv/ itself when it is missing or requirements changed.
-PROFILE ?= toy
+PROFILE ?= pretrained
 FORCE   ?=
 FROM    ?=
 PY      := .venv/bin/python
