@@ -20,6 +20,11 @@ from .trees import Tree, chain
 NONE = Tree((), name="none")
 
 
+def _device(model) -> torch.device:
+    """Where the model's parameters live: where a drafter makes its tokens."""
+    return next(iter(model.parameters())).device
+
+
 class Heads:
     """The model's heads, drafting the nodes of ``tree`` (cut to ``limit`` levels near the end of the budget)."""
 
@@ -57,8 +62,7 @@ class PromptLookup:
         toks = self.lookup(history, limit) if limit > 0 else []
         if not toks:
             return NONE, None
-        dev = next(iter(model.parameters())).device
-        return chain(len(toks)), torch.tensor(toks, dtype=torch.long, device=dev)
+        return chain(len(toks)), torch.tensor(toks, dtype=torch.long, device=_device(model))
 
 
 class Hybrid:
@@ -91,8 +95,7 @@ class Hybrid:
         tree = self._trees.get(paths)
         if tree is None:
             tree = self._trees[paths] = Tree(paths, name=self.name)
-        dev = next(iter(model.parameters())).device
-        return tree, torch.tensor([token_of[p] for p in tree.paths], dtype=torch.long, device=dev)
+        return tree, torch.tensor([token_of[p] for p in tree.paths], dtype=torch.long, device=_device(model))
 
 
 def make(spec, tree: Tree) -> object:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
+from . import stages
 from .decoding import PlainLM, speculative_generate, sync
 from .evaluation import benchmark_decoding, engine_method, hf_method
 from .medusa import wrap_model_with_medusa
@@ -123,19 +124,12 @@ class Check:
 def _info(dev, dry) -> dict:
     import transformers
 
-    commit = os.environ.get("COMMIT") or _git("rev-parse", "HEAD")
+    commit = os.environ.get("COMMIT") or stages.commit()["commit"]
     return dict(device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform
                 .processor() or "cpu", dry_run=dry, torch=torch.__version__, cuda=torch.version.cuda,
                 transformers=transformers.__version__, python=platform.python_version(), commit=commit,
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
 
-
-def _git(*args) -> str | None:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=repo_root(), timeout=10).stdout.strip() \
-            or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def cuda_tests(ck: Check) -> dict:

@@ -40,10 +40,10 @@ def config(**overrides) -> dict:
     return resolve(settings.validate(overrides, "overrides").flat())
 
 
-def profile_config(profile: str, **overrides) -> dict:
-    """``notebooks/params/<profile>.yaml`` (or a YAML file's path) over the defaults, checked and resolved like
-    :func:`config`."""
-    return resolve(settings.load(profile, repo_root(), **overrides).flat())
+def profile_config(profile: str, root=None, **overrides) -> dict:
+    """``<root>/notebooks/params/<profile>.yaml`` (or a YAML file's path) over the defaults, checked and resolved like
+    :func:`config`; ``root``: the workbook's (default :func:`repo_root`)."""
+    return resolve(settings.load(profile, root or repo_root(), **overrides).flat())
 
 
 def resolve(cfg: dict) -> dict:

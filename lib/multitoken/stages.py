@@ -166,19 +166,17 @@ def stale_reason(name: str, profile: str, cfg: dict, root: Path | None = None) -
 
 
 def _settings(profile: str, root: Path, **overrides) -> dict:
-    from . import settings
-    from .pipeline import resolve
+    from .pipeline import profile_config
 
-    return resolve(settings.load(profile, root, **overrides).flat())
+    return profile_config(profile, root, **overrides)
 
 
 class _Running:
-    def __init__(self, name, profile, root, upstream):
-        self.name, self.profile, self.root, self.upstream = name, profile, root, upstream
+    def __init__(self, name, profile, root, upstream, cfg):
+        self.name, self.profile, self.root, self.upstream, self.cfg = name, profile, root, upstream, cfg
         self.started, self.run_id, self.code = time.time(), uuid.uuid4().hex[:12], commit(root)
 
 
-_RUNNING: dict[int, _Running] = {}  # id(cfg) -> the stage it belongs to
 _CURRENT: _Running | None = None   # the stage this process is running (what result notes name)
 
 
@@ -199,7 +197,7 @@ def begin(name: str, profile: str = "smoke", *, after: tuple | None = None, root
     global _CURRENT
     stamp_path(profile, name, root).unlink(missing_ok=True)
     upstream = {up: read_stamp(profile, up, root)["run_id"] for up in after}
-    _RUNNING[id(cfg)] = _CURRENT = _Running(name, profile, root, upstream)
+    _CURRENT = _Running(name, profile, root, upstream, cfg)
     utils.start_noting_writes()
     return cfg
 
@@ -208,10 +206,10 @@ def finish(cfg: Tracked) -> dict:
     """Write the stamp of the stage ``cfg`` was begun for (what it read and wrote, its commit and times) and the
     provenance of its outputs in the manifests (:func:`write_manifests`); returns the stamp."""
     global _CURRENT
-    run = _RUNNING.pop(id(cfg), None)
-    if run is None:
-        raise StageError("finish(cfg) needs the settings that stages.begin returned")
-    _CURRENT = None if _CURRENT is run else _CURRENT
+    run, _CURRENT = _CURRENT, None
+    if run is None or run.cfg is not cfg:
+        _CURRENT = run
+        raise StageError("finish(cfg) needs the settings that the running stage's stages.begin returned")
     root = run.root
     outputs = set()
     for p in utils.stop_noting_writes():
