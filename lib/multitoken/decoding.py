@@ -1,7 +1,7 @@
 """One decoding engine for MTP and Medusa heads: KV-cached greedy, chain and tree speculation, lossless sampling.
 
 Each step feeds ``[x0, drafts...]`` through the model once: ``x0`` is the token the model already chose, the drafts
-are tree nodes proposed by the heads. Tree attention = causal over the cached prefix + each node sees only its
+are tree nodes proposed by a drafter (``multitoken.drafters``: the model's heads, prompt lookup, or both). Tree attention = causal over the cached prefix + each node sees only its
 ancestors; position id = prefix length + depth. Greedy keeps the longest root-to-leaf path whose tokens equal the
 model's own argmax at each parent, so the output is token-for-token what plain greedy decoding returns. Sampling
 uses recursive rejection across siblings (drafts are deterministic, q(x) = 1), which keeps the target distribution
@@ -26,8 +26,8 @@ from .backbones import Backbone, backbone_of
 from .trees import Tree, parse_tree
 
 
-class Drafter(Protocol):
-    """What the engine asks of a model (MTP heads, Medusa heads, MTP modules, or ``PlainLM`` without drafts).
+class SpecModel(Protocol):
+    """What the engine asks of a model (MTP heads, Medusa heads, MTP modules, or ``PlainLM`` without heads).
 
     ``spec_forward`` runs ``input_ids`` (1, T) through the model on top of ``caches`` with the engine's
     ``position_ids`` and 4D bool ``attention_mask`` (None: causal) and returns next-token logits (1, T, V) and a context
