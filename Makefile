@@ -2,6 +2,7 @@
 PROFILE ?= pretrained
 FORCE   ?=
 FROM    ?=
+DRY     ?=
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 KERNEL  := multitoken
@@ -18,11 +19,13 @@ export THP_MEM_ALLOC_ENABLE ?= 1
 
 .PHONY: all test notebook figures report lab bench bench-length bench-batch bench-train bench-steps gpu-check gpu-wheels clean venv
 # The stages (notebooks 00..07) in order, each only when something it read changed or its outputs are missing (an
-# interrupted run resumes where it stopped); FORCE=1 runs every stage, FROM=04_evaluate that one and the later ones.
+# interrupted run resumes where it stopped); FORCE=1 runs every stage, FROM=04_evaluate that one and the later ones,
+# DRY=1 says what would run and why without running it.
 # One line per stage with its time or why it was skipped, a table at the end; then the HTML report.
 all: $(STAMP)
-	$(PY) -m multitoken notebooks --profile $(PROFILE) $(if $(FORCE),--force) $(if $(FROM),--from $(FROM))
-	$(PY) -m multitoken report --profile $(PROFILE)
+	$(PY) -m multitoken notebooks --profile $(PROFILE) $(if $(FORCE),--force) $(if $(FROM),--from $(FROM)) \
+	  $(if $(DRY),--dry-run)
+	$(if $(DRY),,$(PY) -m multitoken report --profile $(PROFILE))
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml Makefile

@@ -220,3 +220,18 @@ def test_tables_name_their_run_and_inputs_made_by_another_commit(workbook):
     table = stages.runs_table("t", workbook)
     assert f"| 00_a | `{a['run_id']}` | `{first}` — older than the checkout" in table
     assert "| 02_c | no finished run |" in table
+
+
+def test_a_dry_run_says_what_would_run_and_why_and_runs_nothing(workbook, capsys):
+    for name in GRAPH:
+        run_in_process(name, workbook)
+    before = {n: stages.read_stamp("t", n, workbook)["run_id"] for n in GRAPH}
+    set_profile(workbook, ntp_lr=2.0e-4, mtp_n=3)
+    assert stages.run_stages("t", root=workbook, dry=True) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("== ")]
+    assert lines == ["== 00_a: up to date, would be skipped",
+                     "== 01_b: would run (setting ntp_lr changed: 0.0001 -> 0.0002)",
+                     "== 02_c: would run (01_b runs before it)"]
+    assert {n: stages.read_stamp("t", n, workbook)["run_id"] for n in GRAPH} == before
+    stages.run_stages("t", root=workbook, dry=True, start="02_c")
+    assert capsys.readouterr().out.splitlines()[-1] == "== 02_c: would run (from 02_c on)"

@@ -30,6 +30,7 @@ def main(argv=None):
     nb.add_argument("--only", nargs="*", help="run just these stages, e.g. 02_train_mtp")
     nb.add_argument("--force", action="store_true", help="run every stage (make all FORCE=1)")
     nb.add_argument("--from", dest="start", default=None, help="run this stage and every later one (make all FROM=...)")
+    nb.add_argument("--dry-run", action="store_true", help="say what would run and why, run nothing (make all DRY=1)")
     rp = sub.add_parser("report", help="runs/<profile>/report.html from the executed notebooks")
     rp.add_argument("--profile", default="pretrained")
     st = sub.add_parser("bench-steps", help="one decoding step's cost for 1..32 tokens, HF generate vs the engine")
@@ -43,7 +44,7 @@ def main(argv=None):
     if args.cmd == "notebooks":
         from .stages import run_stages
 
-        return run_stages(args.profile, force=args.force, start=args.start or None, only=args.only)
+        return run_stages(args.profile, force=args.force, start=args.start or None, only=args.only, dry=args.dry_run)
     if args.cmd == "report":
         from .report import build_report
 

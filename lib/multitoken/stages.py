@@ -307,11 +307,12 @@ def write_manifests(stamp: dict, root: Path) -> None:
 
 
 def run_stages(profile: str, *, force: bool = False, start: str | None = None, only: list[str] | None = None,
-               root: Path | None = None, kernel: str = "multitoken") -> int:
+               root: Path | None = None, kernel: str = "multitoken", dry: bool = False) -> int:
     """Run the profile's stages in order with papermill, each only when :func:`stale_reason` says so (``force``: all;
     ``start``: that stage and every later one; ``only``: just those). One line per stage with its time or why it was
     skipped, a table at the end (``runs/<profile>/notebook_times.csv``); the first failure stops the run (exit 1)
-    and keeps the executed notebook under ``runs/<profile>/notebooks/``."""
+    and keeps the executed notebook under ``runs/<profile>/notebooks/``. ``dry``: print what would run and why
+    (a stage whose upstream would run runs after it), run nothing."""
     import pandas as pd
     import papermill as pm
 
@@ -321,6 +322,8 @@ def run_stages(profile: str, *, force: bool = False, start: str | None = None, o
     for n in [start] + list(only or []):
         if n is not None:
             check_name(n, root)
+    if dry:
+        return _dry_run(profile, cfg, names, force, start, only, root)
     out_dir = root / "runs" / profile / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, t_all = [], time.perf_counter()
@@ -365,6 +368,21 @@ def run_stages(profile: str, *, force: bool = False, start: str | None = None, o
     print(f"\n{table.to_string(index=False)}\ntotal: {_mmss(time.perf_counter() - t_all)} ({profile})", flush=True)
     atomic_write_text(root / "runs" / profile / "stage_times.md", time_table(profile, root) + "\n")
     return 0 if all(r["status"] != "FAILED" for r in rows) else 1
+
+
+def _dry_run(profile, cfg, names, force, start, only, root) -> int:
+    will = []
+    for name in names:
+        if only and name not in only:
+            continue
+        st = read_stamp(profile, name, root)
+        ups = [u for u in (st or {}).get("upstream", {}) if u in will]
+        why = ("asked for" if force or only else f"from {start} on" if start is not None and name >= start
+               else stale_reason(name, profile, cfg, root) or (f"{ups[0]} runs before it" if ups else None))
+        if why is not None:
+            will.append(name)
+        print(f"== {name}: " + (f"would run ({why})" if why else "up to date, would be skipped"), flush=True)
+    return 0
 
 
 def time_table(profile: str, root: Path | None = None, yardstick: str = "smoke") -> str:
