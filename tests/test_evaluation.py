@@ -449,3 +449,26 @@ def test_the_bf16_probe_reads_the_cpus_flags_and_times_only_where_pytorch_cannot
     assert fastpath.cpu_bf16_fast() is True and fastpath._CPU_BF16_FAST == [True]
     monkeypatch.undo()
     assert fastpath._bf16_timed_fast() == flags
+
+
+def test_the_spread_between_benchmark_runs_covers_only_runs_of_the_models_there_are_now(tmp_path, monkeypatch):
+    """bench_runs.json records the runs that trained the models; bench_spread leaves out runs of older models (and
+    those recorded before models were identified), so the spread never mixes heads trained by different runs."""
+    import json
+
+    from multitoken import pipeline as PL
+    from multitoken import stages
+
+    monkeypatch.setattr(PL, "paths", lambda cfg: {"results": tmp_path})
+    trained = {"01_train_ntp": "a", "02_train_mtp": "b", "03_train_medusa": "c"}
+    monkeypatch.setattr(stages, "read_stamp", lambda profile, name, root=None: {"run_id": trained[name]})
+    cfg = PL.config(profile="spreadtest")
+    row = lambda x: [dict(method="medusa_tree", speedup_vs_hf_greedy=x, speedup_vs_greedy_kv=x, tokens_per_s=1.0,  # noqa: E731
+                          dtype="float32")]
+    PL.record_bench_run(cfg, row(0.9), "old heads")
+    trained["03_train_medusa"] = "c2"                               # MEDUSA-1 retrained
+    PL.record_bench_run(cfg, row(1.2), "new heads")
+    PL.record_bench_run(cfg, row(1.4), "new heads, again")
+    runs = json.loads((tmp_path / "bench_runs.json").read_text())
+    assert [r["models"]["03_train_medusa"] for r in runs] == ["c", "c2", "c2"] and all("commit" in r for r in runs)
+    assert PL.bench_spread(cfg)["medusa_tree"] == {"runs": 2, "vs_hf": [1.2, 1.4], "vs_greedy_kv": [1.2, 1.4]}

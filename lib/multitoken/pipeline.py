@@ -426,15 +426,27 @@ def _setup(cfg, models, prep):
     return models, prep
 
 
+def trained_runs(cfg) -> dict:
+    """The run ids of the stages that trained the profile's models (``None`` where a stage has no finished run): what
+    makes two benchmark runs runs of the same models."""
+    from .stages import read_stamp
+
+    return {s: (read_stamp(cfg["profile"], s) or {}).get("run_id") for s in
+            ("01_train_ntp", "02_train_mtp", "03_train_medusa")}
+
+
 def record_bench_run(cfg, rows: list[dict], source: str) -> list[dict]:
     """Append this benchmark run's speedups to ``results/bench_runs.json`` (one entry per independent run: notebook
-    04, each ``make bench`` repeat), so speed claims can carry the spread between runs beside the within-run
-    interval. Returns every run so far."""
+    04, each ``make bench`` repeat) with the commit and the runs that trained its models, so speed claims can carry
+    the spread between runs of the same models beside the within-run interval. Returns every run so far."""
     import time
+
+    from .stages import commit
 
     f = paths(cfg)["results"] / "bench_runs.json"
     runs = json.loads(f.read_text()) if f.exists() else []
     runs.append(dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), source=source, dtype=rows[0].get("dtype"),
+                     commit=commit()["commit"], models=trained_runs(cfg),
                      methods={r["method"]: dict(vs_hf=r["speedup_vs_hf_greedy"], vs_greedy_kv=r.get(
                          "speedup_vs_greedy_kv"), tokens_per_s=r["tokens_per_s"]) for r in rows}))
     write_json(f, runs)
@@ -442,11 +454,13 @@ def record_bench_run(cfg, rows: list[dict], source: str) -> list[dict]:
 
 
 def bench_spread(cfg, dtype: str | None = None) -> dict:
-    """Per method, the range of its speedups over the recorded independent runs (``bench_runs.json``) in ``dtype``:
+    """Per method, the range of its speedups over the recorded independent runs (``bench_runs.json``) in ``dtype`` of
+    the models the profile has now (runs of other models, or recorded before models were identified, are left out):
     ``{method: {"runs": n, "vs_hf": [min, max], "vs_greedy_kv": [min, max]}}``."""
     f = paths(cfg)["results"] / "bench_runs.json"
+    now = trained_runs(cfg)
     runs = [r for r in (json.loads(f.read_text()) if f.exists() else [])
-            if r["dtype"] == (dtype or cfg["inference_dtype"])]
+            if r["dtype"] == (dtype or cfg["inference_dtype"]) and r.get("models") == now]
     out = {}
     for m in dict.fromkeys(k for r in runs for k in r["methods"]):
         vals = [r["methods"][m] for r in runs if m in r["methods"]]
