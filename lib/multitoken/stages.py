@@ -295,8 +295,7 @@ def write_manifests(stamp: dict, root: Path) -> None:
     for out in stamp["outputs"]:
         p = Path(out)
         by_dir.setdefault(p.parent, []).append(p.name)
-    stage_dirs = set(by_dir)
-    for d in {Path("runs") / stamp["profile"] / "results", Path("figures") / stamp["profile"]} | stage_dirs:
+    for d in {Path("runs") / stamp["profile"] / "results", Path("figures") / stamp["profile"]} | set(by_dir):
         f = root / d / "manifest.json"
         if not f.exists() and d not in by_dir:
             continue
@@ -330,12 +329,7 @@ def run_stages(profile: str, *, force: bool = False, start: str | None = None, o
     for name in names:
         if only and name not in only:
             continue
-        if force or only:
-            why = "asked for"
-        elif start is not None and name >= start:
-            why = f"from {start} on"
-        else:
-            why = stale_reason(name, profile, cfg, root)
+        why = _why_run(name, profile, cfg, force, start, only, root)
         if why is None:
             st = read_stamp(profile, name, root)
             print(f"== {name}: up to date, skipped (finished {st['finished']}, commit {st['commit']}"
@@ -370,15 +364,22 @@ def run_stages(profile: str, *, force: bool = False, start: str | None = None, o
     return 0 if all(r["status"] != "FAILED" for r in rows) else 1
 
 
+def _why_run(name, profile, cfg, force, start, only, root) -> str | None:
+    """Why ``run_stages`` runs stage ``name`` (asked for, from ``start`` on, or stale), ``None`` to skip it."""
+    if force or only:
+        return "asked for"
+    if start is not None and name >= start:
+        return f"from {start} on"
+    return stale_reason(name, profile, cfg, root)
+
+
 def _dry_run(profile, cfg, names, force, start, only, root) -> int:
     will = []
     for name in names:
         if only and name not in only:
             continue
-        st = read_stamp(profile, name, root)
-        ups = [u for u in (st or {}).get("upstream", {}) if u in will]
-        why = ("asked for" if force or only else f"from {start} on" if start is not None and name >= start
-               else stale_reason(name, profile, cfg, root) or (f"{ups[0]} runs before it" if ups else None))
+        ups = [u for u in (read_stamp(profile, name, root) or {}).get("upstream", {}) if u in will]
+        why = _why_run(name, profile, cfg, force, start, only, root) or (f"{ups[0]} runs before it" if ups else None)
         if why is not None:
             will.append(name)
         print(f"== {name}: " + (f"would run ({why})" if why else "up to date, would be skipped"), flush=True)
