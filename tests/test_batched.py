@@ -1,4 +1,4 @@
-"""The batched step loop (multitoken.batched): every row of a batch equals its own decode, whatever the padding."""
+"""The step loop on a batch: every row of a batch equals its own decode, whatever the padding and the drafter."""
 import random
 
 import pytest
@@ -10,8 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import EOS, PAD, V, VARIANTS, medusa, medusa_draft, mtp
 from test_decoding import Oracle, assert_two_token_distribution, six_token_model
 from multitoken import wrap_model_with_medusa, wrap_model_with_mtp
-from multitoken import batched
-from multitoken.decoding import parse_tree, speculative_generate
+from multitoken import decoding, drafters
+from multitoken.decoding import speculative_generate
 
 
 def _llama(vocab=V, **kw):
@@ -71,32 +71,30 @@ def test_every_row_of_a_random_batch_equals_its_own_generate(name, tree, lens, n
         assert (got[len(ref):] == PAD).all()
 
 
-class BatchOracle(Oracle):
+class BatchOracle(drafters.Heads):
     """Heads that propose each row's true greedy continuation at a random sibling slot (or miss), for a whole batch
     at once: exercises per-row acceptance of several tokens, EOS inside a draft, rows leaving the batch, and each
-    row's non-contiguous KV compaction."""
+    row's non-contiguous KV compaction. ``refs``: each row's prompt and greedy continuation."""
 
-    def __init__(self, model, refs, hit=0.85, seed=0):
-        super().__init__(model, None, 0, hit, seed)
-        self.refs = refs
+    def __init__(self, tree, refs, hit=0.85, seed=0):
+        super().__init__(tree)
+        self.refs, self.hit, self.rng = refs, hit, random.Random(seed)
 
-    def spec_forward(self, ids, caches, pos=None, mask=None):
-        self.pos = pos
-        return self.m.spec_forward(ids, caches, pos, mask)
-
-    def spec_head_topk_rows(self, ctx, js, k):
-        top = torch.zeros(len(js), self.num_heads, k, dtype=torch.long)
-        for i, (b, j) in enumerate(zip(ctx["rows"], js.tolist())):
-            at = int(self.pos[i, j]) + 2                                     # the position head 1 drafts
-            for d in range(self.num_heads):
-                ref = self.refs[b]
-                right = int(ref[at + d]) if at + d < len(ref) else 0
-                row = self.rng.sample([t for t in range(V) if t != right], k)
+    def propose(self, model, view):
+        t = self.tree.truncate(max(view.limits))
+        k, tt = t.max_topk, t.on("cpu")
+        top = torch.zeros(len(view.rows), t.depth, k, dtype=torch.long)
+        for i, (b, history) in enumerate(zip(view.rows, view.histories)):
+            ref = self.refs[b]
+            for d in range(t.depth):                                         # head d + 1 drafts ref[len(history) + d]
+                right = int(ref[len(history) + d]) if len(history) + d < len(ref) else 0
+                row = self.rng.sample([tok for tok in range(V) if tok != right], k)
                 if self.rng.random() < self.hit:
                     r = self.rng.random()
                     row[min(k - 1, 0 if r < 0.6 else 1 if r < 0.85 else self.rng.randrange(k))] = right
                 top[i, d] = torch.tensor(row)
-        return top
+        return drafters.Draft([t.truncate(limit) for limit in view.limits],
+                              top[:, tt.depths - 1, tt.last_idx] if len(t) else None)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -108,8 +106,8 @@ def test_oracle_drafts_accept_many_tokens_per_row_and_stay_exact(seed):
     for n in (5, 17, 40):
         refs = [torch.cat([p, alone(model, p[None], n)]) for p in prompts]
         for tree in ("chain", "medusa:30", "medusa:63"):
-            out, stats = speculative_generate(BatchOracle(model, refs, seed=seed), ids, n, tree=tree,
-                                              attention_mask=mask)
+            oracle = BatchOracle(decoding.parse_tree(tree, model.num_heads), refs, seed=seed)
+            out, stats = speculative_generate(model, ids, n, tree=tree, attention_mask=mask, drafter=oracle)
             assert stats["batched"]
             for b, p in enumerate(prompts):
                 ref = refs[b][len(p):]
@@ -153,8 +151,8 @@ def test_finished_rows_kept_as_masked_no_ops_give_the_same_tokens_at_full_cost(n
     assert sk["head_hits"] == sd["head_hits"] and sk["head_tries"] == sd["head_tries"]
     assert sk["row_steps"] == (sk["forward_passes"] - 1) * len(ids) > sd["row_steps"]
     with pytest.raises(ValueError, match="finished"):
-        batched.generate_rows(model, list(ids), 4, 0.0, 1.0, parse_tree("none", 0), {EOS}, 64, None,
-                              {"forward_passes": 0}, finished="keep")
+        decoding._decode(model, list(ids), 4, decoding.Sampling(), drafters.Heads(decoding.parse_tree("none", 0)),
+                         {EOS}, 64, decoding.StepStats(), finished="keep")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

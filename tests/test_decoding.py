@@ -121,11 +121,13 @@ def test_kv_cache_after_a_tree_step_equals_a_fresh_forward():
     seen = {}
     orig = D._compact
 
-    def spy(caches, L, keep):
-        orig(caches, L, keep)
-        seen["len"] = L + len(keep)
+    def spy(caches, L, W, keeps):
+        width = orig(caches, L, W, keeps)
+        (l,), (keep,) = L, keeps
+        seen["len"] = l + len(keep)
         seen["noncontiguous"] = seen.get("noncontiguous", False) or keep != list(range(len(keep)))
         seen["caches"] = [[(l.keys.clone(), l.values.clone()) for l in c.layers] for c in caches]
+        return width
 
     D._compact = spy
     try:
@@ -421,13 +423,13 @@ def test_growing_cache_equals_dynamic_cache_and_compacts_in_place():
         a, b = g.update(*kv, 0), d.update(*kv, 0)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     buf = g.layers[0]._buf[0].data_ptr()
-    D._compact([g], 95, [0, 2, 4])                    # keep step positions 0, 2, 4 after a 95-token prefix
+    D._compact([g], [95], 95, [[0, 2, 4]])            # keep step positions 0, 2, 4 after a 95-token prefix
     keys = d.layers[0].keys
     want = torch.cat([keys[..., :95, :], keys[..., [95, 97, 99], :]], -2)
     assert torch.equal(g.layers[0].keys, want) and g.get_seq_length() == 98
     g.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), 0)
     assert g.layers[0]._buf[0].data_ptr() == buf and g.get_seq_length() == 99   # the same buffer, appended in place
-    D._compact([d], 95, [0, 2, 4])                    # plain DynamicCache layers compact the same way
+    D._compact([d], [95], 95, [[0, 2, 4]])            # plain DynamicCache layers compact the same way
     assert torch.equal(d.layers[0].keys, want)
 
 

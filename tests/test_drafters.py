@@ -11,6 +11,7 @@ from multitoken import drafters
 from multitoken.decoding import speculative_generate
 from multitoken.trees import Tree, chain, medusa_tree
 from test_decoding import assert_two_token_distribution, hf, six_token_model
+from multitoken.decoding import target_probs
 
 _models = {}
 
@@ -70,18 +71,33 @@ def test_lookup_drafts_keep_exactly_the_tokens_that_match_the_models_own_continu
     assert want < 50
 
 
-def test_a_padded_batch_decodes_each_row_as_alone_with_lookup_and_hybrid():
-    model = get("medusa")
-    a, b = torch.randint(2, 8, (1, 7)), torch.randint(2, 8, (1, 3))
-    batch, mask = torch.full((2, 7), PAD), torch.zeros(2, 7, dtype=torch.long)
-    batch[0], mask[0] = a[0], 1
-    batch[1, 4:], mask[1, 4:] = b[0], 1
-    for drafter in ("prompt_lookup", "hybrid"):
-        out, st = speculative_generate(model, batch, 25, tree="medusa:6", attention_mask=mask, drafter=drafter)
-        assert st["batched"] is False
-        for row, ids in ((0, a), (1, b)):
-            ref = hf(model, ids, 25)[0, ids.shape[1]:]
-            assert torch.equal(out[row, 7: 7 + len(ref)], ref) and (out[row, 7 + len(ref):] == PAD).all()
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(["plain-gpt2", "mtp", "medusa", "medusa-draft-vocab"]),
+       drafter=st.sampled_from(["prompt_lookup", "prompt_lookup:2", "hybrid", "hybrid:6"]),
+       lens=st.lists(st.integers(1, 9), min_size=2, max_size=5), n=st.integers(1, 30), left=st.booleans(),
+       seed=st.integers(0, 10 ** 6))
+def test_a_padded_batch_decodes_each_row_as_alone_with_lookup_and_hybrid(name, drafter, lens, n, left, seed):
+    """The rows of a batch advance together, each with its own tree (a lookup finds a match in one row and not in
+    another): every row equals its own HF generate, and the batch drafts and accepts exactly what its rows do alone."""
+    model = get(name)
+    tree = None if name == "plain-gpt2" else "medusa:6"
+    drafter = "prompt_lookup" if name == "plain-gpt2" else drafter
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, 8, (k,), generator=g) for k in lens]              # few tokens: n-grams repeat
+    W = max(lens)
+    batch, mask = torch.full((len(lens), W), PAD), torch.zeros(len(lens), W, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        sl = slice(W - len(p), W) if left else slice(0, len(p))
+        batch[b, sl], mask[b, sl] = p, 1
+    out, st = speculative_generate(model, batch, n, tree=tree, attention_mask=mask, drafter=drafter)
+    assert st["batched"] is True
+    alone = [speculative_generate(model, p[None], n, tree=tree, drafter=drafter)[1] for p in prompts]
+    for b, p in enumerate(prompts):
+        ref = hf(model, p[None], n)[0, len(p):]
+        assert torch.equal(out[b, W: W + len(ref)], ref) and (out[b, W + len(ref):] == PAD).all()
+    tries = [sum(c) for c in zip(*(a["head_tries"] + [0] * (len(st["head_tries"]) - len(a["head_tries"]))
+                                   for a in alone))]
+    assert st["head_tries"] == tries and st["row_steps"] == sum(a["row_steps"] for a in alone)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -118,32 +134,48 @@ class FixedHeads(drafters.Heads):
         super().__init__(tree)
         self.tokens = tokens
 
-    def propose(self, model, ctx, j, x0, history, limit):
-        t = self.tree.truncate(limit)
-        return t, torch.tensor(self.tokens[: len(t)])
+    def propose(self, model, view):
+        t = self.tree.truncate(view.limits[0])
+        return drafters.Draft([t], torch.tensor([self.tokens[: len(t)]]))
+
+
+def pair(draft):
+    return draft.trees, draft.tokens
+
+
+def one_row(history, limit):
+    """What a drafter sees for one row whose tokens so far are ``history``."""
+    return drafters.View(None, torch.zeros(1, dtype=torch.long), history[-1:], [history], [limit], [0])
 
 
 def test_hybrid_merges_shared_prefixes_and_branches_where_the_proposals_part():
     model = torch.nn.Linear(1, 1)                                          # only its device is read
     heads = FixedHeads(Tree(((0,), (1,), (0, 0), (0, 0, 0))), [8, 3, 4, 9])   # node order: (0,) (1,) (0,0) (0,0,0)
     hy = drafters.Hybrid(heads, drafters.PromptLookup(3, 1))
-    t, cand = hy.propose(model, None, 0, 0, [7, 8, 4, 5, 7], 4)             # lookup after "7": 8 4 5
-    got = dict(zip(t.paths, cand.tolist()))
+    (t,), cand = pair(hy.propose(model, one_row([7, 8, 4, 5, 7], 4)))             # lookup after "7": 8 4 5
+    got = dict(zip(t.paths, cand[0].tolist()))
     assert got == {(0,): 8, (1,): 3, (0, 0): 4, (0, 0, 0): 9, (0, 0, 1): 5} and t.depth == 3
-    t, cand = hy.propose(model, None, 0, 0, [6, 2, 6], 4)                    # lookup "2 6" shares nothing: a branch
-    assert dict(zip(t.paths, cand.tolist()))[(2,)] == 2 and len(t) == 6
-    t, cand = hy.propose(model, None, 0, 0, [1, 2, 3], 4)                    # no match: the heads' tree alone
-    assert t is heads.tree and cand.tolist() == [8, 3, 4, 9]
+    (t,), cand = pair(hy.propose(model, one_row([6, 2, 6], 4)))                    # lookup "2 6" shares nothing: a branch
+    assert dict(zip(t.paths, cand[0].tolist()))[(2,)] == 2 and len(t) == 6
+    (t,), cand = pair(hy.propose(model, one_row([1, 2, 3], 4)))                    # no match: the heads' tree alone
+    assert t is heads.tree and cand[0].tolist() == [8, 3, 4, 9]
 
 
-class Bad:
+class Bad(drafters.RowDrafter):
     name = "bad"
 
     def __init__(self, tokens, tree=None):
         self.tokens, self.tree = tokens, tree
 
-    def propose(self, model, ctx, j, x0, history, limit):
+    def propose_row(self, model, ctx, j, x0, history, limit):
         return self.tree or chain(len(self.tokens)), torch.tensor(self.tokens)
+
+
+class TooFewTrees:
+    name = "too few"
+
+    def propose(self, model, view):
+        return drafters.Draft([chain(1)], torch.tensor([[2]]))
 
 
 def test_bad_drafters_and_drafter_settings_are_refused():
@@ -164,9 +196,42 @@ def test_bad_drafters_and_drafter_settings_are_refused():
         speculative_generate(model, ids, 10, drafter="hybrid:x")
     with pytest.raises(ValueError, match="needs a propose"):
         speculative_generate(model, ids, 10, drafter=object())
-    with pytest.raises(ValueError, match="decodes row by row"):
-        speculative_generate(model, ids.repeat(2, 1), 10, drafter="prompt_lookup", batched=True)
+    with pytest.raises(ValueError, match="proposed 1 trees for 2 rows"):
+        speculative_generate(model, ids.repeat(2, 1), 10, drafter=TooFewTrees())
     seq = mtp(head_type="transformer", sequential=True, num_predict_tokens=2)
     with pytest.raises(ValueError, match="drafts with its heads only, not with 'medusa8\\+lookup4'|not with"):
         speculative_generate(seq, ids, 10, drafter="hybrid")
     assert medusa_tree(8).name == "medusa8"
+
+
+def exact_second_and_third(model, ids, T, P):
+    """The exact distribution (36,) of the 2nd and 3rd sampled tokens after ``ids`` (six-token vocabulary), the 1st
+    summed out: sum over x1 of p(x1) p(x2 | x1) p(x3 | x1, x2)."""
+    with torch.no_grad():
+        p1 = target_probs(model(ids).logits[0, -1], T, P)                                    # (6,)
+        one = torch.cat([ids.repeat(6, 1), torch.arange(6).view(6, 1)], 1)
+        p2 = target_probs(model(one).logits[:, -1], T, P)                                    # (6, 6)
+        two = torch.cat([one.repeat_interleave(6, 0), torch.arange(6).repeat(6).view(36, 1)], 1)
+        p3 = target_probs(model(two).logits[:, -1], T, P).view(6, 6, 6)
+    return (p1.view(6, 1, 1) * p2.view(6, 6, 1) * p3).sum(0).flatten()
+
+
+def test_batched_sampling_with_trees_that_differ_by_row_keeps_each_rows_distribution():
+    """Two prompts x 2000 rows in one batch under the hybrid drafter: the lookup matches in some rows and not in
+    others, so the rows' trees differ and are padded; for each prompt the 2nd and 3rd tokens (decided by the tree's
+    root and first-level nodes) follow the exact distribution (chi-square)."""
+    model = six_token_model("gpt2")
+    a, b = torch.tensor([[2, 3, 1, 2, 3]]), torch.tensor([[4, 0, 5, 1, 2]])
+    T, P, N = 1.3, 0.9, 2000
+    out, st = speculative_generate(model, torch.cat([a.repeat(N, 1), b.repeat(N, 1)]), 3, temperature=T,
+                                   top_p=P, tree="medusa:4", generator=torch.Generator().manual_seed(0),
+                                   eos_token_id=[], drafter="hybrid:2")
+    assert st["batched"] and st["mean_accepted_length"] > 1.2
+    for ids, rows in ((a, out[:N]), (b, out[N:])):
+        exact, counts = exact_second_and_third(model, ids, T, P), torch.bincount(rows[:, 6] * 6 + rows[:, 7],
+                                                                                 minlength=36).float()
+        keep = exact * N >= 5
+        chi2 = (((counts - exact * N) ** 2) / (exact * N))[keep].sum().item()
+        dof = int(keep.sum()) - 1
+        assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)
+        assert counts[exact == 0].sum() == 0

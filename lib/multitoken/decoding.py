@@ -1,22 +1,27 @@
-"""One decoding engine for MTP and Medusa heads: KV-cached greedy, chain and tree speculation, lossless sampling.
+"""One decoding engine: KV-cached greedy, chain and tree speculation, lossless sampling, one step loop for a row
+and a batch (a row is a batch of one).
 
-Each step feeds ``[x0, drafts...]`` through the model once: ``x0`` is the token the model already chose, the drafts
-are tree nodes proposed by a drafter (``multitoken.drafters``: the model's heads, prompt lookup, or both). Tree attention = causal over the cached prefix + each node sees only its
-ancestors; position id = prefix length + depth. Greedy keeps the longest root-to-leaf path whose tokens equal the
-model's own argmax at each parent, so the output is token-for-token what plain greedy decoding returns. Sampling
-uses recursive rejection across siblings (drafts are deterministic, q(x) = 1), which keeps the target distribution
-exactly. Then only the accepted path's KV entries are kept (cropped when contiguous, gathered otherwise), and a
-model with drafting state of its own (sequential transformer modules, ``multitoken.sequential``) hears which positions
-were accepted through its optional ``spec_accept`` hook.
+Each step feeds every row's ``[x0, drafts...]`` through the model once: ``x0`` is the token the model already chose,
+the drafts are the nodes of a tree a drafter proposed for that row (``multitoken.drafters``: the model's heads,
+prompt lookup, both). Tree attention: each row sees its own committed prefix and, inside the step, each node only its
+ancestors; position id = the row's committed length + depth. Greedy keeps, per row, the path from the root whose
+tokens equal the model's own argmax at each parent, so the output is token-for-token what plain greedy decoding
+returns. Sampling uses recursive rejection across siblings (drafts are deterministic, q(x) = 1), which keeps the
+target distribution exactly. Then only the accepted path's KV entries are kept, moved in place.
 
-A batch runs as one step loop (``multitoken.batched``: a dense cache with per-row lengths, each row its own accepted
-length) or row by row (``batched=False``; models with drafting state of their own); each row exact either way.
+The cache is one dense tensor per layer, batch-major, with a committed length per row: slots past it are junk that
+no query sees. A row that ends (EOS, ``max_new_tokens``) leaves the batch. Rows whose trees differ (prompt lookup
+finds a match in one row and not in another) are padded to the largest tree with nodes nobody keeps. A model with
+drafting state of its own (sequential transformer modules, ``multitoken.sequential``) decodes one row at a time and
+hears which step positions were kept through its ``spec_accept`` hook.
+
 Every tensor of the step loop is made on the model's device (never torch's default device); the model's dtype is
 whatever it was loaded in, and the sampling maths runs in float32.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
@@ -132,52 +137,104 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _compact(caches, L: int, keep: list[int]):
-    """Keep the prefix (L entries) and the step-local positions ``keep`` in every layer of every cache, in place:
-    the kept slots move to [L, L + k) and the rest is cut off, so a step costs O(k) whatever the cache's length (a
-    ``torch.cat`` of the prefix would copy the whole cache at every step)."""
-    k, idx = len(keep), None
-    contiguous = keep == list(range(k))
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: argmax (``temperature == 0``) or softmax(logits / T) within the top-p nucleus,
+    drawn with ``generator`` (on the model's device; None: torch's global one)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def draw(self, logits: torch.Tensor) -> list[int]:
+        """One token per row of ``logits`` (n, V)."""
+        if self.greedy:
+            return logits.argmax(-1).tolist()
+        probs = target_probs(logits, self.temperature, self.top_p)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0].tolist()
+
+
+@dataclass
+class StepStats:
+    """What a decode counted: model forwards (a batch's forward counts once), verification steps summed over rows,
+    and per draft depth d how often a row's tree reached it and how often the accepted path did."""
+
+    forward_passes: int = 0
+    row_steps: int = 0
+    head_tries: list = field(default_factory=list)
+    head_hits: list = field(default_factory=list)
+    kv_cache_bytes: int = 0
+
+    def count(self, depth: int, accepted: int) -> None:
+        while len(self.head_tries) < depth:
+            self.head_tries.append(0)
+            self.head_hits.append(0)
+        for d in range(depth):
+            self.head_tries[d] += 1
+            self.head_hits[d] += int(d < accepted)
+
+
+def _compact(caches, L: list[int], W: int, keeps: list[list[int]]) -> int:
+    """Row ``b`` keeps its committed slots ``[0, L[b])`` and the step slots ``W + keeps[b]`` (``W``: the width the
+    step was appended at), moved to ``[L[b], L[b] + k_b)`` in every layer of every cache, in place (one indexed copy
+    for the whole batch; none when every row kept a prefix of its step right after its committed slots); every layer
+    is then cut to ``max_b(L[b] + k_b)``, the new width, which is returned. A step so costs O(kept) whatever the
+    cache's length."""
+    b_idx, src, dst = [], [], []
+    for b, (l, keep) in enumerate(zip(L, keeps)):
+        for m, k in enumerate(keep):
+            if W + k != l + m:
+                b_idx.append(b), src.append(W + k), dst.append(l + m)
+    width = max(l + len(k) for l, k in zip(L, keeps))
+    if b_idx:
+        dev = caches[0].layers[0].keys.device
+        b_idx, src, dst = (torch.tensor(v, device=dev) for v in (b_idx, src, dst))
     for cache in caches:
         for layer in cache.layers:
-            if not contiguous:
-                if idx is None:
-                    idx = torch.tensor(keep, device=layer.keys.device) + L
+            if len(b_idx):
                 for t in (layer.keys, layer.values):
-                    t[..., L: L + k, :] = t.index_select(-2, idx)        # gathered first: the slots may overlap
-            layer.keys, layer.values = layer.keys[..., : L + k, :], layer.values[..., : L + k, :]
+                    t[b_idx, :, dst] = t[b_idx, :, src]                     # gathered first: slots may overlap
+            layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
+    return width
 
 
-def _greedy_best(tree: Tree, tt, cand: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-    """The deepest node whose whole path matches the model's argmax, as a 0-d tensor (0: none), so the step can
-    read it with the rest in one host sync. ``tt`` is ``tree.on(device)``."""
-    hit = cand == pred[tt.parents]                                          # (N,) node token == argmax at parent
-    if tree.is_chain:                                                       # nodes 1..N in order: a prefix
-        return hit.long().cumprod(0).sum()
-    ok = (tt.path_matrix @ (~hit).float()) == 0                              # every node on the path matches
-    return torch.where(ok.any(), torch.where(ok, tt.depths, 0).argmax() + 1, 0)
+def _leave(caches, ctx, stay: list[int], n: int, dev):
+    """Only rows ``stay`` (of ``n``) go on: the others leave every cache and the drafting context."""
+    idx = torch.tensor(stay, device=dev)
+    for cache in caches:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+    return drafters.select_rows(ctx, idx, n)
 
 
-def _path_to(tree: Tree, node: int) -> list[int]:
-    """The step-local indices of ``node``'s path from the root (1-based; ``[]`` for the root)."""
-    if tree.is_chain:
-        return list(range(1, node + 1))
-    path = []
-    while node:
+def _greedy_path(tree: Tree, cand: list[int], pred: list[int]) -> list[int]:
+    """The accepted nodes (step-local indices, root excluded): from the root, the child whose token is the model's
+    argmax at its parent, as long as there is one."""
+    if tree.is_chain:                                                       # node i's parent is node i - 1
+        k = 0
+        while k < len(tree) and cand[k] == pred[k]:
+            k += 1
+        return list(range(1, k + 1))
+    children, node, path = _children(tree), 0, []
+    while True:
+        node = next((c for c in children[node] if cand[c - 1] == pred[node]), None)
+        if node is None:
+            return path
         path.append(node)
-        node = tree.parents[node]
-    return path[::-1]
 
 
-def _sample_accept(tree: Tree, cand: torch.Tensor, probs: torch.Tensor, gen):
+def _sample_accept(tree: Tree, cand: list[int], probs: torch.Tensor, gen):
     """Recursive rejection over siblings; returns (accepted node indices, next token)."""
-    children = tree.__dict__.setdefault("_children", _children(tree))
-    node, path = 0, []
+    children, node, path = _children(tree), 0, []
     while True:
         p = probs[node].clone()
         nxt = None
         for c in children[node]:
-            tok = int(cand[c - 1])
+            tok = cand[c - 1]
             if torch.rand((), generator=gen, device=p.device) < p[tok] / p.sum():
                 nxt = c
                 break
@@ -188,94 +245,182 @@ def _sample_accept(tree: Tree, cand: torch.Tensor, probs: torch.Tensor, gen):
         node = nxt
 
 
-def _children(tree: Tree):
-    ch = [[] for _ in range(len(tree) + 1)]
-    for i, par in enumerate(tree.parents[1:], 1):
-        ch[par].append(i)
+def _children(tree: Tree) -> list[list[int]]:
+    """Each node's children (step-local indices), cached on the tree."""
+    ch = tree.__dict__.get("_children")
+    if ch is None:
+        ch = [[] for _ in range(len(tree) + 1)]
+        for i, par in enumerate(tree.parents[1:], 1):
+            ch[par].append(i)
+        tree.__dict__["_children"] = ch
     return ch
 
 
-def _checked(t, cand, vocab: int):
-    """A proposal of a drafter from outside the workbook, refused when it does not fit its tree or the vocabulary."""
-    if len(t) and (cand is None or cand.shape != (len(t),)):
-        raise ValueError(f"the drafter proposed {None if cand is None else tuple(cand.shape)} tokens for a tree of "
-                         f"{len(t)} nodes: one token per node")
-    if len(t) and (int(cand.min()) < 0 or int(cand.max()) >= vocab):
-        raise ValueError(f"the drafter proposed token {int(cand.max()) if int(cand.max()) >= vocab else int(cand.min())}"
-                         f" outside the model's vocabulary of {vocab}")
-    return t, cand
+def _checked(draft, n: int, vocab: int, limits: list[int]):
+    """A draft of a drafter from outside the workbook, refused when it does not fit its trees, the vocabulary or the
+    tokens left."""
+    trees, tokens = draft.trees, draft.tokens
+    if len(trees) != n:
+        raise ValueError(f"the drafter proposed {len(trees)} trees for {n} rows: one per row")
+    for i, t in enumerate(trees):
+        if not len(t):
+            continue
+        if tokens is None or tokens.dim() != 2 or tokens.shape[0] != n or tokens.shape[1] < len(t):
+            raise ValueError(f"the drafter proposed {None if tokens is None else tuple(tokens.shape)} tokens for "
+                             f"{n} row(s) with a tree of {len(t)} nodes: one token per node")
+        row = tokens[i, : len(t)]
+        lo, hi = int(row.min()), int(row.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"the drafter proposed token {hi if hi >= vocab else lo} outside the model's "
+                             f"vocabulary of {vocab}")
+        if t.depth > limits[i]:
+            raise ValueError(f"the drafter proposed a tree {t.depth} deep where {limits[i]} tokens are left")
+    return draft
+
+
+def _step_inputs(x0: list[int], draft, L: list[int], width: int, dev):
+    """The step's tokens ``(n, N + 1)``, position ids and 4D bool mask (None: plain causal) for rows of committed
+    lengths ``L`` in a cache ``width`` wide. Rows whose trees are smaller than the largest are padded with nodes that
+    see only the prefix and themselves (computed, never kept)."""
+    trees, n = draft.trees, len(x0)
+    N = max(len(t) for t in trees)
+    x0t = torch.tensor(x0, device=dev)[:, None]
+    Lt = torch.tensor(L, device=dev)[:, None]
+    anc = None
+    if N == 0:
+        step, pos = x0t, Lt
+    else:
+        step = torch.cat([x0t, draft.tokens[:, :N]], 1)
+        if all(t is trees[0] for t in trees):
+            tt = trees[0].on(dev)
+            pos, anc = Lt + tt.steps_pos, tt.ancestors.expand(n, -1, -1)
+        else:
+            steps_pos = torch.zeros(n, N + 1, dtype=torch.long, device=dev)
+            anc = torch.eye(N + 1, dtype=torch.bool, device=dev).repeat(n, 1, 1)
+            for i, t in enumerate(trees):
+                tt = t.on(dev)
+                steps_pos[i, : len(t) + 1], anc[i, : len(t) + 1, : len(t) + 1] = tt.steps_pos, tt.ancestors
+            pos = Lt + steps_pos
+    if min(L) == width:                                                     # no junk slots: the whole cache is seen
+        mask = None if anc is None else torch.cat([anc.new_ones(n, N + 1, width), anc], 2)[:, None]
+    else:
+        prefix = torch.arange(width, device=dev)[None] < Lt                  # (n, W) each row's committed slots
+        own = anc if anc is not None else prefix.new_ones(n, 1, 1)
+        mask = torch.cat([prefix[:, None, :].expand(-1, N + 1, -1), own], 2)[:, None]
+    return step, pos, mask
 
 
 @torch.inference_mode()
-def _generate_row(model, ids, max_new_tokens, temperature, top_p, drafter, eos, n_pos, gen, stats):
-    dev = ids.device
+def _decode(model, rows, max_new_tokens, sampling: Sampling, drafter, eos, n_pos, stats: StepStats,
+            finished: str = "drop") -> list[list[int]]:
+    """Decode the prompts ``rows`` (1-D tensors on the model's device) together; returns each row's new tokens.
+
+    Every row keeps its own committed length: slots past it are junk no query sees. A step appends each row's
+    ``[x0, drafts...]`` at the cache's width, verifies all rows in one forward, accepts per row, and compacts each
+    row's kept slots in place. A row that ends leaves the batch (``finished="drop"``) or stays as a masked no-op
+    (``"masked"``: computed and drafted for, nothing kept). A model with drafting state of its own (``spec_accept``)
+    decodes one row at a time and hears every accepted step."""
+    if finished not in ("drop", "masked"):
+        raise ValueError(f"finished must be 'drop' or 'masked', got {finished!r}")
+    masked, dev, B = finished == "masked", rows[0].device, len(rows)
+    stateful = not drafters.batchable(model)
+    if stateful and B > 1:
+        raise ValueError(f"{type(model).__name__} keeps drafting state of its own: it decodes one row at a time")
+    foreign = not isinstance(drafter, drafters.BUILT_IN)
+    L = [int(r.numel()) for r in rows]
+    width, plen, hist = max(L), list(L), [r.tolist() for r in rows]
     caches = model.spec_new_cache()
-    L = ids.numel()
-    prompt = ids.tolist()
-    own = isinstance(drafter, (drafters.Heads, drafters.PromptLookup, drafters.Hybrid))
-    logits, ctx = model.spec_forward(ids.view(1, -1), caches)              # prefill
-    stats["forward_passes"] += 1
-    greedy = temperature == 0
-    last = logits[0, -1]
-    x0 = int(last.argmax()) if greedy else int(torch.multinomial(target_probs(last, temperature, top_p), 1,
-                                                                  generator=gen))
-    accept = getattr(model, "spec_accept", None)  # models with drafting state of their own (sequential modules)
-    if accept is not None:
-        accept(ctx, None, x0)
-    j, out = L - 1, []
+    if min(L) == width:                                                     # no padding: a plain causal prefill
+        logits, ctx = model.spec_forward(torch.stack(rows), caches)
+        last = logits[:, -1]
+    else:                                                                   # right-padded, the pads masked
+        ids = torch.zeros(B, width, dtype=torch.long, device=dev)
+        for b, r in enumerate(rows):
+            ids[b, : L[b]] = r
+        ar, lens = torch.arange(width, device=dev), torch.tensor(L, device=dev)
+        mask = (ar[:, None] >= ar[None, :])[None] & (ar[None, None, :] < lens[:, None, None])
+        logits, ctx = model.spec_forward(ids, caches, ar.expand(B, width), mask[:, None])
+        last = logits[torch.arange(B, device=dev), lens - 1]
+    stats.forward_passes += 1
+    x0 = sampling.draw(last)
+    if stateful:
+        model.spec_accept(ctx, None, x0[0])
+    js = torch.tensor(L, device=dev) - 1                                     # step-local position of x0's state
+    alive, done = list(range(B)), [False] * B
     while True:
-        out.append(x0)
-        if x0 in eos or len(out) >= max_new_tokens:
+        stay = []
+        for i, b in enumerate(alive):
+            if not done[b]:
+                hist[b].append(x0[i])
+                done[b] = x0[i] in eos or len(hist[b]) - plen[b] >= max_new_tokens
+            if masked or not done[b]:
+                stay.append(i)
+        if all(done[alive[i]] for i in stay):
             break
-        limit = min(max_new_tokens - len(out), n_pos - L - 1)
-        t, cand = drafter.propose(model, ctx, j, x0, prompt + out, limit)    # a tree and a token per node
-        if not own:
-            t, cand = _checked(t, cand, logits.shape[-1])
-        if t.depth > limit:
-            raise ValueError(f"the drafter proposed a tree {t.depth} deep where {limit} tokens are left")
-        tt = t.on(dev)
-        if len(t):
-            step = torch.cat([cand.new_tensor([x0]), cand]).view(1, -1)
-            pos = (L + tt.steps_pos).view(1, -1)
-            mask = torch.cat([torch.ones(len(t) + 1, L, dtype=torch.bool, device=dev), tt.ancestors], 1)[None, None]
-        else:
-            cand, mask = None, None
-            step, pos = torch.tensor([[x0]], device=dev), torch.tensor([[L]], device=dev)
-        logits, ctx = model.spec_forward(step, caches, pos, mask)           # (1, N+1, V)
-        stats["forward_passes"] += 1
-        if greedy:
-            pred = logits[0].argmax(-1)                                      # (N+1,)
-            if len(t):  # the step's one host sync: the accepted node, the drafts and the argmaxes together
-                host = torch.cat([_greedy_best(t, tt, cand, pred).view(1), cand, pred]).tolist()
-                path, cand, pred = _path_to(t, host[0]), host[1: 1 + len(t)], host[1 + len(t):]
+        if len(stay) < len(alive):                                           # finished rows leave the batch
+            idx_ctx = _leave(caches, ctx, stay, len(alive), dev)
+            ctx, js = idx_ctx, js[torch.tensor(stay, device=dev)]
+            alive, L, x0 = [alive[i] for i in stay], [L[i] for i in stay], [x0[i] for i in stay]
+        n = len(alive)
+        limits = [0 if done[b] else min(max_new_tokens - len(hist[b]) + plen[b], n_pos - l - 1)
+                  for b, l in zip(alive, L)]                                 # the levels each row has left
+        draft = drafter.propose(model, drafters.View(ctx, js, x0, [hist[b] for b in alive], limits, alive))
+        if foreign:
+            draft = _checked(draft, n, logits.shape[-1], limits)
+        trees = draft.trees
+        N = max(len(t) for t in trees)
+        step, pos, mask = _step_inputs(x0, draft, L, width, dev)
+        logits, ctx = model.spec_forward(step, caches, pos, mask)           # (n, N+1, V)
+        stats.forward_passes += 1
+        stats.row_steps += n
+        if sampling.greedy:
+            pred = logits.argmax(-1)                                         # (n, N+1)
+            if N:  # the step's one host sync: every row's drafts and argmaxes together
+                host = torch.cat([draft.tokens[:, :N], pred], 1).tolist()
+                cands, preds = [h[:N] for h in host], [h[N:] for h in host]
+                paths = [_greedy_path(t, c, p) for t, c, p in zip(trees, cands, preds)]
             else:
-                path, pred = [], pred.tolist()
-            x_next = pred[path[-1] if path else 0]
+                cands, preds, paths = [[]] * n, pred.tolist(), [[]] * n
+            x_next = [p[path[-1] if path else 0] for p, path in zip(preds, paths)]
+        elif N:
+            probs = target_probs(logits, sampling.temperature, sampling.top_p)
+            cands = draft.tokens[:, :N].tolist()
+            acc = [_sample_accept(t, c, probs[i], sampling.generator) if len(t) else
+                   ([], int(torch.multinomial(probs[i, 0], 1, generator=sampling.generator)))
+                   for i, (t, c) in enumerate(zip(trees, cands))]
+            paths, x_next = [a[0] for a in acc], [a[1] for a in acc]
         else:
-            probs = target_probs(logits[0], temperature, top_p)
-            path, x_next = _sample_accept(t, cand, probs, gen) if len(t) else (
-                [], int(torch.multinomial(probs[0], 1, generator=gen)))
-        for d in range(t.depth):
-            if d == len(stats["head_tries"]):
-                stats["head_tries"].append(0)
-                stats["head_hits"].append(0)
-            stats["head_tries"][d] += 1
-            stats["head_hits"][d] += int(d < len(path))
-        done = False
-        for node in path:
-            out.append(int(cand[node - 1]))                                  # a host list when greedy
-            if out[-1] in eos or len(out) >= max_new_tokens:
-                done = True
-                break
-        if done:
+            cands, paths, x_next = [[]] * n, [[]] * n, sampling.draw(logits[:, 0])
+        stay, keeps = [], []
+        for i, b in enumerate(alive):
+            if not done[b]:
+                stats.count(trees[i].depth, len(paths[i]))
+                for node in paths[i]:
+                    hist[b].append(cands[i][node - 1])
+                    if hist[b][-1] in eos or len(hist[b]) - plen[b] >= max_new_tokens:
+                        done[b] = True
+                        break
+                else:
+                    stay.append(i)
+                    keeps.append([0] + paths[i])
+                    continue
+            if masked:                                                       # a masked no-op: its cache stays as is
+                stay.append(i)
+                keeps.append([])
+        if all(done[alive[i]] for i in stay):
             break
-        keep = [0] + path
-        _compact(caches, L, keep)
-        if accept is not None:
-            accept(ctx, keep, x_next)
-        L, j, x0 = L + len(keep), path[-1] if path else 0, x_next
-    stats["kv_cache_bytes"] = max(stats.get("kv_cache_bytes", 0), cache_bytes(caches))
-    return out
+        if len(stay) < n:
+            ctx = _leave(caches, ctx, stay, n, dev)
+        L = [L[i] for i in stay]
+        width = _compact(caches, L, width, keeps)
+        if stateful:
+            model.spec_accept(ctx, keeps[0], x_next[0])
+        alive = [alive[i] for i in stay]
+        L = [l + len(k) for l, k in zip(L, keeps)]
+        js = torch.tensor([k[-1] if k else 0 for k in keeps], device=dev)
+        x0 = [x_next[i] for i in stay]
+    stats.kv_cache_bytes = max(stats.kv_cache_bytes, cache_bytes(caches))
+    return [h[p:] for h, p in zip(hist, plen)]
 
 
 def cache_bytes(caches) -> int:
@@ -297,8 +442,8 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     "medusa[:N]", "none", paths, or a Tree: what the heads draft. ``drafter``: ``"heads"``, ``"prompt_lookup[:K]"``
     (n-gram lookup in the row's own tokens, no heads needed), ``"hybrid[:K]"`` (both in one tree) or an object with
     ``propose`` (``multitoken.drafters``; its proposals are checked). ``batched``: the rows advance together
-    (``multitoken.batched``; the heads' drafts only) or one after the other; None: together for a batch of several rows
-    where the model and drafter allow it; ``"masked"``: together, finished rows kept in the batch as masked no-ops
+    or one after the other; None: together for a batch of several rows where the model allows it (not a model with
+    drafting state of its own); ``"masked"``: together, finished rows kept in the batch as masked no-ops
     instead of leaving it (a measurement, not faster).
     """
     if not hasattr(model, "spec_forward"):
@@ -317,9 +462,7 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
                          f"use torch.Generator(device={str(dev)!r})")
     tree = parse_tree(tree, model.num_heads)
     drafter = drafters.make(drafter, tree)
-    from . import batched as batched_mod
-
-    if not isinstance(drafter, drafters.Heads) and not batched_mod.supports(model):
+    if not isinstance(drafter, drafters.Heads) and not drafters.batchable(model):
         raise ValueError(f"{type(model).__name__} keeps drafting state of its own (its MTP modules' caches follow "
                          f"the heads' tree): it drafts with its heads only, not with {drafter.name!r}")
     draft = getattr(model, "draft_ids", None)
@@ -349,26 +492,21 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     if pad_token_id is None:
         pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
         pad_token_id = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
-    stats = {"forward_passes": 0, "head_tries": [0] * tree.depth, "head_hits": [0] * tree.depth}
+    if batched is None:
+        batched = len(rows) > 1 and drafters.batchable(model)
+    elif batched and not drafters.batchable(model):
+        raise ValueError(f"{type(model).__name__} keeps drafting state of its own (spec_accept): it decodes row by "
+                         "row (batched=False)")
+    sampling, stats = Sampling(temperature, top_p, generator), StepStats(head_tries=[0] * tree.depth,
+                                                                          head_hits=[0] * tree.depth)
     was_training = getattr(model, "training", False)
     model.eval()
     sync(dev)
     t0 = time.perf_counter()
-    heads_only = isinstance(drafter, drafters.Heads)
-    if batched is None:
-        batched = len(rows) > 1 and batched_mod.supports(model) and heads_only
-    elif batched and not batched_mod.supports(model):
-        raise ValueError(f"{type(model).__name__} keeps drafting state of its own (spec_accept): it decodes row by "
-                         "row (batched=False)")
-    elif batched and not heads_only:
-        raise ValueError(f"the {drafter.name} drafter decodes row by row (batched=False)")
     try:
-        if batched:
-            outs = batched_mod.generate_rows(model, rows, max_new_tokens, temperature, top_p, tree, eos, n_pos,
-                                             generator, stats, finished="masked" if batched == "masked" else "drop")
-        else:
-            outs = [_generate_row(model, r, max_new_tokens, temperature, top_p, drafter, eos, n_pos, generator, stats)
-                    for r in rows]
+        finished = "masked" if batched == "masked" else "drop"
+        outs = (_decode(model, rows, max_new_tokens, sampling, drafter, eos, n_pos, stats, finished) if batched else
+                [_decode(model, [r], max_new_tokens, sampling, drafter, eos, n_pos, stats)[0] for r in rows])
     finally:
         model.train(was_training)
     sync(dev)
@@ -378,8 +516,9 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     for i, o in enumerate(outs):
         new[i, : len(o)] = input_ids.new_tensor(o)
     n_new = sum(len(o) for o in outs)
-    row_forwards = len(rows) + stats["row_steps"] if batched else stats["forward_passes"]  # forwards seen per row
-    stats.update(new_tokens=n_new, wall_time_s=wall, mean_accepted_length=n_new / row_forwards, batched=batched,
+    stats = asdict(stats)
+    stats.update(new_tokens=n_new, wall_time_s=wall, batched=batched,
+                 mean_accepted_length=n_new / (len(rows) + stats["row_steps"]),   # tokens per forward a row saw
                  per_head_acceptance=[h / t if t else 0.0 for h, t in zip(stats["head_hits"], stats["head_tries"])],
                  tree=tree.name, tree_nodes=len(tree), drafter=getattr(drafter, "name", type(drafter).__name__),
                  tokens_per_s=n_new / wall if wall > 0 else 0.0)

@@ -1,17 +1,19 @@
 """Drafters: what proposes the tokens a decoding step verifies.
 
-A drafter's ``propose(model, ctx, j, x0, history, limit)`` returns a :class:`~multitoken.trees.Tree` of at most
-``limit`` levels and one token per node (a LongTensor on the model's device, in the tree's node order), or
-``(empty tree, None)`` for no draft. ``ctx``, ``j`` and ``x0`` are what the model's heads draft from (the context of
-the last forward, the step-local position of the chosen token, that token); ``history`` is the row's tokens so far
-(prompt and output, ``x0`` last). The engine verifies every proposal with the model itself, so any drafter is
-lossless: it changes how many tokens a step keeps, never which.
+A drafter has a ``name`` and ``propose(model, view) -> Draft``: for each row ``i`` still decoding (``view``, a
+:class:`View`), a :class:`~multitoken.trees.Tree` of at most ``view.limits[i]`` levels and one token per node, as a
+:class:`Draft` (the rows' trees and their tokens, padded to the largest tree). The engine verifies every proposal
+with the model itself, so any drafter is lossless: it changes how many tokens a step keeps, never which. A drafter
+that works one row at a time subclasses :class:`RowDrafter` and writes ``propose_row``.
 
-- :class:`Heads`: the model's own heads under a fixed tree (MTP heads, MEDUSA-1 heads, MTP modules);
-- :class:`PromptLookup`: n-gram lookup in the row's own history, as transformers' ``prompt_lookup_num_tokens``;
-- :class:`Hybrid`: one tree holding the heads' tree and the lookup's chain, shared prefixes merged.
+- :class:`Heads`: the model's own heads under a fixed tree (MTP heads, MEDUSA-1 heads, MTP modules), every row's
+  drafts in one batched call where the model offers ``spec_head_topk_rows``;
+- :class:`PromptLookup`: n-gram lookup in each row's own history, as transformers' ``prompt_lookup_num_tokens``;
+- :class:`Hybrid`: per row, one tree holding the heads' tree and the lookup's chain, shared prefixes merged.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -20,23 +22,118 @@ from .trees import Tree, chain
 NONE = Tree((), name="none")
 
 
+@dataclass(frozen=True)
+class View:
+    """What a drafter sees at a step, for the ``n`` rows still decoding.
+
+    ``ctx``: the last forward's drafting context (batch-major; what the model's heads read); ``js`` (n,): the
+    step-local position in that forward of each row's chosen token; ``x0``: those tokens (each tree's root);
+    ``histories``: each row's tokens so far (prompt, output, ``x0`` last; read-only); ``limits``: each row's tree
+    may be at most this many levels deep (the tokens it has left); ``rows``: which rows of the batch these are."""
+
+    ctx: dict | None
+    js: torch.Tensor
+    x0: list
+    histories: list
+    limits: list
+    rows: list
+
+    def row_ctx(self, i: int) -> dict | None:
+        """Row ``i``'s slice of the drafting context."""
+        n = len(self.x0)
+        return self.ctx if n == 1 else select_rows(self.ctx, torch.tensor([i], device=self.js.device), n)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One tree per row and their tokens ``(n, N)`` (row ``i``'s first ``len(trees[i])`` entries in the tree's node
+    order; N = the largest tree's size; None when every tree is empty)."""
+
+    trees: list
+    tokens: torch.Tensor | None
+
+    @staticmethod
+    def of_rows(pairs, device) -> "Draft":
+        """A draft from one ``(tree, tokens or None)`` per row."""
+        trees = [t for t, _ in pairs]
+        for t, cand in pairs:
+            if len(t) and (cand is None or cand.shape != (len(t),)):
+                raise ValueError(f"the drafter proposed {None if cand is None else tuple(cand.shape)} tokens for a "
+                                 f"tree of {len(t)} nodes: one token per node")
+        N = max((len(t) for t in trees), default=0)
+        if N == 0:
+            return Draft(trees, None)
+        if len(pairs) == 1:
+            return Draft(trees, pairs[0][1].view(1, -1))
+        tokens = torch.zeros(len(pairs), N, dtype=torch.long, device=device)
+        for i, (t, cand) in enumerate(pairs):
+            if len(t):
+                tokens[i, : len(t)] = cand
+        return Draft(trees, tokens)
+
+
+def select_rows(ctx, idx: torch.Tensor, n: int):
+    """Rows ``idx`` of every batch-major tensor (or list of them) in a drafting context of ``n`` rows; the caches
+    and anything else stay as they are."""
+    def pick(x):
+        if isinstance(x, torch.Tensor):
+            return x.index_select(0, idx) if x.dim() and x.shape[0] == n else x
+        if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
+            return type(x)(pick(t) for t in x)
+        return x
+    return None if ctx is None else {k: (v if k == "caches" else pick(v)) for k, v in ctx.items()}
+
+
+def batchable(model) -> bool:
+    """Whether the rows of a batch can decode together on ``model``: not when it keeps drafting state of its own
+    (the sequential MTP modules' caches, which follow one row's tree)."""
+    seq = getattr(model, "_seq_modules", None)
+    return getattr(model, "spec_accept", None) is None or (seq is not None and not seq())
+
+
 def _device(model) -> torch.device:
     """Where the model's parameters live: where a drafter makes its tokens."""
     return next(iter(model.parameters())).device
 
 
+class RowDrafter:
+    """A drafter that proposes for one row at a time: ``propose_row(model, ctx, j, x0, history, limit)`` returns
+    ``(tree, tokens)`` or ``(empty tree, None)``, with ``ctx`` the row's own slice of the drafting context."""
+
+    name = "row drafter"
+
+    def propose_row(self, model, ctx, j: int, x0: int, history: list, limit: int):
+        raise NotImplementedError
+
+    def propose(self, model, view: View) -> Draft:
+        js = view.js.tolist()
+        return Draft.of_rows([self.propose_row(model, view.row_ctx(i), js[i], view.x0[i], view.histories[i],
+                                               view.limits[i]) for i in range(len(view.x0))], _device(model))
+
+
 class Heads:
-    """The model's heads, drafting the nodes of ``tree`` (cut to ``limit`` levels near the end of the budget)."""
+    """The model's heads, drafting the nodes of ``tree`` (each row's cut to the levels it has left: nodes are in
+    depth order, so a cut tree's tokens are the first of the whole tree's)."""
 
     def __init__(self, tree: Tree):
         self.tree, self.name = tree, tree.name
 
-    def propose(self, model, ctx, j, x0, history, limit):
-        t = self.tree.truncate(limit)
-        return (t, model.spec_propose(ctx, j, x0, t)) if len(t) else (NONE, None)
+    def propose(self, model, view: View) -> Draft:
+        t, n = self.tree.truncate(max(view.limits)), len(view.x0)
+        trees = [t.truncate(limit) for limit in view.limits]
+        if not len(t):
+            return Draft(trees, None)
+        topk = getattr(model, "spec_head_topk_rows", None)
+        top = topk(view.ctx, view.js, t.max_topk) if topk is not None and n > 1 else None   # (n, S, k) or None
+        if top is not None:
+            tt = t.on(top.device)
+            return Draft(trees, top[:, tt.depths - 1, tt.last_idx])
+        js = view.js.tolist()
+        return Draft(trees, torch.stack([model.spec_propose(view.row_ctx(i), js[i], view.x0[i], t)
+                                         for i in range(n)]))
 
 
-class PromptLookup:
+class PromptLookup(RowDrafter):
     """Draft the ``num_tokens`` tokens that followed the earliest earlier occurrence of the history's last n-gram,
     trying n = ``max_ngram`` down to 1 (transformers' prompt lookup decoding: GSM8K answers repeat the question's
     numbers and phrases)."""
@@ -58,7 +155,7 @@ class PromptLookup:
                     return history[s + n: min(s + n + k, n_hist)]
         return []
 
-    def propose(self, model, ctx, j, x0, history, limit):
+    def propose_row(self, model, ctx, j, x0, history, limit):
         toks = self.lookup(history, limit) if limit > 0 else []
         if not toks:
             return NONE, None
@@ -66,19 +163,17 @@ class PromptLookup:
 
 
 class Hybrid:
-    """The heads' tree and the lookup's chain in one tree: the chain follows the heads' nodes while their tokens
-    agree and branches off where they part, so a step verifies both proposals at once and keeps the longer match."""
+    """Per row, the heads' tree and the lookup's chain in one tree: the chain follows the heads' nodes while their
+    tokens agree and branches off where they part, so a step verifies both proposals at once and keeps the longer
+    match."""
 
     def __init__(self, heads: Heads, lookup: PromptLookup):
         self.heads, self.lookup = heads, lookup
         self.name = f"{heads.name}+{lookup.name}"
         self._trees: dict = {}
 
-    def propose(self, model, ctx, j, x0, history, limit):
-        t, cand = self.heads.propose(model, ctx, j, x0, history, limit)
-        toks = self.lookup.lookup(history, limit) if limit > 0 else []
-        if not toks:
-            return t, cand
+    def merge(self, t: Tree, cand: torch.Tensor | None, toks: list[int]) -> tuple[Tree, list[int]]:
+        """The heads' tree ``t`` (tokens ``cand``) with the chain ``toks`` merged in: the tree and its tokens."""
         token_of = dict(zip(t.paths, cand.tolist())) if len(t) else {}
         children: dict = {}
         for p in t.paths:
@@ -95,7 +190,22 @@ class Hybrid:
         tree = self._trees.get(paths)
         if tree is None:
             tree = self._trees[paths] = Tree(paths, name=self.name)
-        return tree, torch.tensor([token_of[p] for p in tree.paths], dtype=torch.long, device=_device(model))
+        return tree, [token_of[p] for p in tree.paths]
+
+    def propose(self, model, view: View) -> Draft:
+        heads = self.heads.propose(model, view)
+        pairs, dev = [], _device(model)
+        for i, (t, history) in enumerate(zip(heads.trees, view.histories)):
+            cand = heads.tokens[i, : len(t)] if len(t) else None
+            toks = self.lookup.lookup(history, view.limits[i]) if view.limits[i] > 0 else []
+            if toks:
+                t, merged = self.merge(t, cand, toks)
+                cand = torch.tensor(merged, dtype=torch.long, device=dev)
+            pairs.append((t, cand))
+        return Draft.of_rows(pairs, dev)
+
+
+BUILT_IN = (Heads, PromptLookup, Hybrid)
 
 
 def make(spec, tree: Tree) -> object:
@@ -103,7 +213,7 @@ def make(spec, tree: Tree) -> object:
     ``"hybrid[:K]"`` (the heads under ``tree`` and prompt lookup of K tokens), or a drafter object as it is."""
     if not isinstance(spec, str):
         if not hasattr(spec, "propose"):
-            raise ValueError(f"a drafter needs a propose(model, ctx, j, x0, history, limit) method: {spec!r}")
+            raise ValueError(f"a drafter needs a propose(model, view) method: {spec!r}")
         return spec
     name, _, k = spec.partition(":")
     if k and not k.isdigit():

@@ -6,6 +6,7 @@ implicit. Every prefix of a node's path is itself a node, so each node has a par
 """
 from __future__ import annotations
 
+import functools
 import heapq
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -98,8 +99,9 @@ class Tree:
         return cache[depth]
 
 
+@functools.lru_cache(maxsize=None)
 def chain(depth: int) -> Tree:
-    """Top-1 of each of the first ``depth`` heads: plain self-speculative decoding."""
+    """Top-1 of each of the first ``depth`` heads: plain self-speculative decoding (one Tree per depth, shared)."""
     return Tree(tuple((0,) * d for d in range(1, depth + 1)), name=f"chain{depth}")
 
 
