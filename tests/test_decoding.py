@@ -9,7 +9,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from conftest import EOS, PAD, V, VARIANTS, medusa, medusa_draft, mtp
 from multitoken import wrap_model_with_mtp
 from multitoken.decoding import speculative_generate, target_probs
-from multitoken.trees import Tree, chain, fitted_tree, medusa_tree, parse_tree
+from multitoken.decoding.trees import Tree, chain, fitted_tree, medusa_tree, parse_tree
 
 MODELS = {f"mtp-{i}": (lambda i=i: mtp(**VARIANTS[i], num_predict_tokens=4, initializer_range=0.4, seed=i))
           for i in range(len(VARIANTS))}
@@ -116,7 +116,7 @@ def test_kv_cache_after_a_tree_step_equals_a_fresh_forward():
     model = mtp(head_type="transformer", num_predict_tokens=4, initializer_range=0.4)
     ids = torch.randint(2, V, (1, 6))
     ref = hf(model, ids, 30)[0]
-    import multitoken.decoding as D
+    import multitoken.decoding.engine as D
 
     seen = {}
     orig = D._compact
@@ -243,11 +243,11 @@ def test_wrapped_llama_decodes_losslessly():
 def test_lean_forward_equals_transformers(kw, transposed, monkeypatch):
     """The decoding loop's lean GPT-2 forward (backbones.lean_block) gives transformers' logits, head states and KV cache:
     prefill, then a tree-masked verification step on top of the cache; with either matmul layout."""
-    from multitoken import fastpath
+    from multitoken.core import fastpath
 
     monkeypatch.setattr(fastpath, "_transposed_faster", lambda *a: transposed)
 
-    from multitoken.backbones import GPT2Backbone
+    from multitoken.core.backbones import GPT2Backbone
 
     model = mtp(**kw, num_predict_tokens=3, initializer_range=0.4)
     blk = model.transformer.h[0]
@@ -276,7 +276,7 @@ def test_lean_forward_equals_transformers(kw, transposed, monkeypatch):
 
 
 def test_fastpath_matmul_layouts_agree_and_follow_weight_updates(monkeypatch):
-    from multitoken import fastpath
+    from multitoken.core import fastpath
     from transformers.pytorch_utils import Conv1D
 
     conv, lin = Conv1D(24, 16), torch.nn.Linear(16, 24)
@@ -294,7 +294,7 @@ def test_fastpath_matmul_layouts_agree_and_follow_weight_updates(monkeypatch):
 
 
 def test_layout_choice_is_timed_once_per_shape_recorded_and_replayed(monkeypatch):
-    from multitoken import fastpath
+    from multitoken.core import fastpath
 
     monkeypatch.setattr(fastpath, "_TRANSPOSED_FASTER", {})
     calls = []
@@ -323,7 +323,7 @@ class Forced(dict):
 
 
 def test_heads_unembedding_layout_is_timed_once_per_shape_and_takes_the_faster(monkeypatch):
-    from multitoken import fastpath
+    from multitoken.core import fastpath
 
     monkeypatch.setattr(fastpath, "_PER_HEAD_FASTER", {})
     calls = []
@@ -348,7 +348,7 @@ def test_heads_unembedding_layout_is_timed_once_per_shape_and_takes_the_faster(m
 def test_medusa_batched_drafting_equals_one_head_at_a_time(per_head, monkeypatch):
     """Medusa drafts with all heads stacked into batched matmuls; the logits must equal running each head alone,
     also after the weights change (the stacked copy is rebuilt), with either layout of the heads' unembeddings."""
-    from multitoken import fastpath
+    from multitoken.core import fastpath
 
     monkeypatch.setattr(fastpath, "_PER_HEAD_FASTER", Forced(per_head))
     model = medusa(medusa_num_layers=2, initializer_range=0.4)
@@ -370,7 +370,7 @@ def test_medusa_batched_drafting_equals_one_head_at_a_time(per_head, monkeypatch
 def test_mtp_batched_drafting_equals_one_head_at_a_time(kw, per_head, monkeypatch):
     """Position-wise MTP heads draft in batched matmuls too; equal to running each head alone, also after the weights
     change, with either layout of the heads' own unembeddings."""
-    from multitoken import fastpath
+    from multitoken.core import fastpath
 
     monkeypatch.setattr(fastpath, "_PER_HEAD_FASTER", Forced(per_head))
     model = mtp(**kw, num_predict_tokens=4, initializer_range=0.4)
@@ -388,7 +388,7 @@ def test_mtp_batched_drafting_equals_one_head_at_a_time(kw, per_head, monkeypatc
 
 
 def test_layout_timings_cover_every_shape_and_row_count():
-    from multitoken import fastpath
+    from multitoken.core import fastpath
 
     real = fastpath._layout_seconds
     seen = []
@@ -413,8 +413,8 @@ def test_layout_timings_cover_every_shape_and_row_count():
 def test_growing_cache_equals_dynamic_cache_and_compacts_in_place():
     """The engine's cache appends into a buffer that doubles (no copy of the whole cache per step) and the KV
     compaction moves the kept slots in place; the tensors it holds equal transformers' DynamicCache's."""
-    from multitoken.backbones import GrowingCache
-    import multitoken.decoding as D
+    from multitoken.core.backbones import GrowingCache
+    import multitoken.decoding.engine as D
 
     g, d = GrowingCache(), DynamicCache()
     gen = torch.Generator().manual_seed(0)
@@ -437,7 +437,7 @@ def test_growing_cache_keeps_its_capacity_when_rows_leave_the_batch():
     """The batched loop drops finished rows by reassigning each layer's keys/values (index_select): the next update
     copies them into a buffer of the capacity they need, and does not double it per reassignment (31 rows leaving
     a batch of 32 one by one once asked for 2^31 slots: 28 GB on SmolLM2)."""
-    from multitoken.backbones import GrowingCache
+    from multitoken.core.backbones import GrowingCache
 
     g = GrowingCache()
     g.update(torch.randn(16, 2, 10, 4), torch.randn(16, 2, 10, 4), 0)

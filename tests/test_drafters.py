@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import EOS, PAD, V, VARIANTS, medusa, medusa_draft, mtp, tiny
-from multitoken import drafters
+from multitoken.decoding import drafters
 from multitoken.decoding import speculative_generate
-from multitoken.trees import Tree, chain, medusa_tree
+from multitoken.decoding.trees import Tree, chain, medusa_tree
 from test_decoding import assert_two_token_distribution, hf, six_token_model
 from multitoken.decoding import target_probs
 

@@ -437,7 +437,7 @@ def test_the_bf16_probe_reads_the_cpus_flags_and_times_only_where_pytorch_cannot
     timing does, and on this machine the timing agrees with the flags."""
     import torch
 
-    from multitoken import fastpath
+    from multitoken.core import fastpath
 
     flags = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     monkeypatch.setattr(fastpath, "_CPU_BF16_FAST", [])

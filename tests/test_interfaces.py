@@ -9,8 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import EOS, PAD, V
 from multitoken import (MTPConfig, MTPTrainer, PerformanceTracker, SpeculativeDecoder, get_mtp_weight, pipeline,
                         wrap_model_with_mtp)
-from multitoken.heads import loss_weights, shifted_ce
-from multitoken.interfaces import effective_data, nanochat_weights
+from multitoken.core.heads import loss_weights, shifted_ce
+from multitoken.compat.interfaces import effective_data, nanochat_weights
 
 
 def tiny_llama(seed=0):

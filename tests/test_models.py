@@ -6,7 +6,7 @@ from conftest import EOS, PAD, V, VARIANTS, medusa, mtp, tiny
 from multitoken import MedusaConfig, MedusaGPT2, MTPConfig, MultiTokenGPT2, wrap_model_with_mtp
 from huggingface_hub.errors import StrictDataclassError
 
-from multitoken.heads import loss_weights, warmup_factor
+from multitoken.core.heads import loss_weights, warmup_factor
 
 CONFIG_ERRORS = (ValueError, StrictDataclassError)  # HF's strict configs wrap our ValueError, message kept
 
@@ -180,7 +180,7 @@ def test_wrap_tiny_llama_trains_and_is_causal():
 def _draft_pair(k=10, seed=0):
     """A MEDUSA-1 model over the whole vocabulary and its twin whose heads cover only ``k`` random tokens (EOS
     among them): same blocks, the unembeddings' rows of those tokens."""
-    from multitoken.medusa import frequent_tokens
+    from multitoken.core.medusa import frequent_tokens
 
     full = medusa(initializer_range=0.4, seed=seed)
     with torch.no_grad():
@@ -239,8 +239,8 @@ def test_draft_vocabulary_loss_skips_and_accuracy_misses_targets_outside_it():
 
 def test_draft_vocabulary_survives_a_round_trip_and_bad_ones_are_refused(tmp_path):
     from multitoken import wrap_model_with_medusa
-    from multitoken.medusa import frequent_tokens
-    from multitoken.pretrained import load_model
+    from multitoken.core.medusa import frequent_tokens
+    from multitoken.core.pretrained import load_model
 
     _, draft, ids = _draft_pair()
     draft.save_pretrained(tmp_path)
@@ -286,7 +286,7 @@ def test_a_draft_vocabulary_narrower_than_the_tree_is_refused_and_fitted_trees_s
     head top-k accuracy ranks only 3, and the tree fitted from it decodes (and equals greedy)."""
     from multitoken.decoding import speculative_generate
     from multitoken.pipeline import head_topk_accuracy
-    from multitoken.trees import fitted_tree
+    from multitoken.decoding.trees import fitted_tree
 
     _, draft, ids = _draft_pair(k=3)
     x = torch.randint(2, V, (2, 8), generator=torch.Generator().manual_seed(2))

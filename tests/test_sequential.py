@@ -8,7 +8,7 @@ from transformers import DynamicCache
 from conftest import PAD, V, mtp
 from test_decoding import hf
 from multitoken.decoding import speculative_generate
-from multitoken.trees import Tree
+from multitoken.decoding.trees import Tree
 
 SEQ = dict(head_type="transformer", sequential=True)
 

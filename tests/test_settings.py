@@ -6,7 +6,8 @@ import typing
 import pytest
 
 from multitoken import __main__ as cli
-from multitoken import data, heads, models, pipeline, settings
+from multitoken import data, pipeline, settings
+from multitoken.core import heads, models
 from multitoken.settings import SettingsError
 from multitoken.utils import DTYPES, repo_root
 

@@ -12,8 +12,9 @@ import pandas as pd
 import torch
 from transformers import DynamicCache
 
-from . import fastpath, pipeline, report
-from .backbones import backbone_of
+from . import pipeline, report
+from .core import fastpath
+from .core.backbones import backbone_of
 from .evaluation import batch_rows
 from .utils import write_json
 
@@ -172,7 +173,7 @@ def step_costs(name: str, dtypes=("float32", "bfloat16"), context: int = 300, si
     from . import data as D
     from .decoding import speculative_generate
     from .evaluation import hf_method
-    from .pretrained import load
+    from .core.pretrained import load
     from .utils import DTYPES
 
     torch.set_grad_enabled(False)

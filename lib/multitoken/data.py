@@ -171,7 +171,7 @@ def build_tokenizer(train_texts=None, name: str | None = None, vocab_size: int =
     response, and adding a token would resize the pretrained model's embeddings. One without (GPT-2) gets ``<|pad|>``.
     """
     if name:
-        from .pretrained import load_tokenizer
+        from .core.pretrained import load_tokenizer
 
         tok = load_tokenizer(str(name))
         if tok.eos_token is None:
@@ -268,7 +268,7 @@ def preprocess_data(model_name: str | None = "gpt2", max_seq_len: int = 512, tra
     ``model_name`` names the pretrained tokenizer/config (hub name or local directory); ``None`` trains a BPE.
     """
     if n_positions is None and model_name:
-        from .pretrained import model_dir
+        from .core.pretrained import model_dir
 
         n_positions = AutoConfig.from_pretrained(model_dir(model_name)).max_position_embeddings
     if n_positions is not None:

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import stats as S
-from .backbones import backbone_of
+from .core.backbones import backbone_of
 from .decoding import model_device, speculative_generate, sync
-from .trees import parse_tree
+from .decoding.trees import parse_tree
 
 log = logging.getLogger(__name__)
 
@@ -535,7 +535,7 @@ def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
     import random
     import time
 
-    from .decoding import _eos_set, speculative_generate, sync
+    from .decoding.engine import _eos_set, speculative_generate, sync
 
     dev = next(ntp.parameters()).device
     if ntp.generation_config.pad_token_id is not None:

@@ -39,8 +39,8 @@ from . import data as D
 from . import stages
 from .decoding import PlainLM, speculative_generate, sync
 from .evaluation import benchmark_decoding, engine_method, hf_method
-from .medusa import wrap_model_with_medusa
-from .models import wrap_model_with_mtp
+from .core.medusa import wrap_model_with_medusa
+from .core.models import wrap_model_with_mtp
 from .training import GPT2LMHeadModel, _fresh_config, build_mtp_model
 from .utils import repo_root, write_json
 

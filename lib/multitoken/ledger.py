@@ -20,7 +20,7 @@ from transformers import set_seed
 from . import data as D
 from . import evaluation as E
 from . import pipeline as PL
-from . import pretrained as P
+from .core import pretrained as P
 from . import stats as S
 from . import thesis as TH
 from . import training as T

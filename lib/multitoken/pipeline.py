@@ -12,15 +12,15 @@ import torch
 
 from . import data as D
 from . import evaluation as E
-from . import fastpath
-from . import pretrained as P
+from .core import fastpath
+from .core import pretrained as P
 from . import report as R
 from . import settings
 from . import stats as S
 from . import training as T
-from .medusa import MedusaMixin
-from .models import HEAD_TYPES, MultiTokenMixin
-from .trees import fitted_tree, medusa_tree
+from .core.medusa import MedusaMixin
+from .core.models import HEAD_TYPES, MultiTokenMixin
+from .decoding.trees import fitted_tree, medusa_tree
 from .utils import repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
 
 VARIANTS = ("ntp", "mtp", "medusa", "mtp_seq")
@@ -50,7 +50,7 @@ def resolve(cfg: dict) -> dict:
     if cfg["model_name"] and not cfg["tokenizer_name"]:
         cfg["tokenizer_name"] = cfg["model_name"]
     if cfg["use_mtp"] is not None:
-        from .interfaces import nanochat_fields
+        from .compat.interfaces import nanochat_fields
 
         cfg.update(nanochat_fields(cfg["use_mtp"], cfg["mtp_n_tokens"], cfg["mtp_weight"]))
     dev = resolve_device(cfg["device"])
@@ -266,7 +266,7 @@ def check_family(cfg, checkpoint) -> None:
     GPT-2 profile left under a profile that now names a Llama)."""
     from transformers import AutoConfig
 
-    from .backbones import family_of
+    from .core.backbones import family_of
 
     P.check_checkpoint_dir(checkpoint)
     got, want = family_of(AutoConfig.from_pretrained(str(checkpoint))), family(cfg)

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from . import stats as S
-from .backbones import backbone_of, family_of
+from .core.backbones import backbone_of, family_of
 from .decoding import model_device
 from .evaluation import timed
-from .models import MTP_FACES, _base_fields, build_face
+from .core.models import MTP_FACES, _base_fields, build_face
 
 BRANCHING = (5, 5, 3, 3, 2)           # its Medusa tree: top-k per head
 TYPICAL = dict(threshold=0.2, epsilon=1e-4)
@@ -59,7 +59,7 @@ def from_lm(base, num_predict_tokens: int = 4, leak: bool = False, **fields):
     local directory, or a name :mod:`multitoken.pretrained` installs): layers ``0..L-n+1`` form the next-token path,
     the remaining layers (the last one repeated) become heads 2..n, all sharing the final norm and unembedding."""
     if isinstance(base, (str, Path)):
-        from .pretrained import load_model
+        from .core.pretrained import load_model
 
         base = load_model(str(base))
     bb = backbone_of(base)

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments, set_seed)
 
-from .backbones import backbone_of
+from .core.backbones import backbone_of
 from .evaluation import peak_memory_mb
-from .medusa import frequent_tokens, wrap_model_with_medusa
-from .models import MTP_FIELD_NAMES, MTPConfig, MultiTokenGPT2, wrap_model_with_mtp
-from .pretrained import load_model
+from .core.medusa import frequent_tokens, wrap_model_with_medusa
+from .core.models import MTP_FIELD_NAMES, MTPConfig, MultiTokenGPT2, wrap_model_with_mtp
+from .core.pretrained import load_model
 from .utils import atomic_dir, write_csv
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,6 @@ from transformers import initialization as init
 
 from . import fastpath, sequential
 from .backbones import backbone_of, family_of
-from .interfaces import MTPDecoder, remember_heads
 from .heads import (WEIGHTINGS, EyeLinear, HeadsMixin, MultiTokenOutput, ResBlock, ZeroLinear, init_special, loss_weights,
                     named_step_losses, shifted_ce, warmup_factor)
 
@@ -200,11 +199,6 @@ class MultiTokenMixin(HeadsMixin):
     @property
     def backbone(self):
         return backbone_of(self)
-
-    @property
-    def mtp_decoder(self) -> MTPDecoder:
-        """OLMo-core's decoder: ``model.mtp_decoder.generate(input_ids, max_new_tokens, temperature, top_p)``."""
-        return MTPDecoder(self)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -459,6 +453,20 @@ def build_face(model, faces: dict, config=None, state_dict=None, **fields):
     face.to(p.device, p.dtype)
     face.generation_config = copy.deepcopy(model.generation_config)
     return face, missing
+
+
+def remember_heads(base, wrapped) -> None:
+    """Note on ``base`` that ``wrapped`` holds heads for it (so a decoder given the base finds them): a plain
+    attribute, not a submodule (``base``'s parameters and state dict are unchanged)."""
+    base.__dict__["_multitoken_heads"] = wrapped
+
+
+def heads_of(model):
+    """``model`` itself if it has drafting heads, else the model ``wrap_model_with_mtp`` /
+    ``wrap_model_with_medusa`` last built on it (None: neither)."""
+    if getattr(model, "num_heads", 0) and hasattr(model, "spec_forward"):
+        return model
+    return getattr(model, "__dict__", {}).get("_multitoken_heads")
 
 
 def wrap_model_with_mtp(model, config=None, **overrides):

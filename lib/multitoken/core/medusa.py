@@ -25,8 +25,7 @@ from transformers import initialization as init
 from . import fastpath
 from .backbones import backbone_of
 from .heads import OUT_OF_VOCAB, HeadsMixin, MultiTokenOutput, ResBlock, init_special, named_step_losses, shifted_ce
-from .interfaces import remember_heads
-from .models import build_face
+from .models import build_face, remember_heads
 
 
 @dataclass(kw_only=True)

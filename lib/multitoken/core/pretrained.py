@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .utils import repo_root, sha256_of
+from ..utils import repo_root, sha256_of
 
 
 @dataclass(frozen=True)
@@ -149,9 +149,7 @@ def model_dir(name: str, tokenizer_only: bool = False) -> str:
 def load_model(name: str, dtype=torch.float32, device=None):
     """The causal LM ``name`` (see :func:`model_dir`) in ``dtype`` on ``device`` (CPU by default), in eval mode.
     Workbook checkpoints (``MultiTokenGPT2``, ``MedusaLlama``, ...) load as their own classes."""
-    from transformers import AutoModelForCausalLM
-
-    import multitoken  # noqa: F401  (registers the workbook's model types with AutoModelForCausalLM)
+    from transformers import AutoModelForCausalLM            # the workbook's types: registered by multitoken.core
 
     model = AutoModelForCausalLM.from_pretrained(model_dir(name), dtype=dtype)
     return model.to(device or torch.device("cpu")).eval()

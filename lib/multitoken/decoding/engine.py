@@ -26,8 +26,9 @@ from typing import Protocol
 
 import torch
 
-from . import drafters, fastpath
-from .backbones import Backbone, backbone_of
+from ..core import fastpath
+from ..core.backbones import Backbone, backbone_of
+from . import drafters
 from .trees import Tree, parse_tree
 
 

@@ -1,4 +1,7 @@
 """The other MTP systems' own interfaces, on the workbook's models (their usage examples: ``docs/OTHER_SYSTEMS.md``).
+This module imports the core and the engine, never the reverse: the names it gives the core's classes
+(``model.mtp_decoder``, ``model.speculative_generate`` and the thesis' ``enhanced_speculative_generate``) are attached
+here, when ``multitoken`` is imported.
 
 - an **MTP accelerator** module: ``MTPTrainer(model, tokenizer, mtp_sequence_length=4)`` puts heads on a plain causal
   LM (``trainer.model``) and ``train_step(batch, optimizer) -> float`` runs one MTP step;
@@ -18,31 +21,19 @@ data for 3 tokens" = 1 + 0.5 + 0.25 requires), so OLMo-core's K-step weights wit
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-from .decoding import speculative_generate
-from .heads import warmup_factor
-
-_HEADS_OF: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # base model -> the model with its heads
-
-
-def remember_heads(base, wrapped) -> None:
-    """Note that ``wrapped`` holds heads for ``base`` (so a decoder given the base finds them)."""
-    try:
-        _HEADS_OF[base] = wrapped
-    except TypeError:  # not weak-referenceable: nothing to remember
-        pass
-
+from ..core.heads import HeadsMixin, warmup_factor
+from ..core.models import MultiTokenMixin
+from ..core.models import heads_of as _heads_of
+from ..decoding import speculative_generate
 
 def heads_of(model):
     """``model`` itself if it has drafting heads, else the model ``wrap_model_with_mtp`` / ``MTPTrainer`` built on it;
     a plain model that was never given heads gets an error saying how to add them."""
-    if getattr(model, "num_heads", 0) and hasattr(model, "spec_forward"):
-        return model
-    if model in _HEADS_OF:
-        return _HEADS_OF[model]
+    found = _heads_of(model)
+    if found is not None:
+        return found
     raise ValueError(f"{type(model).__name__} has no multi-token heads to draft with: train some first, e.g. "
                      "trainer = multitoken.MTPTrainer(model, tokenizer, mtp_sequence_length=4) (then "
                      "trainer.train_step(batch, optimizer)), or model = multitoken.wrap_model_with_mtp(model, "
@@ -54,7 +45,7 @@ class MTPTrainer:
     model's parameters, is ``self.model``), one optimizer step per ``train_step``."""
 
     def __init__(self, model, tokenizer=None, mtp_sequence_length: int = 4, **mtp_fields):
-        from .models import wrap_model_with_mtp
+        from ..core.models import wrap_model_with_mtp
 
         self.tokenizer = tokenizer
         self.model = wrap_model_with_mtp(model, num_predict_tokens=mtp_sequence_length, **mtp_fields)
@@ -166,3 +157,17 @@ def nanochat_fields(use_mtp: bool, mtp_n_tokens: int = 3, mtp_weight: float = 0.
     if mtp_n_tokens < 1:
         raise ValueError(f"mtp_n_tokens must be >= 1, got {mtp_n_tokens}")
     return dict(mtp_n=mtp_n_tokens, mtp_weighting="primary_aux", mtp_beta=0.5, mtp_lambda=mtp_weight * 0.5)
+
+
+# -- names on the workbook's models: OLMo-core's ``model.mtp_decoder``, the engine as a model method, the thesis' name --
+def _speculative_generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, tree=None,
+                          attention_mask=None, **kw):
+    """Lossless speculative decoding with this model's heads; see :func:`multitoken.decoding.speculative_generate`."""
+    return speculative_generate(self, input_ids, max_new_tokens, temperature=temperature, top_p=top_p, tree=tree,
+                                attention_mask=attention_mask, **kw)
+
+
+HeadsMixin.speculative_generate = _speculative_generate
+HeadsMixin.enhanced_speculative_generate = _speculative_generate           # the thesis' name
+MultiTokenMixin.mtp_decoder = property(MTPDecoder, doc="OLMo-core's decoder: ``model.mtp_decoder.generate(input_ids, "
+                                       "max_new_tokens, temperature, top_p)`` -> ``(generated, stats)``.")

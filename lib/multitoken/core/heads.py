@@ -258,16 +258,6 @@ class HeadsMixin:
         tt = tree.on(top.device)
         return top[tt.depths - 1, tt.last_idx]
 
-    def speculative_generate(self, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, tree=None,
-                             attention_mask=None, **kw):
-        """Lossless speculative decoding with this model's heads; see :func:`multitoken.decoding.speculative_generate`."""
-        from .decoding import speculative_generate
-
-        return speculative_generate(self, input_ids, max_new_tokens, temperature=temperature, top_p=top_p, tree=tree,
-                                    attention_mask=attention_mask, **kw)
-
-    enhanced_speculative_generate = speculative_generate  # the thesis' name
-
 
 class ZeroLinear(nn.Linear):
     """A Linear whose weight and bias start at zero (see ``init_special``)."""
