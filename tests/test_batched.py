@@ -11,7 +11,7 @@ from conftest import EOS, PAD, V, VARIANTS, medusa, medusa_draft, mtp
 from test_decoding import Oracle, assert_two_token_distribution, six_token_model
 from multitoken import wrap_model_with_medusa, wrap_model_with_mtp
 from multitoken import decoding
-from multitoken.decoding import drafters
+from multitoken.decoding import drafters, engine
 from multitoken.decoding import speculative_generate
 
 
@@ -152,7 +152,7 @@ def test_finished_rows_kept_as_masked_no_ops_give_the_same_tokens_at_full_cost(n
     assert sk["head_hits"] == sd["head_hits"] and sk["head_tries"] == sd["head_tries"]
     assert sk["row_steps"] == (sk["forward_passes"] - 1) * len(ids) > sd["row_steps"]
     with pytest.raises(ValueError, match="finished"):
-        decoding._decode(model, list(ids), 4, decoding.Sampling(), drafters.Heads(decoding.parse_tree("none", 0)),
+        engine._decode(model, list(ids), 4, decoding.Sampling(), drafters.Heads(decoding.parse_tree("none", 0)),
                          {EOS}, 64, decoding.StepStats(), finished="keep")
 
 
