@@ -30,7 +30,8 @@ def get(name):
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(["plain-gpt2", "mtp", "medusa", "medusa-draft-vocab"]),
-       drafter=st.sampled_from(["prompt_lookup", "prompt_lookup:1", "prompt_lookup:7", "hybrid", "hybrid:2"]),
+       drafter=st.sampled_from(["prompt_lookup", "prompt_lookup:1", "prompt_lookup:7", "hybrid", "hybrid:2",
+                                "hybrid:3:4", "hybrid:2:1"]),
        tree=st.sampled_from([None, "chain:1", "medusa:6"]), plen=st.integers(1, 12), n=st.integers(1, 40),
        seed=st.integers(0, 10 ** 6))
 def test_lookup_and_hybrid_greedy_equal_hf_generate(name, drafter, tree, plen, n, seed):
@@ -73,7 +74,7 @@ def test_lookup_drafts_keep_exactly_the_tokens_that_match_the_models_own_continu
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(["plain-gpt2", "mtp", "medusa", "medusa-draft-vocab"]),
-       drafter=st.sampled_from(["prompt_lookup", "prompt_lookup:2", "hybrid", "hybrid:6"]),
+       drafter=st.sampled_from(["prompt_lookup", "prompt_lookup:2", "hybrid", "hybrid:6", "hybrid:4:5"]),
        lens=st.lists(st.integers(1, 9), min_size=2, max_size=5), n=st.integers(1, 30), left=st.booleans(),
        seed=st.integers(0, 10 ** 6))
 def test_a_padded_batch_decodes_each_row_as_alone_with_lookup_and_hybrid(name, drafter, lens, n, left, seed):
@@ -235,3 +236,31 @@ def test_batched_sampling_with_trees_that_differ_by_row_keeps_each_rows_distribu
         dof = int(keep.sum()) - 1
         assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)
         assert counts[exact == 0].sum() == 0
+
+
+def test_a_trees_first_nodes_follow_its_growth_order():
+    full = medusa_tree(20)
+    for m in (0, 1, 5, 12, 20, 30):
+        assert set(full.first(m).paths) == set(medusa_tree(min(m, 20)).paths) if m else len(full.first(m)) == 0
+    assert full.truncate(2).first(3).paths == tuple(sorted([p for p in full.grown if len(p) <= 2][:3],
+                                                            key=lambda p: (len(p), p)))
+    odd = Tree(((0, 0), (0,), (1,)))                          # given child first: not a growth order, depth order kept
+    assert odd.grown == odd.paths and len(odd.first(2)) == 2
+
+
+def test_a_hybrids_node_budget_gives_the_heads_least_likely_nodes_to_the_lookup():
+    model = torch.nn.Linear(1, 1)
+    tree = medusa_tree(6)                                     # grown: (0,) (0,0) (1,) (0,1) (0,0,0) (1,0)
+    heads = FixedHeads(tree, [10 + i for i in range(6)])
+    hy = drafters.Hybrid(heads, drafters.PromptLookup(3, 1), budget=5)
+    (t,), cand = pair(hy.propose(model, one_row([7, 8, 4, 5, 7], 4)))      # lookup 8 4 5: 3 nodes, heads keep 2
+    got = dict(zip(t.paths, cand[0].tolist()))
+    heads_kept = {p for p in t.paths if got[p] >= 10}
+    assert len(t) == 5 and heads_kept == set(tree.grown[:2])
+    (t,), cand = pair(hy.propose(model, one_row([1, 2, 3], 4)))            # no match: the heads' first 5
+    assert set(t.paths) == set(tree.grown[:5])
+    assert drafters.make("hybrid:3:12", tree).budget == 12 and drafters.make("hybrid:3:12", tree).name.endswith("@12")
+    with pytest.raises(ValueError, match="budget must be >= 1"):
+        drafters.Hybrid(heads, drafters.PromptLookup(), budget=0)
+    with pytest.raises(ValueError, match="unknown drafter 'heads:2'"):
+        drafters.make("heads:2", tree)

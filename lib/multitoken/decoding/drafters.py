@@ -165,16 +165,28 @@ class PromptLookup(RowDrafter):
 class Hybrid:
     """Per row, the heads' tree and the lookup's chain in one tree: the chain follows the heads' nodes while their
     tokens agree and branches off where they part, so a step verifies both proposals at once and keeps the longer
-    match."""
+    match.
 
-    def __init__(self, heads: Heads, lookup: PromptLookup):
-        self.heads, self.lookup = heads, lookup
-        self.name = f"{heads.name}+{lookup.name}"
+    ``budget`` (None: no limit) caps a row's nodes: where the lookup proposes k tokens, the heads keep the first
+    ``budget - k`` nodes of their tree in growth order (its most likely ones), so a step with a match costs no more
+    than one without. The budget that pays is a property of the machine and the models: pick it on validation
+    prompts (``scripts/drafter_tau.py``)."""
+
+    def __init__(self, heads: Heads, lookup: PromptLookup, budget: int | None = None):
+        if budget is not None and budget < 1:
+            raise ValueError(f"a hybrid's node budget must be >= 1, got {budget}")
+        self.heads, self.lookup, self.budget = heads, lookup, budget
+        self.name = f"{heads.name}+{lookup.name}" + (f"@{budget}" if budget is not None else "")
         self._trees: dict = {}
 
     def merge(self, t: Tree, cand: torch.Tensor | None, toks: list[int]) -> tuple[Tree, list[int]]:
-        """The heads' tree ``t`` (tokens ``cand``) with the chain ``toks`` merged in: the tree and its tokens."""
+        """The heads' tree ``t`` (tokens ``cand``; cut to the budget left beside ``toks``) with the chain ``toks``
+        merged in: the tree and its tokens."""
         token_of = dict(zip(t.paths, cand.tolist())) if len(t) else {}
+        if self.budget is not None and len(t) + len(toks) > self.budget:
+            toks = toks[: self.budget]
+            t = t.first(self.budget - len(toks))
+            token_of = {p: token_of[p] for p in t.paths}
         children: dict = {}
         for p in t.paths:
             children.setdefault(p[:-1], []).append(p)
@@ -198,9 +210,9 @@ class Hybrid:
         for i, (t, history) in enumerate(zip(heads.trees, view.histories)):
             cand = heads.tokens[i, : len(t)] if len(t) else None
             toks = self.lookup.lookup(history, view.limits[i]) if view.limits[i] > 0 else []
-            if toks:
+            if toks or (self.budget is not None and len(t) > self.budget):
                 t, merged = self.merge(t, cand, toks)
-                cand = torch.tensor(merged, dtype=torch.long, device=dev)
+                cand = torch.tensor(merged, dtype=torch.long, device=dev) if merged else None
             pairs.append((t, cand))
         return Draft.of_rows(pairs, dev)
 
@@ -210,19 +222,19 @@ BUILT_IN = (Heads, PromptLookup, Hybrid)
 
 def make(spec, tree: Tree) -> object:
     """A drafter from its name: ``"heads"`` (the model's heads under ``tree``), ``"prompt_lookup[:K]"``,
-    ``"hybrid[:K]"`` (the heads under ``tree`` and prompt lookup of K tokens), or a drafter object as it is."""
+    ``"hybrid[:K[:N]]"`` (the heads under ``tree`` and prompt lookup of K tokens, at most N nodes a row), or a drafter
+    object as it is."""
     if not isinstance(spec, str):
         if not hasattr(spec, "propose"):
             raise ValueError(f"a drafter needs a propose(model, view) method: {spec!r}")
         return spec
-    name, _, k = spec.partition(":")
-    if k and not k.isdigit():
-        raise ValueError(f"unknown drafter {spec!r}: heads, prompt_lookup[:K] or hybrid[:K]")
-    lookup = PromptLookup(int(k)) if k else PromptLookup()
-    if name == "heads" and not k:
+    name, *nums = spec.split(":")
+    known = {"heads": 0, "prompt_lookup": 1, "hybrid": 2}
+    if name not in known or len(nums) > known[name] or not all(n.isdigit() for n in nums):
+        raise ValueError(f"unknown drafter {spec!r}: heads, prompt_lookup[:K] or hybrid[:K[:N]]")
+    lookup = PromptLookup(int(nums[0])) if nums else PromptLookup()
+    if name == "heads":
         return Heads(tree)
     if name == "prompt_lookup":
         return lookup
-    if name == "hybrid":
-        return Hybrid(Heads(tree), lookup)
-    raise ValueError(f"unknown drafter {spec!r}: heads, prompt_lookup[:K] or hybrid[:K]")
+    return Hybrid(Heads(tree), lookup, int(nums[1]) if len(nums) > 1 else None)

@@ -29,6 +29,9 @@ MEDUSA_63 = [(0,), (0, 0), (1,), (0, 1), (0, 0, 0), (1, 0), (2,), (0, 2), (0, 0,
 class Tree:
     """Nodes sorted by depth; tensors precomputed for the step loop (index 0 of the step is the root).
 
+    ``grown``: the nodes in the order they were given when that order grew the tree (every node after its parent:
+    the order a greedy builder added them, most likely first), else in depth order; ``first(m)`` keeps the first m.
+
     The tensor fields live on the CPU (made there explicitly, whatever torch's default device); ``on(device)``
     gives the same tensors on the model's device, cached per device.
     """
@@ -44,7 +47,8 @@ class Tree:
     is_chain: bool = field(init=False, repr=False)
 
     def __post_init__(self):
-        paths = tuple(sorted({tuple(p) for p in self.paths}, key=lambda p: (len(p), p)))
+        given = tuple(dict.fromkeys(tuple(p) for p in self.paths))
+        paths = tuple(sorted(given, key=lambda p: (len(p), p)))
         index = {p: i + 1 for i, p in enumerate(paths)}
         for p in paths:
             if len(p) == 0 or any(i < 0 for i in p):
@@ -65,6 +69,13 @@ class Tree:
         object.__setattr__(self, "parents_t", torch.tensor(parents[1:], dtype=torch.long, device=CPU))
         object.__setattr__(self, "path_matrix", anc[1:, 1:].float())
         object.__setattr__(self, "is_chain", all(p == (0,) * len(p) for p in paths))
+        seen: set = set()
+        for p in given:                                   # a growth order: each node after its parent
+            if len(p) > 1 and p[:-1] not in seen:
+                given = paths
+                break
+            seen.add(p)
+        self.__dict__["grown"] = given
 
     def __len__(self):
         return len(self.paths)
@@ -95,8 +106,17 @@ class Tree:
             return self
         cache = self.__dict__.setdefault("_trunc", {})
         if depth not in cache:
-            cache[depth] = Tree(tuple(p for p in self.paths if len(p) <= depth), name=self.name)
+            cache[depth] = Tree(tuple(p for p in self.grown if len(p) <= depth), name=self.name)
         return cache[depth]
+
+    def first(self, m: int) -> "Tree":
+        """The tree of the first ``m`` nodes in growth order (cached per m; the whole tree when m >= its size)."""
+        if m >= len(self):
+            return self
+        cache = self.__dict__.setdefault("_first", {})
+        if m not in cache:
+            cache[m] = Tree(self.grown[: max(m, 0)], name=self.name)
+        return cache[m]
 
 
 @functools.lru_cache(maxsize=None)
