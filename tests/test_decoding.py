@@ -10,6 +10,7 @@ from conftest import EOS, PAD, V, VARIANTS, medusa, medusa_draft, mtp
 from multitoken import wrap_model_with_mtp
 from multitoken.decoding import speculative_generate, target_probs
 from multitoken.decoding.trees import Tree, chain, fitted_tree, medusa_tree, parse_tree
+from multitoken.core.heads import Features
 
 MODELS = {f"mtp-{i}": (lambda i=i: mtp(**VARIANTS[i], num_predict_tokens=4, initializer_range=0.4, seed=i))
           for i in range(len(VARIANTS))}
@@ -263,7 +264,7 @@ def test_lean_forward_equals_transformers(kw, transposed, monkeypatch):
         prefill, ctx0 = model.spec_forward(ids, caches)
         tree_step, ctx1 = model.spec_forward(step, caches, pos, mask)
         plain, ctx2 = model.spec_forward(step[:, :3], caches)  # several new tokens, no mask: causal after the cache
-        states = [s for c in (ctx0, ctx1, ctx2) for s in c.get("states", [c["h0"]])]
+        states = [s for c in (ctx0, ctx1, ctx2) for s in (c.states or [c.h0])]
         return [prefill, tree_step, plain, *states, *[t for c in caches for l in c.layers for t in (l.keys, l.values)]]
 
     with torch.no_grad():
@@ -352,13 +353,13 @@ def test_medusa_batched_drafting_equals_one_head_at_a_time(per_head, monkeypatch
 
     monkeypatch.setattr(fastpath, "_PER_HEAD_FASTER", Forced(per_head))
     model = medusa(medusa_num_layers=2, initializer_range=0.4)
-    ctx = {"h0": torch.randn(1, 5, model.config.n_embd)}
+    ctx = Features(torch.randn(1, 5, model.config.n_embd))
     for _ in range(2):
         with torch.no_grad():
             for p in model.medusa_heads.parameters():
                 p.copy_(torch.randn_like(p) * 0.3)  # fresh heads start as the identity; make every layer count
         for j in (0, 4):
-            h0 = ctx["h0"][:, j: j + 1]
+            h0 = ctx.h0[:, j: j + 1]
             alone = torch.stack([model._head_logits(s, model._head_step(s, h0, h0, None))[0, 0]
                                  for s in range(1, model.num_heads + 1)])
             torch.testing.assert_close(model.spec_head_logits(ctx, j), alone, atol=1e-5, rtol=1e-5)
@@ -375,13 +376,13 @@ def test_mtp_batched_drafting_equals_one_head_at_a_time(kw, per_head, monkeypatc
     monkeypatch.setattr(fastpath, "_PER_HEAD_FASTER", Forced(per_head))
     model = mtp(**kw, num_predict_tokens=4, initializer_range=0.4)
     assert model._batchable()
-    ctx = {"h0": torch.randn(1, 5, model.config.n_embd)}
+    ctx = Features(torch.randn(1, 5, model.config.n_embd))
     for _ in range(2):
         with torch.no_grad():
             for p in [*model.mtp_heads.parameters(), *model.mtp_unembed.parameters()]:
                 p.copy_(torch.randn_like(p) * 0.3)
         for j in (0, 4):
-            h0 = ctx["h0"][:, j: j + 1]
+            h0 = ctx.h0[:, j: j + 1]
             alone = torch.stack([model._head_logits(s, model._head_step(s, h0, h0, None))[0, 0]
                                  for s in range(1, model.num_heads + 1)])
             torch.testing.assert_close(model.spec_head_logits(ctx, j), alone, atol=1e-5, rtol=1e-5)

@@ -7,6 +7,7 @@ from multitoken import MedusaConfig, MedusaGPT2, MTPConfig, MultiTokenGPT2, wrap
 from huggingface_hub.errors import StrictDataclassError
 
 from multitoken.core.heads import loss_weights, warmup_factor
+from multitoken.core.heads import Features
 
 CONFIG_ERRORS = (ValueError, StrictDataclassError)  # HF's strict configs wrap our ValueError, message kept
 
@@ -203,11 +204,11 @@ def test_draft_vocabulary_heads_are_the_full_heads_restricted_to_it():
     for s in range(1, 4):
         torch.testing.assert_close(draft._head_logits(s, draft._head_step(s, h0, h0, None)),
                                    full._head_logits(s, full._head_step(s, h0, h0, None))[..., ids])
-    ctx = {"h0": h0[:1]}
+    ctx = Features(h0[:1])
     want = ids[torch.stack([full._head_logits(s, full._head_step(s, h0[:1, 2:3], h0[:1, 2:3], None))[0, 0, ids]
                             for s in range(1, 4)]).topk(4, -1).indices]
     assert torch.equal(draft.spec_head_topk(ctx, 2, 4), want)
-    rows = draft.spec_head_topk_rows({"h0": h0}, torch.tensor([2, 0, 4]), 4)            # (B, S, k)
+    rows = draft.spec_head_topk_rows(Features(h0), torch.tensor([2, 0, 4]), 4)            # (B, S, k)
     assert torch.equal(rows[0], want) and torch.isin(rows, ids).all()
 
 
@@ -247,8 +248,8 @@ def test_draft_vocabulary_survives_a_round_trip_and_bad_ones_are_refused(tmp_pat
     again = load_model(str(tmp_path))
     assert torch.equal(again.draft_ids, ids)
     x = torch.randint(2, V, (1, 8))
-    assert torch.equal(again.spec_head_topk({"h0": again.backbone.trunk(x)[0]}, 7, 3),
-                       draft.spec_head_topk({"h0": draft.backbone.trunk(x)[0]}, 7, 3))
+    assert torch.equal(again.spec_head_topk(Features(again.backbone.trunk(x)[0]), 7, 3),
+                       draft.spec_head_topk(Features(draft.backbone.trunk(x)[0]), 7, 3))
     base = GPT2LMHeadModel(GPT2Config(**tiny())).eval()
     wrapped = wrap_model_with_medusa(base, 2, draft_vocab=ids)
     torch.testing.assert_close(wrapped.medusa_heads[1].unembed.weight, base.lm_head.weight[ids])

@@ -84,7 +84,7 @@ class Spy:
         self.m, self.steps = model, []
 
     def __call__(self, ctx, j, x0, tree):
-        caches = ctx["caches"]
+        caches = ctx.caches
         text = caches.tokens.clone()
         before = [[(l.keys.clone(), l.values.clone()) for l in c.layers] for c in caches.modules]
         seen = list(caches.seen)

@@ -181,6 +181,24 @@ class MultiTokenOutput(ModelOutput):
     attentions: tuple | None = None
 
 
+@dataclass(frozen=True)
+class Features:
+    """What a model's heads draft from after a cached forward: the trunk's hidden states ``h0`` (B, T, d) the heads
+    read; for transformer heads, each head's states (``states[k]``, (B, T, d); ``states[0]`` is ``h0``); the forward's
+    token ids (B, T); the model's caches (the sequential MTP modules keep their drafting state there)."""
+
+    h0: torch.Tensor
+    ids: torch.Tensor | None = None
+    states: list | None = None
+    caches: object = None
+
+    def rows(self, idx: torch.Tensor) -> "Features":
+        """Rows ``idx`` of every batch-major tensor; the caches stay as they are."""
+        pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+        return Features(pick(self.h0), pick(self.ids), None if self.states is None else [pick(s) for s in self.states],
+                        self.caches)
+
+
 class HeadsMixin:
     """Loss over the extra heads and the hooks used by :mod:`multitoken.decoding`."""
 
@@ -239,13 +257,14 @@ class HeadsMixin:
         return [self.backbone.new_cache()]
 
     def spec_forward(self, input_ids, caches, position_ids=None, attention_mask=None):
-        """One cached forward; returns next-token logits ``(1, T, V)`` and a context the heads draft from."""
+        """One cached forward; returns next-token logits ``(B, T, V)`` and the :class:`Features` the heads draft
+        from."""
         h0, hidden = self._trunk(input_ids, caches[0], position_ids, attention_mask)
-        return fastpath.linear(self.lm_head, hidden), {"h0": h0}
+        return fastpath.linear(self.lm_head, hidden), Features(h0)
 
     def spec_head_topk(self, ctx, j: int, k: int):
         """Top-k tokens of every head at step-local position j: ``(S, k)``."""
-        h0 = ctx["h0"][:, j: j + 1]
+        h0 = ctx.h0[:, j: j + 1]
         rows, h = [], h0
         for s in range(1, self.num_heads + 1):
             h = self._head_step(s, h, h0, None)

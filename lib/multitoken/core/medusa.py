@@ -175,7 +175,7 @@ class MedusaMixin(HeadsMixin):
     def spec_head_logits(self, ctx, j: int):
         """Every head's logits at step-local position j, ``(S, K)`` over the draft vocabulary (``K = V`` without
         one): all heads at once, in batched matmuls."""
-        return self._stacked_logits(ctx["h0"][0, j: j + 1])[:, 0]
+        return self._stacked_logits(ctx.h0[0, j: j + 1])[:, 0]
 
     def _stacked_logits(self, h):
         """Every head's logits on states ``h`` (B, d): ``(S, B, V)``."""
@@ -190,7 +190,7 @@ class MedusaMixin(HeadsMixin):
 
     def spec_head_topk_rows(self, ctx, js, k):
         """Top-k tokens of every head for each row ``b`` of a batch at its position ``js[b]``: ``(B, S, k)``."""
-        h = ctx["h0"][torch.arange(len(js), device=js.device), js]
+        h = ctx.h0[torch.arange(len(js), device=js.device), js]
         return self.head_token_ids(self._stacked_logits(h).topk(k, -1).indices.transpose(0, 1))
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, labels=None,

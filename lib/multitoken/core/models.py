@@ -39,8 +39,8 @@ from transformers import initialization as init
 
 from . import fastpath, sequential
 from .backbones import backbone_of, family_of
-from .heads import (WEIGHTINGS, EyeLinear, HeadsMixin, MultiTokenOutput, ResBlock, ZeroLinear, init_special, loss_weights,
-                    named_step_losses, shifted_ce, warmup_factor)
+from .heads import (WEIGHTINGS, EyeLinear, Features, HeadsMixin, MultiTokenOutput, ResBlock, ZeroLinear, init_special,
+                    loss_weights, named_step_losses, shifted_ce, warmup_factor)
 
 HEAD_TYPES = ("linear", "mlp", "transformer", "shared_lm_head")
 
@@ -319,13 +319,12 @@ class MultiTokenMixin(HeadsMixin):
         bb = self.backbone
         position_ids = bb._position_ids(input_ids, position_ids, caches[0])  # before the trunk's cache grows
         h0, hidden = self._trunk(input_ids, caches[0], position_ids, attention_mask)
-        ctx = {"h0": h0, "ids": input_ids, "caches": caches}
+        states = None
         if self.config.head_type == "transformer" and not self.config.sequential:
             states, pos = [h0], bb.positions(h0, position_ids)
             for k in range(1, self.num_heads + 1):
                 states.append(self._head_step(k, states[-1], h0, None, cache=caches[k], mask=attention_mask, pos=pos))
-            ctx["states"] = states
-        return fastpath.linear(self.lm_head, hidden), ctx
+        return fastpath.linear(self.lm_head, hidden), Features(h0, input_ids, states, caches)
 
     def _batchable(self) -> bool:
         """Independent position-wise heads (linear / mlp bodies on h0, each with its own norm) draft together."""
@@ -352,17 +351,17 @@ class MultiTokenMixin(HeadsMixin):
 
     def spec_head_logits(self, ctx, j: int):
         """Every head's logits at step-local position j, ``(S, V)``, in batched matmuls (position-wise heads)."""
-        return self._stacked_logits(ctx["h0"][0, j: j + 1])[:, 0]
+        return self._stacked_logits(ctx.h0[0, j: j + 1])[:, 0]
 
     def spec_head_topk_rows(self, ctx, js, k):
         """Top-k tokens of every head for each row ``b`` of a batch at its position ``js[b]``: ``(B, S, k)``
         (None where the heads draft one row at a time)."""
         rows = torch.arange(len(js), device=js.device)
-        if "states" in ctx:
-            return torch.stack([self._head_logits(s, ctx["states"][s][rows, js][:, None])[:, 0].topk(k).indices
+        if ctx.states is not None:
+            return torch.stack([self._head_logits(s, ctx.states[s][rows, js][:, None])[:, 0].topk(k).indices
                                 for s in range(1, self.num_heads + 1)], 1)
         if self._batchable():
-            return self._stacked_logits(ctx["h0"][rows, js]).topk(k, -1).indices.transpose(0, 1)
+            return self._stacked_logits(ctx.h0[rows, js]).topk(k, -1).indices.transpose(0, 1)
         return None
 
     def _stacked_logits(self, h):
@@ -380,8 +379,8 @@ class MultiTokenMixin(HeadsMixin):
         return torch.matmul(x, unembed)                                          # (S, B, V)
 
     def spec_head_topk(self, ctx, j, k):
-        if "states" in ctx:
-            return torch.stack([self._head_logits(s, ctx["states"][s][:, j])[0].topk(k).indices
+        if ctx.states is not None:
+            return torch.stack([self._head_logits(s, ctx.states[s][:, j])[0].topk(k).indices
                                 for s in range(1, self.num_heads + 1)])
         if self._batchable():
             return self.spec_head_logits(ctx, j).topk(k, -1).indices
@@ -390,15 +389,15 @@ class MultiTokenMixin(HeadsMixin):
     def spec_accept(self, ctx, keep, x_next):
         """The engine's note that step positions ``keep`` (None: the whole prefill) are committed, ``x_next`` next."""
         if self._seq_modules():
-            sequential.accept(ctx["caches"], ctx, keep, x_next)
+            sequential.accept(ctx.caches, ctx, keep, x_next)
 
     def spec_propose(self, ctx, j, x0, tree):
         if self._seq_modules():
-            return sequential.propose(self, ctx["caches"], tree)
+            return sequential.propose(self, ctx.caches, tree)
         if not self.config.sequential:
             return HeadsMixin.spec_propose(self, ctx, j, x0, tree)
         # Sequential heads draft autoregressively: head d sees the state of the parent node and the parent's token.
-        h0 = ctx["h0"][:, j: j + 1]
+        h0 = ctx.h0[:, j: j + 1]
         tokens = torch.empty(len(tree.paths), dtype=torch.long, device=h0.device)
         state = {(): (h0, torch.tensor(x0, device=h0.device))}
         for i, path in enumerate(tree.paths):

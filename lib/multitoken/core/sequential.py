@@ -35,7 +35,7 @@ class ModuleCaches(list):
 def accept(caches: ModuleCaches, ctx, keep, x_next: int):
     """The step-local positions ``keep`` of the last forward (all of it when None: the prefill) are now committed
     text, and ``x_next`` its next token."""
-    h0, ids = ctx["h0"], ctx["ids"][0]
+    h0, ids = ctx.h0, ctx.ids[0]
     if keep is not None and keep != list(range(len(keep))):
         idx = torch.tensor(keep, device=h0.device)
         h0, ids = h0.index_select(1, idx), ids.index_select(0, idx)

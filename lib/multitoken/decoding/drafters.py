@@ -73,8 +73,12 @@ class Draft:
 
 
 def select_rows(ctx, idx: torch.Tensor, n: int):
-    """Rows ``idx`` of every batch-major tensor (or list of them) in a drafting context of ``n`` rows; the caches
-    and anything else stay as they are."""
+    """Rows ``idx`` of a drafting context of ``n`` rows: the core's ``Features`` (or anything with ``rows(idx)``)
+    select their own; a dict from another model has every batch-major tensor (or list of them) selected, its
+    ``caches`` and anything else kept as they are."""
+    if hasattr(ctx, "rows"):
+        return ctx.rows(idx)
+
     def pick(x):
         if isinstance(x, torch.Tensor):
             return x.index_select(0, idx) if x.dim() and x.shape[0] == n else x

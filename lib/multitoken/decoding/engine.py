@@ -35,10 +35,13 @@ from .trees import Tree, parse_tree
 class SpecModel(Protocol):
     """What the engine asks of a model (MTP heads, Medusa heads, MTP modules, or ``PlainLM`` without heads).
 
-    ``spec_forward`` runs ``input_ids`` (1, T) through the model on top of ``caches`` with the engine's
-    ``position_ids`` and 4D bool ``attention_mask`` (None: causal) and returns next-token logits (1, T, V) and a context
-    the heads draft from; ``spec_propose`` returns one token per node of ``tree`` for the step-local position ``j``
-    whose chosen next token is ``x0``; ``spec_accept`` (optional) hears which step positions were kept."""
+    ``spec_forward`` runs ``input_ids`` (B, T) through the model on top of ``caches`` with the engine's
+    ``position_ids`` (B, T) and 4D bool ``attention_mask`` (B, 1, T, S; None: causal) and returns next-token logits
+    (B, T, V) and the drafting context its heads read (the core's ``Features``: batch-major, rows selected with
+    ``rows(idx)``; None for a model without heads); ``spec_propose`` returns one token per node of ``tree`` for one
+    row's context at the step-local position ``j`` whose chosen next token is ``x0``; ``spec_head_topk_rows``
+    (optional) every row's heads' top-k at once; ``spec_accept`` (optional: a model with drafting state of its own)
+    hears which step positions were kept."""
 
     num_heads: int
     backbone: Backbone
