@@ -59,8 +59,8 @@ eb = [b for _, b in zip(range(4), ev["loader"])]
 with torch.no_grad():
     bf = PL.load_variant(cfg, "ntp", "bfloat16")
 clock("token_nll_bf16", lambda: E.token_nll(bf, eb), sum(int(b["attention_mask"].sum()) for b in eb))
-gen = E.hf_method(ntp, 32)
-clock("hf_generate_fp32_batch1", lambda: gen(ev["prompts"][0].view(1, -1)), 32)
+gen = E.Method.hf("hf_generate", ntp)
+clock("hf_generate_fp32_batch1", lambda: gen(ev["prompts"][0].view(1, -1), 32), 32)
 print(json.dumps(out))
 '''
 

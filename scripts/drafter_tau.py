@@ -44,30 +44,27 @@ def main(profile="pretrained", n_val=12, n_test=32, new_tokens=96):
     trees = {f"fitted{b}": fitted_tree(acc, b) for b in (4, 8, 16)} | {"chain": chain(med.num_heads)}
 
     # validation: the tree, the lookup's length, then the hybrid's budget
-    meths = {"greedy_kv": (E.engine_method(ntp, m, "none"), "greedy_kv")}
-    meths |= {f"lookup:{k}": (E.engine_method(ntp, m, "none", drafter=f"prompt_lookup:{k}"), "greedy_kv")
-              for k in (4, 8)}
-    meths |= {f"heads:{n}": (E.engine_method(med, m, t), "greedy_kv") for n, t in trees.items()}
-    rows, _ = E.benchmark_decoding(meths, val, {}, warmup=1, desc="drafters (validation: tree, lookup)")
+    M = E.Method
+    greedy = M.engine("greedy_kv", ntp, "none")
+    meths = [greedy] + [M.engine(f"lookup:{k}", ntp, "none", f"prompt_lookup:{k}", "greedy_kv") for k in (4, 8)]
+    meths += [M.engine(f"heads:{n}", med, t, baseline="greedy_kv") for n, t in trees.items()]
+    rows, _ = E.benchmark_decoding(meths, val, m, warmup=1, desc="drafters (validation: tree, lookup)")
     tree_name, lookup = _best(rows, "heads:").split(":")[1], _best(rows, "lookup:")
     tree, k = trees[tree_name], int(lookup.split(":")[1])
     budgets = sorted({len(tree) + k, 8, 12} - {0})
-    hyb = {"greedy_kv": meths["greedy_kv"]}
-    hyb |= {f"hybrid@{b}": (E.engine_method(med, m, tree, drafter=f"hybrid:{k}:{b}"), "greedy_kv") for b in budgets}
-    hrows, _ = E.benchmark_decoding(hyb, val, {}, warmup=1, desc="drafters (validation: hybrid budget)")
+    hyb = [greedy] + [M.engine(f"hybrid@{b}", med, tree, f"hybrid:{k}:{b}", "greedy_kv") for b in budgets]
+    hrows, _ = E.benchmark_decoding(hyb, val, m, warmup=1, desc="drafters (validation: hybrid budget)")
     budget = int(_best(hrows, "hybrid@").split("@")[1])
     chosen = dict(tree=tree.name, lookup_tokens=k, hybrid_budget=budget)
     print("validation chose", chosen)
 
     # test: measure only
-    tests = {"hf_greedy": (E.hf_method(ntp, m), "hf_greedy"),
-             "hf_prompt_lookup": (E.hf_method(ntp, m, prompt_lookup_num_tokens=10), "hf_greedy"),
-             "greedy_kv": (E.engine_method(ntp, m, "none"), "hf_greedy"),
-             f"prompt_lookup:{k}": (E.engine_method(ntp, m, "none", drafter=f"prompt_lookup:{k}"), "hf_greedy"),
-             f"medusa_{tree.name}": (E.engine_method(med, m, tree), "hf_greedy"),
-             f"medusa_{tree.name}+lookup{k}@{budget}": (E.engine_method(med, m, tree, drafter=f"hybrid:{k}:{budget}"),
-                                                         "hf_greedy")}
-    trows, _ = E.benchmark_decoding(tests, test, {}, warmup=1, desc="drafters (test)")
+    tests = [M.hf("hf_greedy", ntp), M.hf("hf_prompt_lookup", ntp, "hf_greedy", prompt_lookup_num_tokens=10),
+             M.engine("greedy_kv", ntp, "none", baseline="hf_greedy"),
+             M.engine(f"prompt_lookup:{k}", ntp, "none", f"prompt_lookup:{k}", "hf_greedy"),
+             M.engine(f"medusa_{tree.name}", med, tree, baseline="hf_greedy"),
+             M.engine(f"medusa_{tree.name}+lookup{k}@{budget}", med, tree, f"hybrid:{k}:{budget}", "hf_greedy")]
+    trows, _ = E.benchmark_decoding(tests, test, m, warmup=1, desc="drafters (test)")
     out = dict(profile=profile, **stages.commit(), time=time.strftime("%Y-%m-%d %H:%M:%S"),
                machine=dict(cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
                             dtype=str(next(ntp.parameters()).dtype)),

@@ -335,17 +335,15 @@ def test_the_sweep_times_frozen_families_against_ntps_generate_and_extra_dtypes_
         calls["acc"] += 1
         return [[0.5, 0.2]] * 3
 
-    def bench(meths, prompts, baseline, warmup=1, desc=""):
-        seen[desc] = meths
-        return [dict(method=k, baseline=b, speedup_vs_hf_greedy=1.0, speedup_lo=1.0, speedup_hi=1.0,
-                     mean_accepted_length=1.0, identical_to_greedy=1.0) for k, (_, b) in meths.items()], None
+    def bench(meths, prompts, max_new_tokens, warmup=1, desc=""):
+        seen[desc] = {m.name: m for m in meths}
+        return [dict(method=m.name, baseline=m.compared_with, speedup_vs_hf_greedy=1.0, speedup_lo=1.0,
+                     speedup_hi=1.0, mean_accepted_length=1.0, identical_to_greedy=1.0) for m in meths], None
 
     monkeypatch.setattr(PL, "head_topk_accuracy", acc)
     monkeypatch.setattr(PL, "fitted_tree", lambda a, b: f"fitted{b}")
     monkeypatch.setattr(PL, "paths", lambda cfg: {"results": tmp_path})
     monkeypatch.setattr(PL, "bench_prompts", lambda cfg, p, n: p)
-    monkeypatch.setattr(PL.E, "hf_method", lambda model, m, **kw: ("hf", model.name))
-    monkeypatch.setattr(PL.E, "engine_method", lambda model, m, tree, drafter="heads": ("engine", model.name, tree))
     monkeypatch.setattr(PL.E, "benchmark_decoding", bench)
     monkeypatch.setattr(PL.E, "model_device", lambda model: torch.device("cpu"))
     cfg = PL.config(frozen_hf_baselines=False, tree_budgets=[4], tree_kinds=["fitted"], tree_budget="auto")
@@ -353,9 +351,9 @@ def test_the_sweep_times_frozen_families_against_ntps_generate_and_extra_dtypes_
     sweep = PL.run_tree_sweep(cfg, models, None, prompts=[torch.arange(3)])
     meths = seen["tree sweep (validation)"]
     assert [k for k in meths if k.startswith("hf/")] == ["hf/mtp", "hf/ntp"]
-    assert meths["hf/ntp"][0] == ("hf", "ntp") and meths["hf/mtp"][0] == ("hf", "mtp")
-    assert {v: meths[f"{v}/fitted_4"][1] for v in PL.HEADED} == {"mtp": "hf/mtp", "medusa": "hf/ntp",
-                                                                  "mtp_seq": "hf/ntp"}
+    assert (meths["hf/ntp"].how, meths["hf/ntp"].model.name) == ("hf", "ntp") and meths["hf/mtp"].model.name == "mtp"
+    assert {v: meths[f"{v}/fitted_4"].baseline for v in PL.HEADED} == {"mtp": "hf/mtp", "medusa": "hf/ntp",
+                                                                        "mtp_seq": "hf/ntp"}
     assert sorted(sweep.variant.unique()) == sorted(PL.HEADED) and set(sweep.tree) == {"chain", "fitted"}
     assert sorted(json.loads((tmp_path / "head_topk_accuracy.json").read_text())) == sorted(PL.HEADED)
     n = calls["acc"]
@@ -472,3 +470,29 @@ def test_the_spread_between_benchmark_runs_covers_only_runs_of_the_models_there_
     runs = json.loads((tmp_path / "bench_runs.json").read_text())
     assert [r["models"]["03_train_medusa"] for r in runs] == ["c", "c2", "c2"] and all("commit" in r for r in runs)
     assert PL.bench_spread(cfg)["medusa_tree"] == {"runs": 2, "vs_hf": [1.2, 1.4], "vs_greedy_kv": [1.2, 1.4]}
+
+
+def test_one_method_record_times_the_engine_hf_and_a_loop_alike():
+    """A Method runs what it names (the engine's output is HF greedy's; a loop is called as written), and the
+    benchmark refuses two methods of one name or a baseline that is not among them."""
+    import pytest
+    import torch
+
+    from conftest import medusa
+    from multitoken.evaluation import Method, benchmark_decoding
+
+    model = medusa(initializer_range=0.4, seed=3)
+    ids = torch.randint(2, 8, (1, 5))
+    hf = Method.hf("hf_greedy", model)
+    eng = Method.engine("medusa_chain", model, "chain", baseline="hf_greedy")
+    loop = Method.loop("loop", lambda m, x, n: (x, {"new_tokens": 0}), model, baseline="hf_greedy")
+    assert torch.equal(hf(ids, 12)[0], eng(ids, 12)[0]) and loop(ids, 3)[0] is ids
+    assert eng.device == torch.device("cpu") and eng.compared_with == "hf_greedy" and hf.compared_with == "hf_greedy"
+    rows, per = benchmark_decoding([hf, eng], [ids[0], ids[0, :3]], 12, warmup=1, reference=None)
+    row = {r["method"]: r for r in rows}["medusa_chain"]
+    assert row["baseline"] == "hf_greedy" and row["identical_to_greedy"] == 1.0 and row["prompts"] == 2
+    assert set(per.method) == {"hf_greedy", "medusa_chain"} and per.new_tokens.between(1, 12).all()
+    with pytest.raises(ValueError, match="share a name"):
+        benchmark_decoding([hf, hf], [ids[0]], 4)
+    with pytest.raises(ValueError, match=r"baseline\(s\) \['hf_greedy'\] are not among"):
+        benchmark_decoding([eng], [ids[0]], 4)

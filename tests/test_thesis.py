@@ -7,6 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import EOS, PAD, V, tiny
 from multitoken import MultiTokenGPT2
+from multitoken import evaluation as E
 from multitoken import thesis as TH
 from multitoken.decoding import speculative_generate
 
@@ -151,9 +152,10 @@ def test_protocol_times_the_thesis_way_with_intervals_over_prompts(monkeypatch):
     monkeypatch.setattr(TH, "timed", fake_timed)
 
     def method(name, n_out):
-        return (lambda ids, n: (torch.cat([ids, torch.zeros(1, n_out, dtype=torch.long)], 1), {"name": name}), "cpu")
+        loop = lambda model, ids, n: (torch.cat([ids, torch.zeros(1, n_out, dtype=torch.long)], 1), {"name": name})  # noqa: E731
+        return E.Method.loop(name, loop, torch.nn.Linear(1, 1))
     prompts = [torch.tensor([i, 7, 7]) for i in range(3)]
-    rows = {r["method"]: r for r in TH.protocol({"base": method("base", 10), "fast": method("fast", 20)}, prompts,
+    rows = {r["method"]: r for r in TH.protocol([method("base", 10), method("fast", 20)], prompts,
                                                 runs=4, new_tokens=10, warmup_tokens=2, baseline="base")}
     f = rows["fast"]
     assert f["calls"] == 12 and f["prompts"] == 3 and f["mean_s_per_call"] == pytest.approx(5 / 3)

@@ -172,7 +172,7 @@ def step_costs(name: str, dtypes=("float32", "bfloat16"), context: int = 300, si
 
     from . import data as D
     from .decoding import speculative_generate
-    from .evaluation import hf_method
+    from .evaluation import Method
     from .core.pretrained import load
     from .utils import DTYPES
 
@@ -210,7 +210,8 @@ def step_costs(name: str, dtypes=("float32", "bfloat16"), context: int = 300, si
                              engine_ms=round(statistics.median(eng_t) * 1e3, 2),
                              engine_iqr_ms=[round(q[0] * 1e3, 1), round(q[2] * 1e3, 1)],
                              engine_vs_1_token=round(statistics.median(eng_t) / one, 2)))
-        gen = hf_method(model, new_tokens)
+        hf = Method.hf("hf_generate", model)
+        gen = lambda ids: hf(ids, new_tokens)  # noqa: E731
         tot = {"hf_generate": [0, 0.0], "engine_greedy_kv": [0, 0.0]}
         gen(texts[0])
         for i, ids in enumerate(texts):

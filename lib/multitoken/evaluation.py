@@ -9,6 +9,7 @@ import random
 import statistics
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -217,25 +218,53 @@ def timed(fn, ids, device):
     return seq, st, time.perf_counter() - t0
 
 
-def hf_method(model, max_new_tokens, **gen_kw):
-    """HF generate as a benchmark method (batch 1), on the model's device and in its dtype."""
-    dev = model_device(model)
+@dataclass(frozen=True)
+class Method:
+    """A way to decode a prompt, as every timing of the workbook names it (the benchmark, the tree sweep, the thesis'
+    protocol and loops, the ledger, the GPU check): ``name``; ``model``; ``how``: ``"engine"`` (this engine, with
+    ``tree`` and ``drafter``), ``"hf"`` (HF ``generate``, greedy, with ``gen_kw`` such as
+    ``prompt_lookup_num_tokens``) or a loop ``fn(model, ids, max_new_tokens) -> (sequences, stats)``; ``baseline``:
+    the method its output and speed are compared with (HF greedy of the same model; None: itself).
+    ``method(ids, max_new_tokens) -> (sequences, stats)`` runs it at batch 1 on the model's device and dtype."""
 
-    def fn(ids):
-        ids = ids.to(dev)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=model.generation_config.pad_token_id, **gen_kw)
-        return out, {"new_tokens": out.shape[1] - ids.shape[1], "forward_passes": None}
-    fn.device = dev
-    return fn
+    name: str
+    model: object
+    how: object = "engine"
+    tree: object = None
+    drafter: str = "heads"
+    baseline: str | None = None
+    gen_kw: dict = field(default_factory=dict)
 
+    @staticmethod
+    def engine(name, model, tree, drafter="heads", baseline=None) -> "Method":
+        return Method(name, model, "engine", tree, drafter, baseline)
 
-def engine_method(model, max_new_tokens, tree, drafter="heads"):
-    """This engine as a benchmark method (batch 1): the model's heads under ``tree``, or another ``drafter``."""
-    def fn(ids):
-        return speculative_generate(model, ids, max_new_tokens, tree=tree, drafter=drafter)
-    fn.device = model_device(model)
-    return fn
+    @staticmethod
+    def hf(name, model, baseline=None, **gen_kw) -> "Method":
+        return Method(name, model, "hf", baseline=baseline, gen_kw=gen_kw)
+
+    @staticmethod
+    def loop(name, fn, model, baseline=None) -> "Method":
+        return Method(name, model, fn, baseline=baseline)
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    @property
+    def compared_with(self) -> str:
+        return self.baseline or self.name
+
+    def __call__(self, ids, max_new_tokens):
+        if self.how == "engine":
+            return speculative_generate(self.model, ids, max_new_tokens, tree=self.tree, drafter=self.drafter)
+        if self.how == "hf":
+            ids = ids.to(self.device)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=False, pad_token_id=self.model.generation_config.pad_token_id,
+                                      **self.gen_kw)
+            return out, {"new_tokens": out.shape[1] - ids.shape[1], "forward_passes": None}
+        return self.how(self.model, ids, max_new_tokens)
 
 
 def _identical_tokens(a: list, b: list) -> float:
@@ -245,32 +274,38 @@ def _identical_tokens(a: list, b: list) -> float:
 
 
 @torch.inference_mode()
-def benchmark_decoding(methods: dict, prompts: list, baseline: dict, warmup: int = 2, repeats: int = 1,
+def benchmark_decoding(methods: list[Method], prompts: list, max_new_tokens: int, warmup: int = 2, repeats: int = 1,
                        desc="decoding benchmark", reference: str | None = "greedy_kv") -> tuple[list[dict], pd.DataFrame]:
     """Time every method on every prompt, interleaved, in a fresh random method order per prompt, so machine noise
     and order effects hit all alike. (With a fixed rotation, the same tree run right after another method of the same
     model timed ~12% faster than when it ran after another model, presumably from cache warmth.) CUDA work is
     fenced with ``torch.cuda.synchronize()`` around every timed call.
 
-    ``methods``: name -> (fn, baseline_name) where ``fn(ids) -> (sequences, stats)`` and ``baseline_name`` is the
-    HF-greedy method of the same model (for speedup and identical_to_greedy). Speedups carry 95% bootstrap intervals
+    ``methods``: :class:`Method` records, each compared with its ``baseline`` (HF greedy of the same model: speedup
+    and identical_to_greedy), every one generating ``max_new_tokens`` per prompt. Speedups carry 95% bootstrap intervals
     over prompts, against the baseline and against ``reference`` (by default greedy_kv, this engine without drafts)
     when it is one of the methods, as ``speedup_vs_<reference>``.
     Returns (summary rows, per-prompt frame).
     """
-    names = list(methods)
+    by_name = {m.name: m for m in methods}
+    if len(by_name) != len(methods):
+        raise ValueError(f"two methods share a name: {[m.name for m in methods]}")
+    missing = sorted({m.compared_with for m in methods} - set(by_name))
+    if missing:
+        raise ValueError(f"baseline(s) {missing} are not among the methods")
+    names = list(by_name)
     for name in names:  # warm-up
         for p in prompts[:warmup]:
-            methods[name][0](p.view(1, -1))
+            by_name[name](p.view(1, -1), max_new_tokens)
     per = []
     for i, p in enumerate(tqdm(prompts, desc=desc)):
         ids = p.view(1, -1)
         order = random.Random(i).sample(names, len(names))
         for name in order:
-            fn = methods[name][0]
+            method = by_name[name]
             times = []
             for _ in range(repeats):
-                seq, st, dt = timed(fn, ids, getattr(fn, "device", "cpu"))
+                seq, st, dt = timed(lambda x: method(x, max_new_tokens), ids, method.device)
                 times.append(dt)
             new = seq.shape[1] - ids.shape[1]
             per.append({"method": name, "prompt": i, "new_tokens": new, "seconds": statistics.median(times),
@@ -280,7 +315,7 @@ def benchmark_decoding(methods: dict, prompts: list, baseline: dict, warmup: int
     rows = []
     for name in names:
         d = df[df.method == name]
-        bname = baseline.get(name, methods[name][1])
+        bname = by_name[name].compared_with
         base = df[df.method == bname]
         tps = d.new_tokens.sum() / d.seconds.sum()
         fp = d.forward_passes.dropna()
@@ -297,7 +332,7 @@ def benchmark_decoding(methods: dict, prompts: list, baseline: dict, warmup: int
                "identical_to_greedy": sum(same) / len(same),
                "identical_tokens": round(float(sum(map(_identical_tokens, seqs, bseqs)) / len(seqs)), 4),
                "per_head_acceptance": [round(x, 3) for x in (pd.DataFrame(acc).mean().tolist() if acc else [])]}
-        if reference in methods:
+        if reference in by_name:
             ref = df[df.method == reference]
             kv = S.speedup_ci(d.new_tokens, d.seconds, ref.new_tokens, ref.seconds)
             row.update({f"speedup_vs_{reference}": round(kv.value, 3), f"speedup_vs_{reference}_lo": round(kv.lo, 3),
@@ -380,8 +415,9 @@ def generation_memory(model, prompts, max_new_tokens: int, tree=None) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     longest = max(prompts, key=len)
-    hf_method(model, max_new_tokens)(longest.view(1, -1))
-    seq, st = engine_method(model, max_new_tokens, tree if getattr(model, "num_heads", 0) else "none")(longest.view(1, -1))
+    Method.hf("hf_generate", model)(longest.view(1, -1), max_new_tokens)
+    engine = Method.engine("engine", model, tree if getattr(model, "num_heads", 0) else "none")
+    seq, st = engine(longest.view(1, -1), max_new_tokens)
     drafts = len(parse_tree(tree, model.num_heads)) if getattr(model, "num_heads", 0) else 0
     kv = st["kv_cache_bytes"] / 2 ** 20                                 # every cache's real tensors at the end
     logits = model.config.vocab_size * (1 + drafts) * 4 / 2 ** 20      # one step's float32 logits, root + drafts

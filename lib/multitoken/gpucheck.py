@@ -38,7 +38,7 @@ import torch
 from . import data as D
 from . import stages
 from .decoding import PlainLM, speculative_generate, sync
-from .evaluation import benchmark_decoding, engine_method, hf_method
+from .evaluation import Method, benchmark_decoding
 from .core.medusa import wrap_model_with_medusa
 from .core.models import wrap_model_with_mtp
 from .training import GPT2LMHeadModel, _fresh_config, build_mtp_model
@@ -244,13 +244,13 @@ def decoding(ck: Check, d: dict, dtype: torch.dtype, oracle: bool) -> dict:
     with torch.no_grad():  # copies outside inference mode: the heads' stacked weights track parameter versions
         ms = {k: copy.deepcopy(m).to(dtype).eval() for k, m in d["models"].items()}
     prompts = [p.to(ck.dev) for p in d["prompts"]]
-    meths = {"hf_greedy": (hf_method(ms["ntp"], n), "hf_greedy"),
-             "greedy_kv": (engine_method(ms["ntp"], n, "none"), "hf_greedy"),
-             "medusa_chain": (engine_method(ms["medusa"], n, "chain"), "hf_greedy"),
-             "medusa_tree": (engine_method(ms["medusa"], n, "medusa:16"), "hf_greedy"),
-             "hf_greedy_mtp": (hf_method(ms["mtp"], n), "hf_greedy_mtp"),
-             "mtp_chain": (engine_method(ms["mtp"], n, "chain"), "hf_greedy_mtp"),
-             "mtp_tree": (engine_method(ms["mtp"], n, "medusa:16"), "hf_greedy_mtp")}
+    meths = [Method.hf("hf_greedy", ms["ntp"]),
+             Method.engine("greedy_kv", ms["ntp"], "none", baseline="hf_greedy"),
+             Method.engine("medusa_chain", ms["medusa"], "chain", baseline="hf_greedy"),
+             Method.engine("medusa_tree", ms["medusa"], "medusa:16", baseline="hf_greedy"),
+             Method.hf("hf_greedy_mtp", ms["mtp"]),
+             Method.engine("mtp_chain", ms["mtp"], "chain", baseline="hf_greedy_mtp"),
+             Method.engine("mtp_tree", ms["mtp"], "medusa:16", baseline="hf_greedy_mtp")]
     if oracle:
         refs = {tuple(p.tolist()): meths["hf_greedy"][0](p.view(1, -1))[0][0] for p in prompts}
         for k in S["oracle_depths"]:
@@ -259,7 +259,7 @@ def decoding(ck: Check, d: dict, dtype: torch.dtype, oracle: bool) -> dict:
                 return speculative_generate(drafter, ids, n, tree="chain")
             fn.device = ck.dev
             meths[f"oracle_chain{k}"] = (fn, "hf_greedy")
-    rows, _ = benchmark_decoding(meths, prompts, {}, warmup=1, desc=f"decoding {str(dtype)[6:]}")
+    rows, _ = benchmark_decoding(meths, prompts, n, warmup=1, desc=f"decoding {str(dtype)[6:]}")
     name = ck.report["info"]["device_name"]
     for r in rows:
         r.update(dtype=str(dtype).replace("torch.", ""), device_name=name, tree={"medusa_tree": "medusa16",

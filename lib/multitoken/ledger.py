@@ -97,14 +97,15 @@ def run_thesis_experiment(cfg):
 
     m = PL.bench_tokens(cfg)
     prompts = PL.bench_prompts(cfg, ev["prompts"], cfg["thesis_bench_prompts"])
-    meths = {"ntp_generate": (E.hf_method(arms["ntp"], m), "ntp_generate")}
+    M = E.Method
+    meths = [M.hf("ntp_generate", arms["ntp"])]
     for a in ("thesis_mtp", "thesis_mtp_leak"):
-        meths[f"hf_greedy_{a}"] = (E.hf_method(arms[a], m), f"hf_greedy_{a}")
-        meths[f"{a}_loop"] = (_timed(TH.thesis_mtp_generate, arms[a], m), f"hf_greedy_{a}")
-    meths["thesis_mtp_engine_chain"] = (E.engine_method(arms["thesis_mtp"], m, "chain"), "hf_greedy_thesis_mtp")
-    meths["hf_greedy_medusa"] = (E.hf_method(medusa, m), "hf_greedy_medusa")
-    meths["thesis_medusa_loop"] = (_timed(TH.thesis_medusa_generate, medusa, m), "hf_greedy_medusa")
-    rows, per = E.benchmark_decoding(meths, prompts, {}, warmup=1, desc="thesis loops", reference="ntp_generate")
+        meths += [M.hf(f"hf_greedy_{a}", arms[a]),
+                  M.loop(f"{a}_loop", TH.thesis_mtp_generate, arms[a], f"hf_greedy_{a}")]
+    meths += [M.engine("thesis_mtp_engine_chain", arms["thesis_mtp"], "chain", baseline="hf_greedy_thesis_mtp"),
+              M.hf("hf_greedy_medusa", medusa),
+              M.loop("thesis_medusa_loop", TH.thesis_medusa_generate, medusa, "hf_greedy_medusa")]
+    rows, per = E.benchmark_decoding(meths, prompts, m, warmup=1, desc="thesis loops", reference="ntp_generate")
     for r in rows:
         d = per[per.method == r["method"]].sort_values("prompt")
         b = per[per.method == r["baseline"]].sort_values("prompt")
@@ -113,14 +114,14 @@ def run_thesis_experiment(cfg):
     n_protocol, dev = cfg["thesis_protocol_tokens"], PL.device(cfg)
     proto_prompts = E.fit_prompts(ev["prompts"][:3], PL.context_size(cfg), n_protocol + cfg["thesis_mtp_n"])[0]
     mtp = PL.load_variant(cfg, "mtp", cfg["thesis_dtype"])
-    proto = TH.protocol({
-        "ntp_generate": (lambda ids, n: E.hf_method(arms["ntp"], n)(ids), dev),
-        "thesis_mtp_loop": (lambda ids, n: TH.thesis_mtp_generate(arms["thesis_mtp"], ids, n), dev),
-        "thesis_mtp_leak_loop": (lambda ids, n: TH.thesis_mtp_generate(arms["thesis_mtp_leak"], ids, n), dev),
-        "thesis_medusa_loop": (lambda ids, n: TH.thesis_medusa_generate(medusa, ids, n), dev),
-        "workbook_mtp_chain": (lambda ids, n: E.engine_method(mtp, n, "chain")(ids), dev),
-        "workbook_medusa_chain": (lambda ids, n: E.engine_method(medusa, n, "chain")(ids), dev),
-    }, proto_prompts, runs=cfg["thesis_protocol_runs"], new_tokens=n_protocol,
+    proto = TH.protocol([
+        M.hf("ntp_generate", arms["ntp"]),
+        M.loop("thesis_mtp_loop", TH.thesis_mtp_generate, arms["thesis_mtp"]),
+        M.loop("thesis_mtp_leak_loop", TH.thesis_mtp_generate, arms["thesis_mtp_leak"]),
+        M.loop("thesis_medusa_loop", TH.thesis_medusa_generate, medusa),
+        M.engine("workbook_mtp_chain", mtp, "chain"),
+        M.engine("workbook_medusa_chain", medusa, "chain"),
+    ], proto_prompts, runs=cfg["thesis_protocol_runs"], new_tokens=n_protocol,
         warmup_tokens=cfg["thesis_protocol_warmup"])
     mem = PL.one_resident(arms, lambda mod: E.generation_memory(mod, prompts[:2], m, "chain"), dev)
     res = PL.paths(cfg)["results"]
@@ -129,13 +130,6 @@ def run_thesis_experiment(cfg):
     write_json(res / "thesis_experiment.json", out)
     write_csv(res / "thesis_decoding_per_prompt.csv", per.drop(columns=["seq"]))
     return out
-
-
-def _timed(fn, model, max_new_tokens):
-    def run(ids):
-        return fn(model, ids, max_new_tokens)
-    run.device = E.model_device(model)
-    return run
 
 
 def _prefix_ok(seq, greedy, eos) -> bool:
@@ -313,11 +307,11 @@ def run_other_systems(cfg) -> list[dict]:
     prompts = PL.bench_prompts(cfg, PL.eval_set(cfg, prep["tokenizer"], prep)["prompts"],
                                max(2, cfg["bench_prompts"] // 2))
     m = PL.bench_tokens(cfg)
-    meths = {"hf_greedy_mtp": (E.hf_method(mtp, m), "hf_greedy_mtp"),
-             "greedy_kv": (E.engine_method(mtp, m, "none"), "hf_greedy_mtp")}
+    M = E.Method
+    meths = [M.hf("hf_greedy_mtp", mtp), M.engine("greedy_kv", mtp, "none", baseline="hf_greedy_mtp")]
     for k in range(1, min(3, mtp.num_heads) + 1):
-        meths[f"lookahead_{k}"] = (E.engine_method(mtp, m, f"chain:{k}"), "hf_greedy_mtp")
-    rows, _ = E.benchmark_decoding(meths, prompts, {}, warmup=1, desc="lookahead k")
+        meths.append(M.engine(f"lookahead_{k}", mtp, f"chain:{k}", baseline="hf_greedy_mtp"))
+    rows, _ = E.benchmark_decoding(meths, prompts, m, warmup=1, desc="lookahead k")
     write_json(PL.paths(cfg)["results"] / "other_systems.json", rows)
     return rows
 

@@ -351,22 +351,21 @@ def baseline_variant(cfg, v: str) -> str:
 
 
 def decoding_methods(cfg, models: dict, trees: dict):
-    m = bench_tokens(cfg)
-    meths = {}
-    meths["hf_greedy"] = (E.hf_method(models["ntp"], m), "hf_greedy")
+    M = E.Method
+    meths = [M.hf("hf_greedy", models["ntp"])]
     for v in HEADED:
         if baseline_variant(cfg, v) == "ntp":
             continue  # its HF generate is NTP's: the same weights, the same outputs
-        meths[f"hf_greedy_{v}"] = (E.hf_method(models[v], m), f"hf_greedy_{v}")
-    meths["hf_prompt_lookup"] = (E.hf_method(models["ntp"], m, prompt_lookup_num_tokens=10), "hf_greedy")
-    meths["greedy_kv"] = (E.engine_method(models["ntp"], m, "none"), "hf_greedy")
-    meths["prompt_lookup"] = (E.engine_method(models["ntp"], m, "none", drafter="prompt_lookup"), "hf_greedy")
+        meths.append(M.hf(f"hf_greedy_{v}", models[v]))
+    meths += [M.hf("hf_prompt_lookup", models["ntp"], "hf_greedy", prompt_lookup_num_tokens=10),
+              M.engine("greedy_kv", models["ntp"], "none", baseline="hf_greedy"),
+              M.engine("prompt_lookup", models["ntp"], "none", "prompt_lookup", "hf_greedy")]
     for v in HEADED:
         base = "hf_greedy" if baseline_variant(cfg, v) == "ntp" else f"hf_greedy_{v}"
-        meths[f"{v}_chain"] = (E.engine_method(models[v], m, "chain"), base)
-        meths[f"{v}_tree"] = (E.engine_method(models[v], m, trees[v]), base)
+        meths += [M.engine(f"{v}_chain", models[v], "chain", baseline=base),
+                  M.engine(f"{v}_tree", models[v], trees[v], baseline=base)]
         if v != "mtp_seq":  # the MTP modules' caches follow their own tree: no hybrid
-            meths[f"{v}_hybrid"] = (E.engine_method(models[v], m, trees[v], drafter="hybrid"), base)
+            meths.append(M.engine(f"{v}_hybrid", models[v], trees[v], "hybrid", base))
     return meths
 
 
@@ -513,8 +512,8 @@ def _benchmark(cfg, models, prompts, trees, chosen, everything=True):
     meths = decoding_methods(cfg, models, trees)
     if not everything:
         keep = {c["method"] for c in chosen.values()} | {"greedy_kv"}
-        meths = {k: fb for k, fb in meths.items() if k in keep or k.startswith("hf_greedy")}
-    rows, per = E.benchmark_decoding(meths, prompts, {}, warmup=cfg["bench_warmup"],
+        meths = [mt for mt in meths if mt.name in keep or mt.name.startswith("hf_greedy")]
+    rows, per = E.benchmark_decoding(meths, prompts, bench_tokens(cfg), warmup=cfg["bench_warmup"],
                                      desc=f"decoding benchmark ({str(dtype).replace('torch.', '')})")
     dev = E.model_device(models["ntp"])
     info = dict(device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -536,19 +535,19 @@ def run_tree_sweep(cfg, models, loader, prompts=None, prep=None):
         prep = prep if prep is not None else loaders(cfg)[3]
         prompts = validation_prompts(cfg, prep["tokenizer"], prep)
     prompts = bench_prompts(cfg, prompts, max(2, cfg["bench_prompts"] // 2))
-    m, meths, accs = bench_tokens(cfg), {}, {}
+    M, meths, accs = E.Method, [], {}
     for v in HEADED:
         accs[v] = acc = head_topk_accuracy(models[v], loader)
         hf = f"hf/{baseline_variant(cfg, v)}"
-        if hf not in meths:
-            meths[hf] = (E.hf_method(models[baseline_variant(cfg, v)], m), hf)
-        meths[f"{v}/chain_all"] = (E.engine_method(models[v], m, "chain"), hf)
+        if hf not in {mt.name for mt in meths}:
+            meths.append(M.hf(hf, models[baseline_variant(cfg, v)]))
+        meths.append(M.engine(f"{v}/chain_all", models[v], "chain", baseline=hf))
         for b in cfg["tree_budgets"]:
             if "fitted" in cfg["tree_kinds"]:
-                meths[f"{v}/fitted_{b}"] = (E.engine_method(models[v], m, fitted_tree(acc, b)), hf)
+                meths.append(M.engine(f"{v}/fitted_{b}", models[v], fitted_tree(acc, b), baseline=hf))
             if "medusa" in cfg["tree_kinds"]:
-                meths[f"{v}/medusa_{b}"] = (E.engine_method(models[v], m, medusa_tree(b, models[v].num_heads)), hf)
-    rows, _ = E.benchmark_decoding(meths, prompts, {}, warmup=1, desc="tree sweep (validation)")
+                meths.append(M.engine(f"{v}/medusa_{b}", models[v], medusa_tree(b, models[v].num_heads), baseline=hf))
+    rows, _ = E.benchmark_decoding(meths, prompts, bench_tokens(cfg), warmup=1, desc="tree sweep (validation)")
     out = []
     for r in rows:
         v, name = r["method"].split("/")

@@ -170,9 +170,9 @@ def thesis_medusa_generate(model, input_ids, max_new_tokens: int = 100, branchin
 
 # --- the thesis' timing protocol -----------------------------------------------------------------------------------
 
-def protocol(methods: dict, prompts: list, runs: int = 5, new_tokens: int = 100, warmup_tokens: int = 20,
+def protocol(methods: list, prompts: list, runs: int = 5, new_tokens: int = 100, warmup_tokens: int = 20,
              baseline: str = "ntp_generate", seed: int = 0) -> list[dict]:
-    """Time ``methods`` (name -> (fn(ids, max_new_tokens) -> (sequences, stats), device)) the thesis' way: one
+    """Time ``methods`` (:class:`multitoken.evaluation.Method` records) the thesis' way: one
     warm-up call of ``warmup_tokens`` each, then every prompt ``runs`` times with ``new_tokens``, the methods in a
     fresh random order at every (run, prompt) (a fixed order favours whoever runs after its own model). Two speedups
     against ``baseline``: Table 1's ratio of mean time per call, and the ratio of tokens/s (they differ when a method
@@ -180,15 +180,16 @@ def protocol(methods: dict, prompts: list, runs: int = 5, new_tokens: int = 100,
     together (its runs are repeated measurements of one unit, not independent ones)."""
     import random
 
-    for fn, dev in methods.values():
-        fn(prompts[0].view(1, -1), warmup_tokens)
+    methods = {m.name: m for m in methods}
+    for m in methods.values():
+        m(prompts[0].view(1, -1), warmup_tokens)
     order = random.Random(seed)
     per = {name: [[0.0, 0, 0] for _ in prompts] for name in methods}   # per prompt: seconds, tokens, calls
     for run in range(runs):
         for i, p in enumerate(prompts):
             for name in order.sample(list(methods), len(methods)):
-                fn, dev = methods[name]
-                seq, _, dt = timed(lambda ids: fn(ids, new_tokens), p.view(1, -1), dev)
+                m = methods[name]
+                seq, _, dt = timed(lambda ids: m(ids, new_tokens), p.view(1, -1), m.device)
                 cell = per[name][i]
                 cell[0], cell[1], cell[2] = cell[0] + dt, cell[1] + seq.shape[1] - p.numel(), cell[2] + 1
     base_t, base_n = ([c[k] for c in per[baseline]] for k in (0, 1))
