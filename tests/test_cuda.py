@@ -27,8 +27,11 @@ def test_module_drafts_and_caches_on_cuda_equal_a_fresh_run(monkeypatch):
     from test_sequential import Spy, naive_draft, seq
 
     model = seq(seed=3).to(CUDA)
+    from multitoken.decoding import modules
+
     spy = Spy(model)
-    monkeypatch.setattr(model, "spec_propose", spy)
+    spy.propose = modules.propose
+    monkeypatch.setattr(modules, "propose", spy)
     ids = torch.randint(2, V, (1, 5), generator=torch.Generator().manual_seed(0)).to(CUDA)
     out, _ = speculative_generate(model, ids, 30, tree="medusa:20")
     assert torch.equal(out, hf(model, ids, 30)) and len(spy.steps) > 3

@@ -200,8 +200,12 @@ def test_bad_drafters_and_drafter_settings_are_refused():
     with pytest.raises(ValueError, match="proposed 1 trees for 2 rows"):
         speculative_generate(model, ids.repeat(2, 1), 10, drafter=TooFewTrees())
     seq = mtp(head_type="transformer", sequential=True, num_predict_tokens=2)
-    with pytest.raises(ValueError, match="drafts with its heads only, not with 'medusa8\\+lookup4'|not with"):
+    with pytest.raises(ValueError, match="they draft alone, not in a hybrid"):
         speculative_generate(seq, ids, 10, drafter="hybrid")
+    with pytest.raises(ValueError, match="keeps one row's state"):
+        speculative_generate(seq, ids.repeat(2, 1), 10, batched=True)
+    out, st = speculative_generate(seq, ids.repeat(2, 1), 10, drafter="prompt_lookup")   # the modules need not draft
+    assert st["batched"] and torch.equal(out[0], hf(seq, ids, 10)[0]) and torch.equal(out[0], out[1])
     assert medusa_tree(8).name == "medusa8"
 
 

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 from conftest import PAD, V, mtp
 from test_decoding import hf
-from multitoken.decoding import speculative_generate
+from multitoken.decoding import modules, speculative_generate
 from multitoken.decoding.trees import Tree
 
 SEQ = dict(head_type="transformer", sequential=True)
@@ -83,12 +83,11 @@ class Spy:
     def __init__(self, model):
         self.m, self.steps = model, []
 
-    def __call__(self, ctx, j, x0, tree):
-        caches = ctx.caches
+    def __call__(self, model, caches, tree):
         text = caches.tokens.clone()
         before = [[(l.keys.clone(), l.values.clone()) for l in c.layers] for c in caches.modules]
         seen = list(caches.seen)
-        out = type(self.m).spec_propose(self.m, ctx, j, x0, tree)
+        out = self.propose(model, caches, tree)
         after = [[(l.keys.clone(), l.values.clone()) for l in c.layers] for c in caches.modules]
         self.steps.append(dict(text=text, tree=tree, drafts=out.clone(), before=before, seen_before=seen,
                                after=after, seen=list(caches.seen)))
@@ -100,7 +99,8 @@ class Spy:
 def test_drafts_and_module_caches_equal_a_fresh_run_over_the_accepted_text(share, tree, monkeypatch):
     model = seq(share, seed=3)
     spy = Spy(model)
-    monkeypatch.setattr(model, "spec_propose", spy)
+    spy.propose = modules.propose
+    monkeypatch.setattr(modules, "propose", spy)
     ids = torch.randint(2, V, (1, 5))
     out, stats = speculative_generate(model, ids, 30, tree=tree)
     assert torch.equal(out, hf(model, ids, 30))

@@ -1,5 +1,5 @@
 """The models: backbone adapters per family (``backbones``), kernels (``fastpath``), the heads (``heads``), MTP heads and
-modules (``models``, ``sequential``), MEDUSA-1 (``medusa``) and loading pretrained LMs (``pretrained``): config,
+modules (``models``), MEDUSA-1 (``medusa``) and loading pretrained LMs (``pretrained``): config,
 forward, loss, and what the decoding engine reads from a model. Imports nothing of the workbook but ``utils``."""
 from transformers import AutoConfig, AutoModelForCausalLM
 

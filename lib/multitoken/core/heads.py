@@ -9,8 +9,9 @@ A model with extra heads implements three small methods (see ``HeadsMixin``):
 - ``num_heads``                                the number of extra heads.
 
 Parallel heads ignore ``h_prev``; chained heads (sequential / shared-recursive) use it (``h_prev = h0`` for k=1).
-The decoding engine calls ``spec_new_cache``, ``spec_forward``, ``spec_propose`` and, where a model defines it,
-``spec_accept`` (sequential transformer modules keep KV caches of their own: ``multitoken.sequential``).
+The decoding engine calls ``spec_new_cache``, ``spec_forward`` and its drafters ``spec_propose`` /
+``spec_head_topk_rows`` (sequential transformer modules keep KV caches of their own, which their drafter holds:
+``multitoken.decoding.modules``).
 """
 from __future__ import annotations
 
@@ -185,7 +186,7 @@ class MultiTokenOutput(ModelOutput):
 class Features:
     """What a model's heads draft from after a cached forward: the trunk's hidden states ``h0`` (B, T, d) the heads
     read; for transformer heads, each head's states (``states[k]``, (B, T, d); ``states[0]`` is ``h0``); the forward's
-    token ids (B, T); the model's caches (the sequential MTP modules keep their drafting state there)."""
+    token ids (B, T); the model's caches."""
 
     h0: torch.Tensor
     ids: torch.Tensor | None = None

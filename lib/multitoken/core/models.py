@@ -14,7 +14,7 @@ Head designs (``head_type``):
 Modes:
   sequential                 DeepSeek-V3: head k sees M [RMSNorm(h_{k-1}); RMSNorm(Emb(t_{i+k}))]; with
                              transformer heads these are DeepSeek-V3's MTP modules, each with its own KV cache
-                             when drafting (``multitoken.sequential``)
+                             when drafting (``multitoken.decoding.modules``)
   share_weights_across_steps FastMTP: one head applied recursively, h_k = head(h_{k-1})
   num_trunk_layers           heads branch off after this many layers (default: after the last)
 Layouts (``layout``):
@@ -37,7 +37,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers import initialization as init
 
-from . import fastpath, sequential
+from . import fastpath
 from .backbones import backbone_of, family_of
 from .heads import (WEIGHTINGS, EyeLinear, Features, HeadsMixin, MultiTokenOutput, ResBlock, ZeroLinear, init_special,
                     loss_weights, named_step_losses, shifted_ce, warmup_factor)
@@ -241,7 +241,7 @@ class MultiTokenMixin(HeadsMixin):
 
     def _head_step(self, k, h_prev, h0, input_ids, cache=None, mask=None, token_emb=None, pos=None):
         """Head k's state. Sequential heads read Emb(t_{i+k}): teacher-forced from ``input_ids``, or ``token_emb``
-        given row by row (the drafting of :mod:`multitoken.sequential`). ``pos``: the positional input of the rows
+        given row by row (the drafting of :mod:`multitoken.decoding.modules`). ``pos``: the positional input of the rows
         (``backbone.positions``; None: consecutive after whatever ``cache`` holds)."""
         body, cfg, bb = self._body(k), self.config, self.backbone
         if cfg.sequential:
@@ -306,13 +306,12 @@ class MultiTokenMixin(HeadsMixin):
 
     # -- decoding hooks (transformer heads keep one KV cache per head application) ------------------------------
     def _seq_modules(self) -> bool:
-        """Sequential transformer modules (DeepSeek-V3 / FastMTP): own KV caches, drafted by multitoken.sequential."""
+        """Sequential transformer modules (DeepSeek-V3 / FastMTP): their own KV caches, kept by the drafter
+        ``multitoken.decoding.modules.Modules``."""
         return self.config.sequential and self.config.head_type == "transformer"
 
     def spec_new_cache(self):
-        if self._seq_modules():
-            return sequential.ModuleCaches(self.num_heads, self.backbone.new_cache)
-        n = 1 + (self.num_heads if self.config.head_type == "transformer" else 0)
+        n = 1 + (self.num_heads if self.config.head_type == "transformer" and not self.config.sequential else 0)
         return [self.backbone.new_cache() for _ in range(n)]
 
     def spec_forward(self, input_ids, caches, position_ids=None, attention_mask=None):
@@ -386,14 +385,10 @@ class MultiTokenMixin(HeadsMixin):
             return self.spec_head_logits(ctx, j).topk(k, -1).indices
         return super().spec_head_topk(ctx, j, k)
 
-    def spec_accept(self, ctx, keep, x_next):
-        """The engine's note that step positions ``keep`` (None: the whole prefill) are committed, ``x_next`` next."""
-        if self._seq_modules():
-            sequential.accept(ctx.caches, ctx, keep, x_next)
-
     def spec_propose(self, ctx, j, x0, tree):
         if self._seq_modules():
-            return sequential.propose(self, ctx.caches, tree)
+            raise ValueError("the MTP modules keep caches of their own: they draft through "
+                             "multitoken.decoding.modules.Modules (drafter='heads' picks it)")
         if not self.config.sequential:
             return HeadsMixin.spec_propose(self, ctx, j, x0, tree)
         # Sequential heads draft autoregressively: head d sees the state of the parent node and the parent's token.

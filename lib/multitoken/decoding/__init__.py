@@ -1,5 +1,6 @@
 """The decoding engine (``engine``: one step loop for a row and a batch, verification, acceptance, caches), candidate
-trees (``trees``) and drafters (``drafters``). Imports the core (backbones, kernels), never the workbook."""
+trees (``trees``), drafters (``drafters``) and the MTP modules' drafting state (``modules``). Imports the core
+(backbones, kernels), never the workbook."""
 from .engine import (UNSUPPORTED, PlainLM, Sampling, SpecModel, StepStats, cache_bytes, check_generation_config,
                      greedy_generate, model_device, speculative_generate, sync, target_probs)
 from .trees import Tree, parse_tree

@@ -8,6 +8,8 @@ that works one row at a time subclasses :class:`RowDrafter` and writes ``propose
 
 - :class:`Heads`: the model's own heads under a fixed tree (MTP heads, MEDUSA-1 heads, MTP modules), every row's
   drafts in one batched call where the model offers ``spec_head_topk_rows``;
+- :class:`Modules`: the sequential MTP modules' drafts, their caches kept here (one row's state: ``start`` /
+  ``accept`` hooks);
 - :class:`PromptLookup`: n-gram lookup in each row's own history, as transformers' ``prompt_lookup_num_tokens``;
 - :class:`Hybrid`: per row, one tree holding the heads' tree and the lookup's chain, shared prefixes merged.
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import modules
 from .trees import Tree, chain
 
 NONE = Tree((), name="none")
@@ -88,11 +91,16 @@ def select_rows(ctx, idx: torch.Tensor, n: int):
     return None if ctx is None else {k: (v if k == "caches" else pick(v)) for k, v in ctx.items()}
 
 
-def batchable(model) -> bool:
-    """Whether the rows of a batch can decode together on ``model``: not when it keeps drafting state of its own
-    (the sequential MTP modules' caches, which follow one row's tree)."""
+def batchable(drafter) -> bool:
+    """Whether the rows of a batch can decode together with ``drafter``: not when it keeps state of one row (it
+    hears every step through ``accept``: the MTP modules' caches)."""
+    return not hasattr(drafter, "accept")
+
+
+def has_modules(model) -> bool:
+    """Whether ``model`` drafts with sequential MTP modules (caches of their own: :class:`Modules`)."""
     seq = getattr(model, "_seq_modules", None)
-    return getattr(model, "spec_accept", None) is None or (seq is not None and not seq())
+    return bool(seq is not None and seq())
 
 
 def _device(model) -> torch.device:
@@ -221,11 +229,35 @@ class Hybrid:
         return Draft.of_rows(pairs, dev)
 
 
+class Modules(Heads):
+    """The sequential MTP modules' drafts under ``tree``. Their caches follow one row's text, so this drafter keeps
+    one row's state: the engine calls ``start`` before a row's prefill and ``accept`` after every step (and decodes
+    such a model one row at a time)."""
+
+    def start(self, model, rows: int) -> None:
+        if rows != 1:
+            raise ValueError(f"the MTP modules' drafter keeps one row's state; got {rows} rows")
+        self.state = modules.ModuleState(model.num_heads, model.backbone.new_cache)
+
+    def propose(self, model, view: View) -> Draft:
+        t = self.tree.truncate(view.limits[0])
+        return Draft([t], modules.propose(model, self.state, t).view(1, -1) if len(t) else None)
+
+    def accept(self, ctx, keep, x_next: int) -> None:
+        """The step positions ``keep`` (None: the whole prefill) are committed, ``x_next`` chosen next."""
+        modules.accept(self.state, ctx, keep, x_next)
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for c in self.state.modules for layer in c.layers
+                   for t in (layer.keys, layer.values) if t is not None)
+
+
 BUILT_IN = (Heads, PromptLookup, Hybrid)
 
 
-def make(spec, tree: Tree) -> object:
-    """A drafter from its name: ``"heads"`` (the model's heads under ``tree``), ``"prompt_lookup[:K]"``,
+def make(spec, tree: Tree, model=None) -> object:
+    """A drafter from its name: ``"heads"`` (the model's heads under ``tree``; for MTP modules, which keep caches of
+    their own, :class:`Modules`), ``"prompt_lookup[:K]"``,
     ``"hybrid[:K[:N]]"`` (the heads under ``tree`` and prompt lookup of K tokens, at most N nodes a row), or a drafter
     object as it is."""
     if not isinstance(spec, str):
@@ -238,7 +270,12 @@ def make(spec, tree: Tree) -> object:
         raise ValueError(f"unknown drafter {spec!r}: heads, prompt_lookup[:K] or hybrid[:K[:N]]")
     lookup = PromptLookup(int(nums[0])) if nums else PromptLookup()
     if name == "heads":
+        if has_modules(model):
+            return Modules(tree)
         return Heads(tree)
     if name == "prompt_lookup":
         return lookup
+    if has_modules(model):
+        raise ValueError(f"{type(model).__name__}'s MTP modules keep caches of their own that follow their own tree: "
+                         f"they draft alone, not in a hybrid ({spec!r})")
     return Hybrid(Heads(tree), lookup, int(nums[1]) if len(nums) > 1 else None)

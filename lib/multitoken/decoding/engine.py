@@ -11,9 +11,9 @@ target distribution exactly. Then only the accepted path's KV entries are kept, 
 
 The cache is one dense tensor per layer, batch-major, with a committed length per row: slots past it are junk that
 no query sees. A row that ends (EOS, ``max_new_tokens``) leaves the batch. Rows whose trees differ (prompt lookup
-finds a match in one row and not in another) are padded to the largest tree with nodes nobody keeps. A model with
-drafting state of its own (sequential transformer modules, ``multitoken.sequential``) decodes one row at a time and
-hears which step positions were kept through its ``spec_accept`` hook.
+finds a match in one row and not in another) are padded to the largest tree with nodes nobody keeps. A drafter with
+state of one row (the sequential MTP modules' caches, ``multitoken.decoding.modules``) decodes one row at a time and
+hears which step positions were kept through its ``accept``.
 
 Every tensor of the step loop is made on the model's device (never torch's default device); the model's dtype is
 whatever it was loaded in, and the sampling maths runs in float32.
@@ -40,8 +40,7 @@ class SpecModel(Protocol):
     (B, T, V) and the drafting context its heads read (the core's ``Features``: batch-major, rows selected with
     ``rows(idx)``; None for a model without heads); ``spec_propose`` returns one token per node of ``tree`` for one
     row's context at the step-local position ``j`` whose chosen next token is ``x0``; ``spec_head_topk_rows``
-    (optional) every row's heads' top-k at once; ``spec_accept`` (optional: a model with drafting state of its own)
-    hears which step positions were kept."""
+    (optional) every row's heads' top-k at once."""
 
     num_heads: int
     backbone: Backbone
@@ -322,14 +321,16 @@ def _decode(model, rows, max_new_tokens, sampling: Sampling, drafter, eos, n_pos
     Every row keeps its own committed length: slots past it are junk no query sees. A step appends each row's
     ``[x0, drafts...]`` at the cache's width, verifies all rows in one forward, accepts per row, and compacts each
     row's kept slots in place. A row that ends leaves the batch (``finished="drop"``) or stays as a masked no-op
-    (``"masked"``: computed and drafted for, nothing kept). A model with drafting state of its own (``spec_accept``)
-    decodes one row at a time and hears every accepted step."""
+    (``"masked"``: computed and drafted for, nothing kept). A drafter with state of one row (``accept``) decodes one
+    row at a time and hears every accepted step."""
     if finished not in ("drop", "masked"):
         raise ValueError(f"finished must be 'drop' or 'masked', got {finished!r}")
     masked, dev, B = finished == "masked", rows[0].device, len(rows)
-    stateful = not drafters.batchable(model)
+    stateful = not drafters.batchable(drafter)
     if stateful and B > 1:
-        raise ValueError(f"{type(model).__name__} keeps drafting state of its own: it decodes one row at a time")
+        raise ValueError(f"the {drafter.name} drafter keeps one row's state: it decodes one row at a time")
+    if hasattr(drafter, "start"):
+        drafter.start(model, B)
     foreign = not isinstance(drafter, drafters.BUILT_IN)
     L = [int(r.numel()) for r in rows]
     width, plen, hist = max(L), list(L), [r.tolist() for r in rows]
@@ -348,7 +349,7 @@ def _decode(model, rows, max_new_tokens, sampling: Sampling, drafter, eos, n_pos
     stats.forward_passes += 1
     x0 = sampling.draw(last)
     if stateful:
-        model.spec_accept(ctx, None, x0[0])
+        drafter.accept(ctx, None, x0[0])
     js = torch.tensor(L, device=dev) - 1                                     # step-local position of x0's state
     alive, done = list(range(B)), [False] * B
     while True:
@@ -418,20 +419,20 @@ def _decode(model, rows, max_new_tokens, sampling: Sampling, drafter, eos, n_pos
         L = [L[i] for i in stay]
         width = _compact(caches, L, width, keeps)
         if stateful:
-            model.spec_accept(ctx, keeps[0], x_next[0])
+            drafter.accept(ctx, keeps[0], x_next[0])
         alive = [alive[i] for i in stay]
         L = [l + len(k) for l, k in zip(L, keeps)]
         js = torch.tensor([k[-1] if k else 0 for k in keeps], device=dev)
         x0 = [x_next[i] for i in stay]
-    stats.kv_cache_bytes = max(stats.kv_cache_bytes, cache_bytes(caches))
+    own = drafter.cache_bytes() if hasattr(drafter, "cache_bytes") else 0    # a drafter's own caches (MTP modules)
+    stats.kv_cache_bytes = max(stats.kv_cache_bytes, cache_bytes(caches) + own)
     return [h[p:] for h, p in zip(hist, plen)]
 
 
 def cache_bytes(caches) -> int:
-    """Bytes held by every KV cache of a decoding row: the trunk's, transformer heads' and MTP modules' own, as
-    stored (grouped key-value heads, dtype)."""
-    every = [*caches, *getattr(caches, "modules", [])]
-    return sum(t.numel() * t.element_size() for c in every for layer in c.layers
+    """Bytes held by the model's KV caches (the trunk's and transformer heads'), as stored (grouped key-value heads,
+    dtype)."""
+    return sum(t.numel() * t.element_size() for c in caches for layer in c.layers
                for t in (layer.keys, layer.values) if t is not None)
 
 
@@ -465,10 +466,7 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
         raise ValueError(f"generator is on {generator.device} but the model on {dev}: "
                          f"use torch.Generator(device={str(dev)!r})")
     tree = parse_tree(tree, model.num_heads)
-    drafter = drafters.make(drafter, tree)
-    if not isinstance(drafter, drafters.Heads) and not drafters.batchable(model):
-        raise ValueError(f"{type(model).__name__} keeps drafting state of its own (its MTP modules' caches follow "
-                         f"the heads' tree): it drafts with its heads only, not with {drafter.name!r}")
+    drafter = drafters.make(drafter, tree, model)
     draft = getattr(model, "draft_ids", None)
     if draft is not None and tree.max_topk > draft.numel():
         raise ValueError(f"the tree drafts a head's top-{tree.max_topk} but the heads predict over a draft vocabulary "
@@ -497,10 +495,10 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
         pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
         pad_token_id = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
     if batched is None:
-        batched = len(rows) > 1 and drafters.batchable(model)
-    elif batched and not drafters.batchable(model):
-        raise ValueError(f"{type(model).__name__} keeps drafting state of its own (spec_accept): it decodes row by "
-                         "row (batched=False)")
+        batched = len(rows) > 1 and drafters.batchable(drafter)
+    elif batched and not drafters.batchable(drafter):
+        raise ValueError(f"the {drafter.name} drafter keeps one row's state (the MTP modules' caches): it decodes "
+                         "row by row (batched=False)")
     sampling, stats = Sampling(temperature, top_p, generator), StepStats(head_tries=[0] * tree.depth,
                                                                           head_hits=[0] * tree.depth)
     was_training = getattr(model, "training", False)

@@ -1,4 +1,6 @@
-"""Drafting with sequential transformer modules (DeepSeek-V3's MTP modules, FastMTP's shared module, EAGLE's layer).
+"""Drafting with sequential transformer modules (DeepSeek-V3's MTP modules, FastMTP's shared module, EAGLE's layer):
+the state the drafter ``multitoken.decoding.drafters.Modules`` keeps for one row (the modules' KV caches), out of the
+model, and the drafting itself.
 
 Module k (1-based) at position i reads ``M_k [RMSNorm(h_{k-1}(i)); RMSNorm(Emb(t_{i+k}))]``, runs its own transformer
 block causally over the positions, and predicts t_{i+k+1}; ``h_0`` is the trunk's state. In training every input is
@@ -21,18 +23,18 @@ from __future__ import annotations
 import torch
 
 
-class ModuleCaches(list):
-    """The engine's cache list (``[trunk cache]``, compacted by the engine) plus the modules' own state."""
+
+class ModuleState:
+    """The modules' decoding state for one row: their own KV caches and what each has consumed."""
 
     def __init__(self, num_modules: int, new_cache):
-        super().__init__([new_cache()])
         self.modules = [new_cache() for _ in range(num_modules)]  # module k's cache at index k-1
         self.seen = [0] * num_modules            # c_k: committed positions 0..c_k-1 in module k's cache
         self.pending = [None] * (num_modules + 1)  # pending[0]: h0 at [c_1, L); pending[k]: h_k at [c_{k+1}, c_k)
         self.tokens = None                        # committed tokens t_0..t_{L-1}, then t_L (x0): (L+1,)
 
 
-def accept(caches: ModuleCaches, ctx, keep, x_next: int):
+def accept(caches: ModuleState, ctx, keep, x_next: int):
     """The step-local positions ``keep`` of the last forward (all of it when None: the prefill) are now committed
     text, and ``x_next`` its next token."""
     h0, ids = ctx.h0, ctx.ids[0]
@@ -77,7 +79,7 @@ def _mask(n_c: int, branches: int, r: int, past: int, device):
     return torch.cat([torch.ones(q, past, dtype=torch.bool, device=device), new], 1)[None, None]
 
 
-def propose(model, caches: ModuleCaches, tree) -> torch.Tensor:
+def propose(model, caches: ModuleState, tree) -> torch.Tensor:
     """A token per tree node (in ``tree.paths`` order), drafted by modules 1..depth; module caches keep only the
     committed positions afterwards."""
     known = caches.tokens                                  # t_0..t_L
@@ -124,3 +126,4 @@ def propose(model, caches: ModuleCaches, tree) -> torch.Tensor:
         prev_branch, prev_parents = branch, parents
     pend[len(plan)] = h_prev                                # the deepest module ran: its committed states wait
     return out
+
