@@ -34,9 +34,9 @@ def test_executed_notebook_shows_every_figure_and_the_report_embeds_them(tmp_pat
                for o in c.get("outputs", []))  # the closing sentence written from the results
     (run / "figures").mkdir(exist_ok=True)
     (run / "figures" / "thesis_table.md").write_text("| variant | speedup (ours) |\n|---|---|\n| mtp | 2.21 [2.1, 2.3] |\n")
-    html = build_report("smoke", root=tmp_path).read_text()
+    html = build_report("smoke", root=tmp_path, runs="| stage | run |\n|---|---|\n| 00_data | r1 |").read_text()
     assert html.count("data:image/png;base64,") >= len(figure_cells)
-    assert "The thesis table" in html and "2.21 [2.1, 2.3]" in html
+    assert "The thesis table" in html and "2.21 [2.1, 2.3]" in html and "The runs behind these results" in html
     assert not re.findall(r'(?:src|href)="https?://', html)   # nothing fetched from the network
     assert "pipeline.run_data(cfg)" not in html               # code hidden
     assert "drop prompt-only" not in html                     # progress bars stay in the console

@@ -47,8 +47,10 @@ def main(argv=None):
         return run_stages(args.profile, force=args.force, start=args.start or None, only=args.only, dry=args.dry_run)
     if args.cmd == "report":
         from .report import build_report
+        from .stages import runs_table, stamp_path
 
-        print(f"written: {build_report(args.profile)}")
+        runs = runs_table(args.profile) if stamp_path(args.profile, "x").parent.exists() else None
+        print(f"written: {build_report(args.profile, runs=runs)}")
         return 0
     import yaml
 

@@ -21,7 +21,7 @@ from . import training as T
 from .core.medusa import MedusaMixin
 from .core.models import HEAD_TYPES, MultiTokenMixin
 from .decoding.trees import fitted_tree, medusa_tree
-from .utils import repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
+from .utils import commit, read_stamp, repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
 
 VARIANTS = ("ntp", "mtp", "medusa", "mtp_seq")
 HEADED = VARIANTS[1:]  # the variants with heads that draft
@@ -428,8 +428,6 @@ def _setup(cfg, models, prep):
 def trained_runs(cfg) -> dict:
     """The run ids of the stages that trained the profile's models (``None`` where a stage has no finished run): what
     makes two benchmark runs runs of the same models."""
-    from .stages import read_stamp
-
     return {s: (read_stamp(cfg["profile"], s) or {}).get("run_id") for s in
             ("01_train_ntp", "02_train_mtp", "03_train_medusa")}
 
@@ -439,8 +437,6 @@ def record_bench_run(cfg, rows: list[dict], source: str) -> list[dict]:
     04, each ``make bench`` repeat) with the commit and the runs that trained its models, so speed claims can carry
     the spread between runs of the same models beside the within-run interval. Returns every run so far."""
     import time
-
-    from .stages import commit
 
     f = paths(cfg)["results"] / "bench_runs.json"
     runs = json.loads(f.read_text()) if f.exists() else []

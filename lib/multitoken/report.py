@@ -124,8 +124,9 @@ def thesis_summary(table: pd.DataFrame) -> str:
 
 # --- the HTML report ---------------------------------------------------------------------------------------------
 
-def build_report(profile: str, root: Path | None = None) -> Path:
-    """``runs/<profile>/report.html`` from the executed notebooks (and the thesis table when there is one)."""
+def build_report(profile: str, root: Path | None = None, runs: str | None = None) -> Path:
+    """``runs/<profile>/report.html`` from the executed notebooks (and the thesis table when there is one; ``runs``:
+    the table of the stage runs behind the results, ``stages.runs_table``)."""
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -140,10 +141,8 @@ def build_report(profile: str, root: Path | None = None) -> Path:
     for name, title in (("thesis_table.md", "The thesis table"), ("thesis_claims.md", "The thesis' claims")):
         if (figs / name).exists():
             head += [f"## {title}", (figs / name).read_text()]
-    if (run / "stages").exists():
-        from .stages import runs_table
-
-        head += ["## The runs behind these results", runs_table(profile, root)]
+    if runs:
+        head += ["## The runs behind these results", runs]
     book = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("\n\n".join(head))])
     for f in executed:
         nb = nbformat.read(f, as_version=4)

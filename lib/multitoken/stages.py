@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import time
 import uuid
 from pathlib import Path
 
 from . import utils
-from .utils import atomic_write_text, repo_root, write_csv, write_json
+from .utils import atomic_write_text, commit, read_stamp, repo_root, stamp_path, write_csv, write_json
 
 # each stage and the stages whose outputs it reads (05 reads 01-03's training logs beside 04's results)
 STAGES = {
@@ -81,15 +80,6 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def stamp_path(profile: str, name: str, root: Path | None = None) -> Path:
-    return Path(root or repo_root()) / "runs" / profile / "stages" / f"{name}.json"
-
-
-def read_stamp(profile: str, name: str, root: Path | None = None) -> dict | None:
-    f = stamp_path(profile, name, root)
-    return json.loads(f.read_text()) if f.exists() else None
-
-
 def notebook_path(name: str, root: Path | None = None) -> Path:
     return Path(root or repo_root()) / "notebooks" / f"{name}.ipynb"
 
@@ -120,19 +110,6 @@ def check_name(name: str, root: Path | None = None) -> str:
     return name
 
 
-def commit(root: Path | None = None) -> dict:
-    """The package's commit and whether the tree had changes (``None`` outside a git checkout)."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=root or repo_root(), capture_output=True, text=True, timeout=30)
-
-    try:
-        head = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    if head.returncode != 0:
-        return {"commit": None, "dirty": None}
-    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
 def stale_reason(name: str, profile: str, cfg: dict, root: Path | None = None) -> str | None:

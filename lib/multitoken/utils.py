@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -131,3 +132,29 @@ def resolve_dtype(name: str, device) -> torch.dtype:
     if dtype == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise RuntimeError(f"{torch.cuda.get_device_name(dev)} cannot run bfloat16: use float16 or float32")
     return dtype
+
+
+def stamp_path(profile: str, name: str, root: Path | None = None) -> Path:
+    """Where stage ``name`` of ``profile`` records its finished run (``multitoken.stages``)."""
+    return Path(root or repo_root()) / "runs" / profile / "stages" / f"{name}.json"
+
+
+def read_stamp(profile: str, name: str, root: Path | None = None) -> dict | None:
+    """Stage ``name``'s record of its finished run (None: no finished run)."""
+    f = stamp_path(profile, name, root)
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def commit(root: Path | None = None) -> dict:
+    """The package's commit and whether the tree had changes (``None`` outside a git checkout)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root or repo_root(), capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
