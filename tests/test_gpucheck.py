@@ -13,8 +13,7 @@ def test_the_perfect_drafter_is_lossless_and_accepts_its_whole_chain(depth):
     ids = torch.randint(2, V, (1, 5), generator=torch.Generator().manual_seed(depth))
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
                          eos_token_id=[], pad_token_id=PAD)
-    out, st = speculative_generate(gpucheck.PerfectDrafter(model, ref[0], 5, depth), ids, 40, tree="chain",
-                                   eos_token_id=[])
+    out, st = speculative_generate(model, ids, 40, drafter=gpucheck.PerfectDrafter(ref[0], depth), eos_token_id=[])
     assert torch.equal(out, ref)
     assert st["forward_passes"] == 1 + -(-(40 - 1) // (depth + 1))   # prefill, then depth + 1 tokens per step
 

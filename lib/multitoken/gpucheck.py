@@ -37,7 +37,9 @@ import torch
 
 from . import data as D
 from . import stages
-from .decoding import PlainLM, speculative_generate, sync
+from .decoding import model_device, speculative_generate, sync
+from .decoding.drafters import RowDrafter
+from .decoding.trees import Tree, chain
 from .evaluation import Method, benchmark_decoding
 from .core.medusa import wrap_model_with_medusa
 from .core.models import wrap_model_with_mtp
@@ -60,24 +62,21 @@ TARGETS = dict(speedup_vs_hf=3.0, tokens_per_s=1500.0, identical_fp32=1.0, ident
                mtp4_step_vs_ntp=1.2, mtp4_peak_vs_ntp=1.10)
 
 
-class PerfectDrafter(PlainLM):
+class PerfectDrafter(RowDrafter):
     """The model's own greedy continuation (``reference``: prompt + continuation, known in advance) as a chain of
     ``depth`` drafts: every draft is accepted unless the engine's own rounding disagrees, so its speedup is the
     ceiling any drafter of that depth could reach on this hardware."""
 
-    def __init__(self, model, reference: torch.Tensor, prompt_len: int, depth: int):
-        super().__init__(model)
-        self.ref, self.plen, self.num_heads = reference.tolist(), prompt_len, depth
+    def __init__(self, reference: torch.Tensor, depth: int):
+        self.ref, self.depth, self.name = reference.tolist(), depth, f"perfect{depth}"
 
-    def spec_new_cache(self):
-        self.caches = super().spec_new_cache()
-        return self.caches
-
-    def spec_propose(self, ctx, j, x0, tree):
-        done = self.caches[0].get_seq_length() - self.plen            # tokens generated before x0
-        at = [self.plen + done + len(p) for p in tree.paths]          # where each node's token sits in the text
-        return torch.tensor([self.ref[i] if i < len(self.ref) else 0 for i in at], device=self.caches[0].layers[0]
-                            .keys.device)
+    def propose_row(self, model, ctx, j, x0, history, limit):
+        k = min(self.depth, limit)
+        if k < 1:
+            return Tree(()), None
+        at = len(history)                                             # the token after x0 sits here in the text
+        return chain(k), torch.tensor([self.ref[i] if i < len(self.ref) else 0 for i in range(at, at + k)],
+                                      device=model_device(model))
 
 
 class Check:
@@ -252,13 +251,12 @@ def decoding(ck: Check, d: dict, dtype: torch.dtype, oracle: bool) -> dict:
              Method.engine("mtp_chain", ms["mtp"], "chain", baseline="hf_greedy_mtp"),
              Method.engine("mtp_tree", ms["mtp"], "medusa:16", baseline="hf_greedy_mtp")]
     if oracle:
-        refs = {tuple(p.tolist()): meths["hf_greedy"][0](p.view(1, -1))[0][0] for p in prompts}
-        for k in S["oracle_depths"]:
-            def fn(ids, k=k):
-                drafter = PerfectDrafter(ms["ntp"], refs[tuple(ids[0].tolist())], ids.shape[1], k)
-                return speculative_generate(drafter, ids, n, tree="chain")
-            fn.device = ck.dev
-            meths[f"oracle_chain{k}"] = (fn, "hf_greedy")
+        refs = {tuple(p.tolist()): meths[0](p.view(1, -1), n)[0][0] for p in prompts}
+
+        def perfect(model, ids, m, k):
+            return speculative_generate(model, ids, m, drafter=PerfectDrafter(refs[tuple(ids[0].tolist())], k))
+        meths += [Method.loop(f"oracle_chain{k}", lambda model, ids, m, k=k: perfect(model, ids, m, k), ms["ntp"],
+                              "hf_greedy") for k in S["oracle_depths"]]
     rows, _ = benchmark_decoding(meths, prompts, n, warmup=1, desc=f"decoding {str(dtype)[6:]}")
     name = ck.report["info"]["device_name"]
     for r in rows:
