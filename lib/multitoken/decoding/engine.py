@@ -222,7 +222,7 @@ def _greedy_path(tree: Tree, cand: list[int], pred: list[int]) -> list[int]:
         while k < len(tree) and cand[k] == pred[k]:
             k += 1
         return list(range(1, k + 1))
-    children, node, path = _children(tree), 0, []
+    children, node, path = tree.children, 0, []
     while True:
         node = next((c for c in children[node] if cand[c - 1] == pred[node]), None)
         if node is None:
@@ -232,7 +232,7 @@ def _greedy_path(tree: Tree, cand: list[int], pred: list[int]) -> list[int]:
 
 def _sample_accept(tree: Tree, cand: list[int], probs: torch.Tensor, gen):
     """Recursive rejection over siblings; returns (accepted node indices, next token)."""
-    children, node, path = _children(tree), 0, []
+    children, node, path = tree.children, 0, []
     while True:
         p = probs[node].clone()
         nxt = None
@@ -246,17 +246,6 @@ def _sample_accept(tree: Tree, cand: list[int], probs: torch.Tensor, gen):
             return path, int(torch.multinomial(p / p.sum(), 1, generator=gen))
         path.append(nxt)
         node = nxt
-
-
-def _children(tree: Tree) -> list[list[int]]:
-    """Each node's children (step-local indices), cached on the tree."""
-    ch = tree.__dict__.get("_children")
-    if ch is None:
-        ch = [[] for _ in range(len(tree) + 1)]
-        for i, par in enumerate(tree.parents[1:], 1):
-            ch[par].append(i)
-        tree.__dict__["_children"] = ch
-    return ch
 
 
 def _checked(draft, n: int, vocab: int, limits: list[int]):

@@ -42,8 +42,7 @@ class Tree:
     depths_t: torch.Tensor = field(init=False, repr=False)
     last_idx_t: torch.Tensor = field(init=False, repr=False)
     ancestors: torch.Tensor = field(init=False, repr=False)  # (N+1, N+1) bool: row i may attend to column j
-    parents_t: torch.Tensor = field(init=False, repr=False)
-    path_matrix: torch.Tensor = field(init=False, repr=False)  # (N, N) float: node i's path contains node j
+    children: list = field(init=False, repr=False)     # step-local indices of each node's children (0 = root)
     is_chain: bool = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -66,8 +65,10 @@ class Tree:
         object.__setattr__(self, "depths_t", torch.tensor([len(p) for p in paths], dtype=torch.long, device=CPU))
         object.__setattr__(self, "last_idx_t", torch.tensor([p[-1] for p in paths], dtype=torch.long, device=CPU))
         object.__setattr__(self, "ancestors", anc)
-        object.__setattr__(self, "parents_t", torch.tensor(parents[1:], dtype=torch.long, device=CPU))
-        object.__setattr__(self, "path_matrix", anc[1:, 1:].float())
+        children = [[] for _ in range(n)]
+        for i in range(1, n):
+            children[parents[i]].append(i)
+        object.__setattr__(self, "children", children)
         object.__setattr__(self, "is_chain", all(p == (0,) * len(p) for p in paths))
         seen: set = set()
         for p in given:                                   # a growth order: each node after its parent
@@ -81,14 +82,13 @@ class Tree:
         return len(self.paths)
 
     def on(self, device) -> SimpleNamespace:
-        """The step loop's tensors on ``device`` (cached): depths, last_idx, ancestors, parents, path_matrix, and
+        """The step loop's tensors on ``device`` (cached): depths, last_idx, ancestors, and
         ``steps_pos``, the position offsets of the step's tokens (root 0, then each node's depth)."""
         device = torch.device(device)
         cache = self.__dict__.setdefault("_on", {})
         if device not in cache:
             cache[device] = SimpleNamespace(**{k: getattr(self, f).to(device) for k, f in (
-                ("depths", "depths_t"), ("last_idx", "last_idx_t"), ("ancestors", "ancestors"),
-                ("parents", "parents_t"), ("path_matrix", "path_matrix"))})
+                ("depths", "depths_t"), ("last_idx", "last_idx_t"), ("ancestors", "ancestors"))})
             cache[device].steps_pos = torch.cat([torch.zeros(1, dtype=torch.long, device=device), cache[device].depths])
         return cache[device]
 
