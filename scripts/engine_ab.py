@@ -5,8 +5,9 @@ faster or slower, method by method?
 
 REV_B defaults to the working tree. Each revision's ``lib/`` is checked out in a scratch worktree; rounds alternate
 A, B, A, B (each a fresh process timing every method on the same validation prompts, interleaved in a random order
-per prompt, through the engine's entry point alone, which every revision has), so drift of the machine's speed hits both alike. Reported per method: tokens/s of each round, the ratio
-B/A of the mean, and the spread between the two rounds of the same revision (a ratio inside it is no difference).
+per prompt, through the engine's entry point alone, which every revision has), so drift of the machine's speed hits
+both alike. Reported per method: tokens/s of each round, the ratio B/A of the mean, and the spread between the two
+rounds of the same revision (a ratio inside it is no difference).
 Needs the profile's stages 00-03; writes runs/<profile>/results/engine_ab.json (naming both commits)."""
 from __future__ import annotations
 

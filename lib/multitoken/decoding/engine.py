@@ -434,11 +434,11 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     ``max_new_tokens`` included), row by row whatever the batch's padding; with ``temperature>0`` every token follows
     softmax(logits/T) within the top-p nucleus exactly. ``tree``: None (chain over all heads), "chain:N",
     "medusa[:N]", "none", paths, or a Tree: what the heads draft. ``drafter``: ``"heads"``, ``"prompt_lookup[:K]"``
-    (n-gram lookup in the row's own tokens, no heads needed), ``"hybrid[:K[:N]]"`` (both in one tree of at most N nodes) or an object with
-    ``propose`` (``multitoken.drafters``; its proposals are checked). ``batched``: the rows advance together
-    or one after the other; None: together for a batch of several rows where the model allows it (not a model with
-    drafting state of its own); ``"masked"``: together, finished rows kept in the batch as masked no-ops
-    instead of leaving it (a measurement, not faster).
+    (n-gram lookup in the row's own tokens, no heads needed), ``"hybrid[:K[:N]]"`` (both in one tree of at most N
+    nodes) or an object with ``propose`` (``multitoken.decoding.drafters``; its proposals are checked). ``batched``:
+    the rows advance together or one after the other; None: together for a batch of several rows where the drafter
+    allows it (not one that keeps one row's state, as the MTP modules' does); ``"masked"``: together, finished rows
+    kept in the batch as masked no-ops instead of leaving it (a measurement, not faster).
     """
     if not hasattr(model, "spec_forward"):
         model = PlainLM(model)
