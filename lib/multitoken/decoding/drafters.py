@@ -1,12 +1,12 @@
 """Drafters: what proposes the tokens a decoding step verifies.
 
 A drafter has a ``name`` and ``propose(model, view) -> Draft``: for each row ``i`` still decoding (``view``, a
-:class:`View`), a :class:`~multitoken.trees.Tree` of at most ``view.limits[i]`` levels and one token per node, as a
-:class:`Draft` (the rows' trees and their tokens, padded to the largest tree). The engine verifies every proposal
+:class:`View`), a :class:`~multitoken.decoding.trees.Tree` of at most ``view.limits[i]`` levels and one token per
+node, as a :class:`Draft` (the rows' trees and their tokens, padded to the largest tree). The engine verifies every proposal
 with the model itself, so any drafter is lossless: it changes how many tokens a step keeps, never which. A drafter
 that works one row at a time subclasses :class:`RowDrafter` and writes ``propose_row``.
 
-- :class:`Heads`: the model's own heads under a fixed tree (MTP heads, MEDUSA-1 heads, MTP modules), every row's
+- :class:`Heads`: the model's own heads under a fixed tree (MTP heads, MEDUSA-1 heads), every row's
   drafts in one batched call where the model offers ``spec_head_topk_rows``;
 - :class:`Modules`: the sequential MTP modules' drafts, their caches kept here (one row's state: ``start`` /
   ``accept`` hooks);

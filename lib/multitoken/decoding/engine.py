@@ -2,8 +2,8 @@
 and a batch (a row is a batch of one).
 
 Each step feeds every row's ``[x0, drafts...]`` through the model once: ``x0`` is the token the model already chose,
-the drafts are the nodes of a tree a drafter proposed for that row (``multitoken.drafters``: the model's heads,
-prompt lookup, both). Tree attention: each row sees its own committed prefix and, inside the step, each node only its
+the drafts are the nodes of a tree a drafter proposed for that row (``multitoken.decoding.drafters``: the model's
+heads, prompt lookup, both). Tree attention: each row sees its own committed prefix and, inside the step, each node only its
 ancestors; position id = the row's committed length + depth. Greedy keeps, per row, the path from the root whose
 tokens equal the model's own argmax at each parent, so the output is token-for-token what plain greedy decoding
 returns. Sampling uses recursive rejection across siblings (drafts are deterministic, q(x) = 1), which keeps the
