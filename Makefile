@@ -75,7 +75,8 @@ bench-batch: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) -m multitoken bench-train -f notebooks/params/$(PROFILE).yaml
 
-# One decoding step of a pretrained model for 1..32 tokens (fp32, bf16), HF generate vs the engine:
+# One decoding step of a pretrained model for 1..16 tokens (fp32; bf16 where the CPU has native bf16): transformers'
+# forward, the engine's eager and fast steps, the memory limit; then generate's tokens/s:
 # figures/bench/step_costs_<MODEL>.json
 MODEL ?= smollm2-135m-instruct
 bench-steps: $(STAMP)

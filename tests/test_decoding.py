@@ -240,13 +240,13 @@ def test_wrapped_llama_decodes_losslessly():
 
 
 @pytest.mark.parametrize("kw", [dict(head_type="transformer", num_trunk_layers=1), dict(head_type="mlp")])
-@pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
-def test_lean_forward_equals_transformers(kw, transposed, monkeypatch):
+@pytest.mark.parametrize("layout", ["row", "transposed", "packed"])
+def test_lean_forward_equals_transformers(kw, layout, monkeypatch):
     """The decoding loop's lean GPT-2 forward (backbones.lean_block) gives transformers' logits, head states and KV cache:
-    prefill, then a tree-masked verification step on top of the cache; with either matmul layout."""
+    prefill, then a tree-masked verification step on top of the cache; with every matmul layout."""
     from multitoken.core import fastpath
 
-    monkeypatch.setattr(fastpath, "_transposed_faster", lambda *a: transposed)
+    monkeypatch.setattr(fastpath, "_layout", lambda *a: layout)
 
     from multitoken.core.backbones import GPT2Backbone
 
@@ -276,37 +276,113 @@ def test_lean_forward_equals_transformers(kw, transposed, monkeypatch):
         torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4)
 
 
-def test_fastpath_matmul_layouts_agree_and_follow_weight_updates(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fastpath_matmul_layouts_agree_and_follow_weight_updates(dtype, monkeypatch):
+    """Every layout computes the module's own product (bf16 where this CPU packs bf16, else its fallback); a weight
+    changed after its transposed or packed copy was made is read anew (training after an evaluation)."""
     from multitoken.core import fastpath
     from transformers.pytorch_utils import Conv1D
 
-    conv, lin = Conv1D(24, 16), torch.nn.Linear(16, 24)
-    for rows in (1, 2, 5, 40):
-        x = torch.randn(rows, 16)
-        for transposed in (False, True):
-            monkeypatch.setattr(fastpath, "_transposed_faster", lambda *a: transposed)
-            torch.testing.assert_close(fastpath.matmul(x.view(1, rows, 16), conv.weight, conv.bias),
-                                       conv(x.view(1, rows, 16)))
-            torch.testing.assert_close(fastpath.linear(lin, x), lin(x))
+    conv, lin = Conv1D(24, 16).to(dtype), torch.nn.Linear(16, 24).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
     with torch.no_grad():
-        conv.weight.mul_(2.0)  # the cached (N, K) copy must follow the parameter
+        for layout in fastpath.LAYOUTS:
+            monkeypatch.setattr(fastpath, "_layout", lambda *a: layout)
+            for rows in (1, 2, 5, 40):
+                x = torch.randn(rows, 16, dtype=dtype)
+                torch.testing.assert_close(fastpath.matmul(x.view(1, rows, 16), conv.weight, conv.bias),
+                                           conv(x.view(1, rows, 16)), **tol)
+                torch.testing.assert_close(fastpath.linear(lin, x), lin(x), **tol)
+            for mod in (conv, lin):
+                mod.weight.mul_(2.0)          # the cached copies (transposed, packed) must follow the parameter
+            x = torch.randn(5, 16, dtype=dtype)                        # a row count whose copies exist already
+            torch.testing.assert_close(fastpath.matmul(x, conv.weight, conv.bias), conv(x), **tol)
+            torch.testing.assert_close(fastpath.linear(lin, x), lin(x), **tol)
+
+
+@pytest.mark.parametrize("failure", [AttributeError, RuntimeError])
+def test_packed_layout_falls_back_when_the_private_op_is_missing(failure, monkeypatch):
+    """The packing ops are private: where one is missing (another build) or refuses (a CPU without the instructions),
+    no packed layout is timed or chosen, and a recorded "packed" choice replayed there computes the plain product."""
+    from multitoken.core import fastpath
+
+    def gone(*a, **k):
+        raise failure("no such op here")
+    for ns, op in ((torch.ops.mkl, "_mkl_reorder_linear_weight"), (torch.ops.mkldnn, "_reorder_linear_weight")):
+        monkeypatch.setattr(ns, op, gone)
+    lin = torch.nn.Linear(16, 24)
+    for dt in (torch.float32, torch.bfloat16):
+        assert fastpath._pack(lin.weight.detach().to(dt), 3) is None
+        assert set(fastpath._layout_seconds(3, 16, 24, dt, reps=1)) == {"row", "transposed"}
+    monkeypatch.setattr(fastpath, "_LAYOUT", {})
+    fastpath.use_layout_choices([dict(rows=3, in_features=16, out_features=24, dtype="float32", layout="packed")])
     x = torch.randn(3, 16)
-    torch.testing.assert_close(fastpath.matmul(x, conv.weight, conv.bias), conv(x))
+    with torch.no_grad():
+        torch.testing.assert_close(fastpath.linear(lin, x), lin(x))
+    assert lin.weight.__dict__["_fastpath_packed"][1] == {3: None}   # it asked for a packed copy, got none, went on
+
+
+def test_packed_layout_is_used_where_the_cpu_offers_it(monkeypatch):
+    """Where this build has MKL (the CPU wheels do), the packed layout really runs the packed fp32 kernel."""
+    from multitoken.core import fastpath
+
+    if not torch._C.has_mkl:
+        pytest.skip("this PyTorch build has no MKL")
+    calls = []
+    real = torch.ops.mkl._mkl_linear
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(fastpath, "_layout", lambda *a: "packed")
+    lin, x = torch.nn.Linear(16, 24), torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fastpath.linear(lin, x), lin(x))
+    assert calls == [4]
+
+
+def test_decoding_context_routes_linears_and_restores_them(monkeypatch):
+    """Inside ``decoding(model)`` a model's nn.Linear layers compute through fastpath.matmul (outside autograd);
+    ``fast=False`` forces the row-major product everywhere; both undo themselves, nested or not."""
+    from multitoken.core import fastpath
+
+    seen = []
+    monkeypatch.setattr(fastpath, "_layout", lambda m, k, n, dt: seen.append((m, k, n)) or "transposed")
+    net = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.ReLU(), torch.nn.Linear(12, 4))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        ref = net(x)
+        assert seen == []
+        with fastpath.decoding(net):
+            with fastpath.decoding(net):
+                torch.testing.assert_close(net(x), ref)
+            assert seen == [(2, 8, 12), (2, 12, 4)]
+            torch.testing.assert_close(net(x), ref)               # the inner exit left the outer's routing
+            assert len(seen) == 4
+            with fastpath.decoding(net, fast=False):
+                torch.testing.assert_close(fastpath.linear(net[0], x), net[0](x))
+                assert len(seen) == 4                            # row-major: no layout asked
+        net(x)
+        assert len(seen) == 4 and all("forward" not in m.__dict__ for m in net)
+    with fastpath.decoding(net):
+        net(x).sum().backward()                                  # autograd: the usual product, gradients flow
+    assert len(seen) == 4 and net[0].weight.grad is not None
 
 
 def test_layout_choice_is_timed_once_per_shape_recorded_and_replayed(monkeypatch):
     from multitoken.core import fastpath
 
-    monkeypatch.setattr(fastpath, "_TRANSPOSED_FASTER", {})
+    monkeypatch.setattr(fastpath, "_LAYOUT", {})
     calls = []
-    monkeypatch.setattr(fastpath, "_layout_seconds", lambda m, k, n, dt: calls.append((m, k, n)) or (2.0, 1.0))
-    assert fastpath._transposed_faster(3, 16, 24, torch.float32) and fastpath._transposed_faster(3, 16, 24, torch.float32)
+    monkeypatch.setattr(fastpath, "_layout_seconds",
+                        lambda m, k, n, dt: calls.append((m, k, n)) or dict(row=2.0, transposed=1.0, packed=1.5))
+    assert fastpath._layout(3, 16, 24, torch.float32) == fastpath._layout(3, 16, 24, torch.float32) == "transposed"
     assert calls == [(3, 16, 24)]                                    # timed once, then remembered
     rec = fastpath.layout_choices()
-    assert rec == [dict(rows=3, in_features=16, out_features=24, dtype="float32", transposed=True)]
-    monkeypatch.setattr(fastpath, "_TRANSPOSED_FASTER", {})
+    assert rec == [dict(rows=3, in_features=16, out_features=24, dtype="float32", layout="transposed")]
+    monkeypatch.setattr(fastpath, "_LAYOUT", {})
     fastpath.use_layout_choices(rec)                                 # another process: the same layout, not retimed
-    assert fastpath._transposed_faster(3, 16, 24, torch.float32) and calls == [(3, 16, 24)]
+    assert fastpath._layout(3, 16, 24, torch.float32) == "transposed" and calls == [(3, 16, 24)]
+    monkeypatch.setattr(fastpath, "_LAYOUT", {})                     # a file written before the packed layout
+    fastpath.use_layout_choices([dict(rows=2, in_features=16, out_features=24, dtype="float32", transposed=False)])
+    assert fastpath._layout(2, 16, 24, torch.float32) == "row" and len(calls) == 1
 
 
 class Forced(dict):
@@ -396,7 +472,7 @@ def test_layout_timings_cover_every_shape_and_row_count():
 
     def fake(m, k, n, dtype=torch.float32, reps=10):
         seen.append((m, k, n, reps))
-        return m * 1e-6 * reps, 2 * m * 1e-6 * reps                   # known seconds for reps products
+        return dict(row=m * 1e-6 * reps, transposed=2 * m * 1e-6 * reps)   # known seconds for reps products
     mp = pytest.MonkeyPatch()
     mp.setattr(fastpath, "_layout_seconds", fake)
     try:
@@ -405,10 +481,10 @@ def test_layout_timings_cover_every_shape_and_row_count():
         mp.undo()
     assert [(r["in_features"], r["out_features"], r["rows"]) for r in t] == [(8, 16, 1), (8, 16, 3), (16, 8, 1),
                                                                             (16, 8, 3)]
-    assert [r["row_major_us"] for r in t] == pytest.approx([1, 3, 1, 3])   # microseconds per product
+    assert [r["row_us"] for r in t] == pytest.approx([1, 3, 1, 3])   # microseconds per product
     assert [r["transposed_us"] for r in t] == pytest.approx([2, 6, 2, 6]) and all(x[3] == 50 for x in seen)
-    row, tr = real(4, 32, 64, reps=3)                                 # and the real timer times something
-    assert row > 0 and tr > 0
+    secs = real(4, 32, 64, reps=3)                                    # and the real timer times something
+    assert {"row", "transposed"} <= set(secs) and all(v > 0 for v in secs.values())
 
 
 def test_growing_cache_equals_dynamic_cache_and_compacts_in_place():

@@ -495,3 +495,40 @@ def test_one_method_record_times_the_engine_hf_and_a_loop_alike():
         benchmark_decoding([hf, hf], [ids[0]], 4)
     with pytest.raises(ValueError, match=r"baseline\(s\) \['hf_greedy'\] are not among"):
         benchmark_decoding([eng], [ids[0]], 4)
+
+
+def test_step_costs_time_every_path_against_the_memory_limit(tmp_path, monkeypatch):
+    """``make bench-steps`` on a tiny Llama: every token count through transformers' forward, the engine's eager and
+    fast steps, beside the memory limit (weight bytes / measured bandwidth, tied embeddings counted once); then
+    generate's tokens/s three ways. Written as JSON naming the bandwidth and the layouts chosen."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from multitoken import bench
+    from multitoken.core import pretrained
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1, pad_token_id=1,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    d, f = 32, 64
+    assert bench.weight_bytes(model) == 4 * (64 * d + 2 * (3 * d * d + 3 * d * f + 2 * d) + d)   # q,o d*d; k,v d*d/2
+    assert bench.weight_bytes(model.to(torch.bfloat16)) == bench.weight_bytes(model.float()) // 2
+    assert 1e8 < bench.read_bandwidth(gib=0.01, reps=2) < 1e13            # bytes/s, from a real timing
+
+    class Tok:
+        def __call__(self, text, return_tensors=None):
+            return type("Enc", (), dict(input_ids=torch.randint(2, 64, (1, 5))))()
+    monkeypatch.setattr(pretrained, "load", lambda name: (model, Tok()))
+    monkeypatch.setattr(bench, "read_bandwidth", lambda: 2e9)
+    res = bench.step_costs("tiny", dtypes=("float32",), context=8, sizes=(1, 2), reps=2, prompts=2, new_tokens=3,
+                           out=tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text())["steps"] == res["steps"]
+    limit = bench.weight_bytes(model) / 2e9 * 1e3
+    assert [(r["tokens"], r["memory_limit_ms"]) for r in res["steps"]] == [(1, round(limit, 2)), (2, round(limit, 2))]
+    assert all(r[k] > 0 for r in res["steps"] for k in ("hf_ms", "eager_ms", "fast_ms"))
+    assert res["steps"][0]["fast_vs_1_token"] == 1.0 and res["read_bandwidth_gb_s"] == 2.0
+    assert set(res["generation"][0]) == {"dtype", "hf_generate_tokens_per_s", "engine_greedy_eager_tokens_per_s",
+                                         "engine_greedy_fast_tokens_per_s"}
+    assert res["layouts"]                                  # the fast step asked for layouts, recorded with the result

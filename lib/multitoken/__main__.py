@@ -33,7 +33,7 @@ def main(argv=None):
     nb.add_argument("--dry-run", action="store_true", help="say what would run and why, run nothing (make all DRY=1)")
     rp = sub.add_parser("report", help="runs/<profile>/report.html from the executed notebooks")
     rp.add_argument("--profile", default="pretrained")
-    st = sub.add_parser("bench-steps", help="one decoding step's cost for 1..32 tokens, HF generate vs the engine")
+    st = sub.add_parser("bench-steps", help="one decoding step's cost for 1..16 tokens: HF, the engine eager and fast")
     st.add_argument("--model", default="smollm2-135m-instruct", help="a registry name, local directory or hub name")
     args = ap.parse_args(argv)
     if args.cmd == "bench-steps":

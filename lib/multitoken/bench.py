@@ -157,13 +157,36 @@ print(json.dumps({"step_s": statistics.median(times), "peak_mb": peak, "rest_mb"
 """
 
 
-def step_costs(name: str, dtypes=("float32", "bfloat16"), context: int = 300, sizes=(1, 2, 4, 8, 16, 32),
-               reps: int = 20, prompts: int = 6, new_tokens: int = 64, out=None) -> dict:
+def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
+    """This machine's memory read bandwidth in bytes/s, as PyTorch's threads see it: the best of ``reps`` sums over a
+    ``gib`` GiB fp32 tensor (far larger than any cache), after one warm-up."""
+    import time
+
+    big = torch.ones(int(gib * 2**30) // 4, device=torch.device("cpu"))
+    big.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        big.sum()
+        best = min(best, time.perf_counter() - t0)
+    return big.numel() * 4 / best
+
+
+def weight_bytes(model) -> int:
+    """Bytes of a model's parameters as stored (a tied embedding once): what a decoding step reads at least."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def step_costs(name: str, dtypes=None, context: int = 300, sizes=(1, 2, 4, 8, 16), reps: int = 20,
+               prompts: int = 6, new_tokens: int = 64, out=None) -> dict:
     """What one decoding step of a pretrained model costs on this machine: a forward of T new tokens on top of a
-    ``context``-token KV cache, for each T in ``sizes`` (median of ``reps``), through transformers' own forward and
-    through the engine's (the backbone adapter calling the decoder layers directly), in each dtype, every combination
-    once per round in a fresh random order (this machine's speed drifts); then HF
-    ``generate``'s and the engine's greedy tokens/s on GSM8K test prompts, interleaved (``prompts`` x ``new_tokens``).
+    ``context``-token KV cache, for each T in ``sizes`` (median of ``reps``), in each dtype, three ways: transformers'
+    own forward (``hf``), the engine's step with the row-major products a plain forward computes (``eager``) and with
+    its fast products (``fast``: every weight in the fastest layout this CPU offers, ``core.fastpath``); every
+    combination once per round in a fresh random order (this machine's speed drifts). Beside them the memory limit:
+    the model's weight bytes over the measured read bandwidth, the least a step can cost. Then HF ``generate``'s and
+    the engine's greedy tokens/s (eager, fast) on GSM8K test prompts, interleaved (``prompts`` x ``new_tokens``).
+    ``dtypes``: fp32, and bf16 where this CPU has native bf16 products (emulated bf16 measures the emulation).
     The ratio step(T) / step(1) is what speculation must beat: a chain of T-1 drafts pays off only if
     τ > step(T) / step(1)."""
     import random
@@ -177,18 +200,22 @@ def step_costs(name: str, dtypes=("float32", "bfloat16"), context: int = 300, si
     from .utils import DTYPES
 
     torch.set_grad_enabled(False)
+    if dtypes is None:
+        dtypes = ("float32", "bfloat16") if fastpath.cpu_bf16_fast() else ("float32",)
     model, tok = load(name)
     gsm = D.load_metamathqa("gsm8k", max_examples=10, test_examples=prompts)["test"]
     texts = [tok(D.format_prompt(q), return_tensors="pt").input_ids for q in gsm["query"]]
+    bandwidth = read_bandwidth()
     rows, speed = [], []
     for dt in dtypes:
         model = model.to(DTYPES[dt])
         bb = backbone_of(model)
+        limit_ms = weight_bytes(model) / bandwidth * 1e3
         g = torch.Generator().manual_seed(0)
         cache = bb.new_cache()
         model(torch.randint(0, model.config.vocab_size, (1, context), generator=g), past_key_values=cache,
               use_cache=True)
-        combos = [(T, via) for T in sizes for via in ("hf", "engine")]
+        combos = [(T, via) for T in sizes for via in ("hf", "eager", "fast")]
         times = {c: [] for c in combos}
         order = random.Random(0)
         for rep in range(reps + 2):                   # every (tokens, path) once per round, in a fresh order
@@ -198,36 +225,44 @@ def step_costs(name: str, dtypes=("float32", "bfloat16"), context: int = 300, si
                 if via == "hf":
                     model(x, past_key_values=cache, use_cache=True)
                 else:
-                    fastpath.linear(bb.unembed, bb.trunk(x, cache)[1])
-                if rep >= 2:                          # two warm-up rounds
+                    with fastpath.decoding(model, fast=via == "fast"):
+                        fastpath.linear(bb.unembed, bb.trunk(x, cache)[1])
+                if rep >= 2:                          # two warm-up rounds (the fast path times its layouts there)
                     times[(T, via)].append(time.perf_counter() - t0)
                 cache.crop(-T)                        # transformers 5: a negative count removes that many tokens
-        one = statistics.median(times[(1, "engine")])
+        ms = {c: statistics.median(t) * 1e3 for c, t in times.items()}
         for T in sizes:
-            hf_t, eng_t = times[(T, "hf")], times[(T, "engine")]
-            q = statistics.quantiles(eng_t, n=4)
-            rows.append(dict(dtype=dt, tokens=T, hf_ms=round(statistics.median(hf_t) * 1e3, 2),
-                             engine_ms=round(statistics.median(eng_t) * 1e3, 2),
-                             engine_iqr_ms=[round(q[0] * 1e3, 1), round(q[2] * 1e3, 1)],
-                             engine_vs_1_token=round(statistics.median(eng_t) / one, 2)))
+            q = statistics.quantiles(times[(T, "fast")], n=4)
+            rows.append(dict(dtype=dt, tokens=T, hf_ms=round(ms[(T, "hf")], 2), eager_ms=round(ms[(T, "eager")], 2),
+                             fast_ms=round(ms[(T, "fast")], 2),
+                             fast_iqr_ms=[round(q[0] * 1e3, 1), round(q[2] * 1e3, 1)],
+                             memory_limit_ms=round(limit_ms, 2),
+                             eager_vs_1_token=round(ms[(T, "eager")] / ms[(1, "eager")], 2),
+                             fast_vs_1_token=round(ms[(T, "fast")] / ms[(1, "fast")], 2),
+                             fast_vs_limit=round(ms[(T, "fast")] / limit_ms, 2)))
         hf = Method.hf("hf_generate", model)
-        gen = lambda ids: hf(ids, new_tokens)  # noqa: E731
-        tot = {"hf_generate": [0, 0.0], "engine_greedy_kv": [0, 0.0]}
-        gen(texts[0])
+        runs = {"hf_generate": lambda ids: hf(ids, new_tokens)[0],
+                "engine_greedy_eager": lambda ids: speculative_generate(model, ids, new_tokens, tree="none",
+                                                                        fast=False)[0],
+                "engine_greedy_fast": lambda ids: speculative_generate(model, ids, new_tokens, tree="none")[0]}
+        tot = {k: [0, 0.0] for k in runs}
+        for f in runs.values():
+            f(texts[0])
         for i, ids in enumerate(texts):
-            for which in (["hf_generate", "engine_greedy_kv"] if i % 2 == 0 else ["engine_greedy_kv", "hf_generate"]):
+            for which in random.Random(i).sample(list(runs), len(runs)):
                 t0 = time.perf_counter()
-                seq = gen(ids)[0] if which == "hf_generate" else speculative_generate(model, ids, new_tokens,
-                                                                                      tree="none")[0]
+                seq = runs[which](ids)
                 tot[which][1] += time.perf_counter() - t0
                 tot[which][0] += seq.shape[1] - ids.shape[1]
         speed.append(dict(dtype=dt, **{f"{k}_tokens_per_s": round(n / s, 1) for k, (n, s) in tot.items()}))
-    res = dict(model=name, context=context, reps=reps, torch_threads=torch.get_num_threads(), steps=rows,
-               generation=speed)
+    res = dict(model=name, context=context, reps=reps, torch_threads=torch.get_num_threads(),
+               read_bandwidth_gb_s=round(bandwidth / 1e9, 1), cpu_bf16_fast=fastpath.cpu_bf16_fast(),
+               cpu_capability=torch.backends.cpu.get_cpu_capability(), steps=rows, generation=speed,
+               layouts=fastpath.layout_choices())
     out = out or pipeline.repo_root() / "figures" / "bench" / f"step_costs_{name}.json"
     write_json(out, res)
     print(pd.DataFrame(rows).to_string(index=False) + "\n\n" + pd.DataFrame(speed).to_string(index=False))
-    print(f"\nwritten: {out}")
+    print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s; written: {out}")
     return res
 
 

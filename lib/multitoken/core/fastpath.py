@@ -1,22 +1,25 @@
-"""Matrix products for the decoding loop: the faster of two memory layouts for a product of a few rows, on this CPU.
+"""Matrix products for the decoding loop: the fastest of three weight layouts for a product of a few rows, on this CPU.
 
-A verification step multiplies a handful of rows (the root and the drafts) by every weight. Profiling the step loop
-on the 2-core AMD EPYC here showed MKL's row-major product of 2-16 rows costing about as much as that many one-row
-products, and the same product computed as ``(W_nk @ x.T).T`` with a contiguous transposed weight about half of
-that. Each shape is timed once per process, both ways (``_transposed_faster``), rather than assumed; ``make bench``
-writes the timings (``layout_timings``). Used by GPT-2's lean forward (``backbones.lean_block``) and by every head's
-unembedding at decoding time. ``cpu_bf16_fast`` times the same way whether bf16 products are fast on this CPU
-(the profiles' bf16 settings fall back to fp32 where they are not).
+A decoding step multiplies a handful of rows (the root and the drafts) by every weight. Three ways to compute it:
+``row`` (``x @ W``, what a model's forward does), ``transposed`` (``(W_nk @ x.T).T`` with a contiguous transposed
+copy of the weight: MKL's row-major product of 2-16 rows cost about as much as that many one-row products on the
+2-core AMD EPYC here, the transposed one about half) and ``packed`` (the weight prepacked for the CPU's kernels:
+oneDNN's blocked bf16 layout, MKL's packed fp32 GEMM). Each shape is timed once per process, every way this CPU
+offers (``_layout``), rather than assumed; ``make bench`` writes the timings (``layout_timings``) and the choices.
+Used at decoding time by GPT-2's lean forward (``backbones.lean_block``), by every head's unembedding, and by every
+``nn.Linear`` of a model inside ``decoding`` (the engine's step). Packed and transposed copies live on the parameter
+and follow it: a weight that changes is repacked at its next product. ``cpu_bf16_fast`` says whether bf16 products
+are native on this CPU (the profiles' bf16 settings fall back to fp32 where they are not).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 
 import torch
 import torch.nn.functional as F
-
-
-_TRANSPOSED_FASTER: dict = {}  # (rows, in, out, dtype) -> bool, timed once per process on the CPU
+from torch import nn
 
 
 def _time(f, reps=10) -> float:
@@ -61,75 +64,133 @@ def _bf16_timed_fast() -> bool:
     return bf16 <= 2 * fp32
 
 
-def _layout_seconds(m: int, k: int, n: int, dtype=torch.float32, reps: int = 10) -> tuple[float, float]:
-    """Best-of-3 seconds for ``reps`` products of ``m`` random rows with a (``k``, ``n``) weight on the CPU:
-    (row-major ``x @ W``, transposed ``(W_nk @ x.T).T``)."""
+LAYOUTS = ("row", "transposed", "packed")
+_LAYOUT: dict = {}  # (rows, in, out, dtype) -> one of LAYOUTS, timed once per process on the CPU
+
+
+def _pack(w_nk, rows: int):
+    """``w_nk`` (N, K) prepacked for this CPU's kernels, or None where this build or CPU has none: bf16 in oneDNN's
+    blocked layout (serves any number of rows; needs AVX-512 BF16 / AMX or AVX-NE-CONVERT), fp32 in MKL's packed
+    GEMM layout (serves exactly ``rows`` rows). The only place that calls PyTorch's private packing ops (what
+    inductor's ``freezing`` calls); any failure (the op missing, an unsupported CPU) means "no packed layout"."""
+    try:
+        if w_nk.dtype == torch.bfloat16:
+            return torch.ops.mkldnn._reorder_linear_weight(w_nk, rows)
+        if w_nk.dtype == torch.float32 and torch._C.has_mkl:
+            return torch.ops.mkl._mkl_reorder_linear_weight(w_nk, rows)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        pass
+    return None
+
+
+def _packed_product(x2, w_nk, packed, b, rows: int):
+    if w_nk.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
+    return torch.ops.mkl._mkl_linear(x2, packed, w_nk, b, rows)
+
+
+def _packed(w, w_nk, rows: int):
+    """The packed copy of parameter ``w`` for ``rows`` rows, cached on it until it changes (an optimizer step or
+    ``load_state_dict`` bumps its version: the next product repacks, so training after an evaluation never reads
+    stale weights). None where :func:`_pack` has no packed layout."""
+    stamp = (w.data_ptr(), w._version)
+    stamped = w.__dict__.get("_fastpath_packed")
+    if stamped is None or stamped[0] != stamp:                  # changed weights: every stale copy is dropped
+        stamped = w.__dict__["_fastpath_packed"] = (stamp, {})
+    key = rows if w.dtype == torch.float32 else 0
+    if key not in stamped[1]:
+        stamped[1][key] = _pack(w_nk, rows)
+    return stamped[1][key]
+
+
+def _layout_seconds(m: int, k: int, n: int, dtype=torch.float32, reps: int = 10) -> dict:
+    """Best-of-3 seconds for ``reps`` products of ``m`` random rows with a (``k``, ``n``) weight on the CPU, per
+    layout this CPU offers: ``row`` (``x @ W``), ``transposed`` (``(W_nk @ x.T).T``), ``packed`` (:func:`_pack`)."""
     cpu = torch.device("cpu")
     x, w = torch.randn(m, k, dtype=dtype, device=cpu), torch.randn(k, n, dtype=dtype, device=cpu)
     wt, b = w.t().contiguous(), torch.zeros(n, dtype=dtype, device=cpu)
     with torch.no_grad():
-        return (_time(lambda: torch.addmm(b, x, w), reps),
-                _time(lambda: torch.addmm(b[:, None], wt, x.t()).t().contiguous(), reps))
+        out = dict(row=_time(lambda: torch.addmm(b, x, w), reps),
+                   transposed=_time(lambda: torch.addmm(b[:, None], wt, x.t()).t().contiguous(), reps))
+        packed = _pack(wt, m)
+        if packed is not None:
+            out["packed"] = _time(lambda: _packed_product(x, wt, packed, b, m), reps)
+    return out
 
 
-def _transposed_faster(m: int, k: int, n: int, dtype) -> bool:
-    """Whether ``(W_nk @ x.T).T`` beats ``x @ W_kn`` for ``m`` rows on this CPU. Profiling the step loop showed
-    MKL's row-major product of 2-16 rows (a verification step, a module's rows) costing as much as that many
-    single-row products on the 2-core AMD EPYC here, while the transposed product of the same numbers took about
-    half; other CPUs may differ, so each shape is timed once (both ways) rather than assumed."""
+def _layout(m: int, k: int, n: int, dtype) -> str:
+    """The fastest layout for ``m`` rows of a (``k``, ``n``) product on this CPU, timed once per shape (every layout
+    it offers) rather than assumed. Profiling the step loop showed MKL's row-major product of 2-16 rows costing as
+    much as that many single-row products on the 2-core AMD EPYC here, the transposed product about half; bf16
+    products on prepacked weights beat unpacked ones 1.5x on an AVX-512 BF16 machine; other CPUs differ."""
     key = (m, k, n, dtype)
-    if key not in _TRANSPOSED_FASTER:
-        row_major, transposed = _layout_seconds(m, k, n, dtype)
-        _TRANSPOSED_FASTER[key] = transposed < row_major
-    return _TRANSPOSED_FASTER[key]
+    if key not in _LAYOUT:
+        secs = _layout_seconds(m, k, n, dtype)
+        _LAYOUT[key] = min(secs, key=secs.get)
+    return _LAYOUT[key]
 
 
-def layout_timings(shapes, rows=(1, 2, 4, 5, 8, 16), reps: int = 200) -> list[dict]:
-    """Microseconds per product in both layouts for each ``(in, out)`` shape and row count, on the CPU: the
-    measurement behind :func:`_transposed_faster` (``make bench`` writes it to ``results/matmul_layouts.json``)."""
+def layout_timings(shapes, rows=(1, 2, 4, 5, 8, 16), reps: int = 200, dtype=torch.float32) -> list[dict]:
+    """Microseconds per product in each layout this CPU offers for each ``(in, out)`` shape and row count: the
+    measurement behind :func:`_layout` (``make bench`` writes it to ``results/matmul_layouts.json``)."""
     out = []
     for k, n in shapes:
         for m in rows:
-            row_major, transposed = _layout_seconds(m, k, n, reps=reps)
-            out.append(dict(in_features=k, out_features=n, rows=m, row_major_us=row_major / reps * 1e6,
-                            transposed_us=transposed / reps * 1e6))
+            secs = _layout_seconds(m, k, n, dtype, reps=reps)
+            out.append(dict(in_features=k, out_features=n, rows=m, dtype=str(dtype).replace("torch.", ""),
+                            **{f"{name}_us": s / reps * 1e6 for name, s in secs.items()}))
     return out
 
 
 def layout_choices() -> list[dict]:
     """The layout this process chose per shape (timed once each): what a benchmark ran with, recorded beside its
     results (``results/matmul_layout_choices.json``); :func:`use_layout_choices` replays them in another process."""
-    return [dict(rows=m, in_features=k, out_features=n, dtype=str(dt).replace("torch.", ""), transposed=t)
-            for (m, k, n, dt), t in sorted(_TRANSPOSED_FASTER.items(), key=str)]
+    return [dict(rows=m, in_features=k, out_features=n, dtype=str(dt).replace("torch.", ""), layout=lay)
+            for (m, k, n, dt), lay in sorted(_LAYOUT.items(), key=str)]
 
 
 def use_layout_choices(choices: list[dict]) -> None:
-    """Take recorded choices instead of timing: the same layouts, so the same float32 rounding, in a new process."""
+    """Take recorded choices instead of timing: the same layouts, so the same rounding, in a new process (a layout
+    this CPU lacks falls back to the row-major product when used)."""
     for c in choices:
-        _TRANSPOSED_FASTER[(c["rows"], c["in_features"], c["out_features"], getattr(torch, c["dtype"]))] = \
-            c["transposed"]
+        lay = c.get("layout") or ("transposed" if c.get("transposed") else "row")     # files written before packing
+        _LAYOUT[(c["rows"], c["in_features"], c["out_features"], getattr(torch, c["dtype"]))] = lay
 
 
 def _weight_nk(w):
     """A (K, N) weight's contiguous (N, K) copy, cached on the parameter until it changes."""
     cached = getattr(w, "_fastpath_nk", None)
-    if cached is None or cached[0] != w._version:
-        cached = (w._version, w.detach().t().contiguous())
+    stamp = (w.data_ptr(), w._version)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, w.detach().t().contiguous())
         w._fastpath_nk = cached
     return cached[1]
 
 
+MAX_ROWS = 32  # products of more rows (a prompt's prefill) take the usual layout
+
+
 def matmul(x, w, b=None, w_is_kn: bool = True):
     """``x @ W + b`` for ``x`` (..., K) and a weight stored (K, N) (Conv1D) or, with ``w_is_kn=False``, (N, K)
-    (``nn.Linear``). Several rows on the CPU take the faster of the two layouts (:func:`_transposed_faster`);
-    one row (plain decoding) and every GPU product take the usual one."""
+    (``nn.Linear``). Up to :data:`MAX_ROWS` rows on the CPU without autograd take the fastest layout for their shape
+    (:func:`_layout`); more rows, a product that records gradients, one inside ``decoding(fast=False)`` and every GPU
+    product take the usual one."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     n = w.shape[1] if w_is_kn else w.shape[0]
-    if x.device.type == "cpu" and 1 < m <= 32 and _transposed_faster(m, k, n, x.dtype):
+    lay = "row"
+    if x.device.type == "cpu" and m <= MAX_ROWS and not _EAGER and not (torch.is_grad_enabled() and w.requires_grad):
+        lay = _layout(m, k, n, x.dtype)
+    if lay != "row":
         w_nk = _weight_nk(w) if w_is_kn else w
-        out = (torch.mm(w_nk, x2.t()) if b is None else torch.addmm(b[:, None], w_nk, x2.t())).t()
-    elif w_is_kn:
+        packed = _packed(w, w_nk, m) if lay == "packed" else None
+        if packed is not None:
+            out = _packed_product(x2, w_nk, packed, b, m)
+            return out.reshape(*x.shape[:-1], n)
+        if lay == "transposed":
+            out = (torch.mm(w_nk, x2.t()) if b is None else torch.addmm(b[:, None], w_nk, x2.t())).t()
+            return out.reshape(*x.shape[:-1], n)
+    if w_is_kn:
         out = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
     else:
         out = F.linear(x2, w, b)
@@ -139,6 +200,35 @@ def matmul(x, w, b=None, w_is_kn: bool = True):
 def linear(module, x):
     """An ``nn.Linear`` (e.g. the LM head) through :func:`matmul`."""
     return matmul(x, module.weight, module.bias, w_is_kn=False)
+
+
+def _fast_forward(module, x):
+    return matmul(x, module.weight, module.bias, w_is_kn=False)
+
+
+_EAGER: list = []  # non-empty while every product takes the row-major layout (``decoding(fast=False)``)
+
+
+@contextlib.contextmanager
+def decoding(*models, fast: bool = True):
+    """The decoding engine's products. With ``fast``, every ``nn.Linear`` of ``models`` on the CPU computes through
+    :func:`matmul` (the fastest layout for its row count, outside autograd), so a family whose decoder layers are
+    transformers' own (Llama) gets the same products as one whose layers the workbook writes (GPT-2's lean forward).
+    Without, every product, the workbook's own included, takes the row-major layout: the eager step a benchmark
+    compares with. Restored on exit; nests."""
+    mods = [m for model in models for m in model.modules()
+            if type(m) is nn.Linear and m.weight.device.type == "cpu" and "forward" not in m.__dict__] if fast else []
+    for m in mods:
+        m.forward = functools.partial(_fast_forward, m)
+    if not fast:
+        _EAGER.append(True)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.__dict__.pop("forward", None)
+        if not fast:
+            _EAGER.pop()
 
 
 def conv1d(conv, x):

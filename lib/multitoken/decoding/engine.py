@@ -427,7 +427,7 @@ def cache_bytes(caches) -> int:
 
 def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, tree=None,
                          attention_mask=None, eos_token_id=None, pad_token_id=None, generator=None, batched=None,
-                         drafter="heads"):
+                         drafter="heads", fast=True):
     """Generate with drafts verified by the model (by default its heads'); returns ``(sequences, stats)``.
 
     With ``temperature=0`` the sequences equal ``model.generate(do_sample=False)`` token for token (EOS and
@@ -438,7 +438,9 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     nodes) or an object with ``propose`` (``multitoken.decoding.drafters``; its proposals are checked). ``batched``:
     the rows advance together or one after the other; None: together for a batch of several rows where the drafter
     allows it (not one that keeps one row's state, as the MTP modules' does); ``"masked"``: together, finished rows
-    kept in the batch as masked no-ops instead of leaving it (a measurement, not faster).
+    kept in the batch as masked no-ops instead of leaving it (a measurement, not faster). ``fast``: every product of
+    the step in the fastest weight layout this CPU offers for its shape (``core.fastpath.decoding``; False: the
+    row-major products a plain forward computes, for comparison).
     """
     if not hasattr(model, "spec_forward"):
         model = PlainLM(model)
@@ -494,10 +496,12 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     model.eval()
     sync(dev)
     t0 = time.perf_counter()
+    nets = [m for m in (model, getattr(model, "model", None)) if isinstance(m, torch.nn.Module)][:1]
     try:
-        finished = "masked" if batched == "masked" else "drop"
-        outs = (_decode(model, rows, max_new_tokens, sampling, drafter, eos, n_pos, stats, finished) if batched else
-                [_decode(model, [r], max_new_tokens, sampling, drafter, eos, n_pos, stats)[0] for r in rows])
+        with fastpath.decoding(*nets, fast=fast):
+            finished = "masked" if batched == "masked" else "drop"
+            outs = (_decode(model, rows, max_new_tokens, sampling, drafter, eos, n_pos, stats, finished) if batched
+                    else [_decode(model, [r], max_new_tokens, sampling, drafter, eos, n_pos, stats)[0] for r in rows])
     finally:
         model.train(was_training)
     sync(dev)
