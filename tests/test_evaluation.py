@@ -368,8 +368,8 @@ def test_the_sweep_times_frozen_families_against_ntps_generate_and_extra_dtypes_
               "medusa": {"method": "medusa_chain", "validation_speedup": 1.3},
               "mtp_seq": {"method": "mtp_seq_tree", "validation_speedup": 0.9}}
     rows, _ = PL._benchmark(cfg, models, [torch.arange(3)], trees, chosen, everything=False)
-    assert [r["method"] for r in rows] == ["hf_greedy", "hf_greedy_mtp", "greedy_kv", "mtp_tree", "medusa_chain",
-                                           "mtp_seq_tree"]
+    assert [r["method"] for r in rows] == ["hf_greedy", "hf_greedy_mtp", "hf_prompt_lookup", "greedy_kv", "mtp_tree",
+                                           "medusa_chain", "mtp_seq_tree"]           # every peer, the selection
     assert [r["method"] for r in rows if r["selected"]] == ["mtp_tree", "medusa_chain", "mtp_seq_tree"]
     rows, _ = PL._benchmark(cfg, models, [torch.arange(3)], trees, chosen)
     names = [r["method"] for r in rows]
@@ -524,6 +524,7 @@ def test_step_costs_time_every_path_against_the_memory_limit(tmp_path, monkeypat
     monkeypatch.setattr(bench, "read_bandwidth", lambda: 2e9)
     res = bench.step_costs("tiny", dtypes=("float32",), context=8, sizes=(1, 2), reps=2, prompts=2, new_tokens=3,
                            out=tmp_path / "s.json")
+    assert torch.is_grad_enabled()                        # the benchmark left autograd as it found it
     assert json.loads((tmp_path / "s.json").read_text())["steps"] == res["steps"]
     limit = bench.weight_bytes(model) / 2e9 * 1e3
     assert [(r["tokens"], r["memory_limit_ms"]) for r in res["steps"]] == [(1, round(limit, 2)), (2, round(limit, 2))]
@@ -532,3 +533,24 @@ def test_step_costs_time_every_path_against_the_memory_limit(tmp_path, monkeypat
     assert set(res["generation"][0]) == {"dtype", "hf_generate_tokens_per_s", "engine_greedy_eager_tokens_per_s",
                                          "engine_greedy_fast_tokens_per_s"}
     assert res["layouts"]                                  # the fast step asked for layouts, recorded with the result
+
+
+def test_the_compiled_static_cache_peer_runs_transformers_recipe_and_matches_generate():
+    """The peer ``hf_compiled``: HF ``generate`` with a static cache and its decoding step compiled (here by the
+    ``eager`` backend: the same dynamo capture, no inductor, seconds instead of a minute); its tokens are greedy
+    generate's; the benchmark times its warm-up (the compilation) apart."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, eos_token_id=None, pad_token_id=0,
+                      initializer_range=0.3)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    plain, peer = E.Method.hf("hf", model), E.Method.hf_compiled("hf_compiled", model, "hf", backend="eager")
+    prompts = [torch.randint(1, 64, (n,)) for n in (5, 7, 6)]
+    rows, _ = E.benchmark_decoding([plain, peer], prompts, 6, warmup=1, reference=None)
+    assert hasattr(model, "_compiled_call")                                   # transformers compiled its step
+    by = {r["method"]: r for r in rows}
+    assert by["hf_compiled"]["identical_to_greedy"] == 1.0 and by["hf_compiled"]["new_tokens"] == 18
+    assert all(r["warmup_s"] > 0 for r in rows)

@@ -22,6 +22,7 @@ COLS = ["method", "tokens_per_s", "speedup_vs_hf_greedy", "speedup_vs_greedy_kv"
         "efficiency_vs_greedy_kv", "identical_to_greedy", "tree"]
 
 
+@torch.no_grad()
 def decoding_bench(cfg, repeat: int = 1):
     """The decoding benchmark ``repeat`` times (independent runs, each recorded in ``results/bench_runs.json``), then
     the spread between every recorded run (notebook 04's included) beside the last run's intervals."""
@@ -30,7 +31,6 @@ def decoding_bench(cfg, repeat: int = 1):
     except FileNotFoundError as e:
         sys.exit(f"make bench needs the trained {cfg['profile']} models: run `make all PROFILE={cfg['profile']}` "
                  f"first ({e})")
-    torch.set_grad_enabled(False)
     for i in range(repeat):
         rows, _ = pipeline.run_decoding_benchmark(cfg, models, source=f"make bench ({i + 1}/{repeat})")
     spread = pipeline.bench_spread(cfg)
@@ -49,6 +49,7 @@ def decoding_bench(cfg, repeat: int = 1):
     return rows
 
 
+@torch.no_grad()
 def length_section(cfg, model=None, heads=None) -> list[dict]:
     """``make bench``'s length section (alone: ``make bench-length``): NTP's tokens/s at 64, 256 and 1,024 new tokens,
     and MEDUSA-1's speculation on it, written to ``results/length_benchmark.json``."""
@@ -58,7 +59,6 @@ def length_section(cfg, model=None, heads=None) -> list[dict]:
         except FileNotFoundError as e:
             sys.exit(f"make bench-length needs the trained {cfg['profile']} NTP and MEDUSA-1 models: run `make all "
                      f"PROFILE={cfg['profile']}` first ({e})")
-    torch.set_grad_enabled(False)
     lengths = length_bench(model, pipeline.context_size(cfg), heads=heads)
     write_json(pipeline.paths(cfg)["results"] / "length_benchmark.json", lengths)
     print("\ntokens/s by output length (one prompt, EOS ignored):\n" + pd.DataFrame(lengths).to_string(index=False))
@@ -177,6 +177,7 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+@torch.no_grad()
 def step_costs(name: str, dtypes=None, context: int = 300, sizes=(1, 2, 4, 8, 16), reps: int = 20,
                prompts: int = 6, new_tokens: int = 64, out=None) -> dict:
     """What one decoding step of a pretrained model costs on this machine: a forward of T new tokens on top of a
@@ -199,7 +200,6 @@ def step_costs(name: str, dtypes=None, context: int = 300, sizes=(1, 2, 4, 8, 16
     from .core.pretrained import load
     from .utils import DTYPES
 
-    torch.set_grad_enabled(False)
     if dtypes is None:
         dtypes = ("float32", "bfloat16") if fastpath.cpu_bf16_fast() else ("float32",)
     model, tok = load(name)
@@ -300,13 +300,13 @@ def training_bench(cfg, steps: int = 10):
     return rows
 
 
+@torch.no_grad()
 def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, variant: str = "medusa",
                 trees=("chain:1", "chain:2", "chain", "medusa:8", "medusa:16"), rounds: int = 2,
                 dtype: str | None = None) -> dict:
     """``make bench-batch``: :func:`batch_rows` on the profile's trained NTP model and ``variant``'s heads, in
     ``dtype`` (default the profile's ``inference_dtype``), over ``prompts`` test prompts; the trees are chosen on
     validation prompts. ``results/batch_benchmark.json`` (``batch_benchmark_<dtype>.json`` in another dtype)."""
-    torch.set_grad_enabled(False)
     try:
         ntp, heads = (pipeline.load_variant(cfg, v, dtype=dtype) for v in ("ntp", variant))
     except FileNotFoundError as e:

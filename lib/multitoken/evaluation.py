@@ -244,6 +244,18 @@ class Method:
         return Method(name, model, "hf", baseline=baseline, gen_kw=gen_kw)
 
     @staticmethod
+    def hf_compiled(name, model, baseline=None, backend="inductor") -> "Method":
+        """transformers' own recipe for a faster ``generate``: a static KV cache and the decoding step compiled by
+        ``torch.compile`` (``CompileConfig``, shapes dynamic; on a CPU too). The first call compiles (the benchmark's
+        warm-up, timed apart as ``warmup_s``)."""
+        from transformers import CompileConfig
+
+        cc = CompileConfig(mode="default", backend=backend, dynamic=True)   # one graph for every prompt length
+        cc._compile_all_devices = True                   # transformers compiles on accelerators only unless told
+        return Method(name, model, "hf", baseline=baseline, gen_kw=dict(cache_implementation="static",
+                                                                        compile_config=cc))
+
+    @staticmethod
     def loop(name, fn, model, baseline=None) -> "Method":
         return Method(name, model, fn, baseline=baseline)
 
@@ -284,7 +296,10 @@ def benchmark_decoding(methods: list[Method], prompts: list, max_new_tokens: int
     ``methods``: :class:`Method` records, each compared with its ``baseline`` (HF greedy of the same model: speedup
     and identical_to_greedy), every one generating ``max_new_tokens`` per prompt. Speedups carry 95% bootstrap intervals
     over prompts, against the baseline and against ``reference`` (by default greedy_kv, this engine without drafts)
-    when it is one of the methods, as ``speedup_vs_<reference>``.
+    when it is one of the methods, as ``speedup_vs_<reference>``; ``identical_to_greedy`` compares each method's
+    sequences with its baseline's (HF ``generate``), ``identical_to_<reference>`` with the reference's where both decode
+    the same model (None elsewhere): in bf16 the engine's speculation equals the engine's greedy exactly, while
+    HF's bf16 kernels round otherwise.
     Returns (summary rows, per-prompt frame).
     """
     by_name = {m.name: m for m in methods}
@@ -294,9 +309,12 @@ def benchmark_decoding(methods: list[Method], prompts: list, max_new_tokens: int
     if missing:
         raise ValueError(f"baseline(s) {missing} are not among the methods")
     names = list(by_name)
-    for name in names:  # warm-up
+    warm = {}
+    for name in names:  # warm-up: compilation, layout timings and packing happen here, timed apart
+        t0 = time.perf_counter()
         for p in prompts[:warmup]:
             by_name[name](p.view(1, -1), max_new_tokens)
+        warm[name] = time.perf_counter() - t0
     per = []
     for i, p in enumerate(tqdm(prompts, desc=desc)):
         ids = p.view(1, -1)
@@ -326,7 +344,7 @@ def benchmark_decoding(methods: list[Method], prompts: list, max_new_tokens: int
         sp = S.speedup_ci(d.new_tokens, d.seconds, base.new_tokens, base.seconds)
         row = {"method": name, "baseline": bname, "prompts": len(d),
                "new_tokens": int(d.new_tokens.sum()), "tokens_per_s": round(tps, 1),
-               "latency_s_per_seq": round(float(d.seconds.mean()), 4),
+               "latency_s_per_seq": round(float(d.seconds.mean()), 4), "warmup_s": round(warm[name], 2),
                "speedup_vs_hf_greedy": round(sp.value, 3), "speedup_lo": round(sp.lo, 3), "speedup_hi": round(sp.hi, 3),
                "mean_accepted_length": round(tau, 3), "efficiency": round(sp.value / tau, 3),
                "identical_to_greedy": sum(same) / len(same),
@@ -335,9 +353,12 @@ def benchmark_decoding(methods: list[Method], prompts: list, max_new_tokens: int
         if reference in by_name:
             ref = df[df.method == reference]
             kv = S.speedup_ci(d.new_tokens, d.seconds, ref.new_tokens, ref.seconds)
+            same_ref = ([a == b for a, b in zip(seqs, ref.seq.tolist())]       # the same model's tokens only
+                        if by_name[reference].compared_with == bname else [None])
             row.update({f"speedup_vs_{reference}": round(kv.value, 3), f"speedup_vs_{reference}_lo": round(kv.lo, 3),
                         f"speedup_vs_{reference}_hi": round(kv.hi, 3),
-                        f"efficiency_vs_{reference}": round(kv.value / tau, 3)})
+                        f"efficiency_vs_{reference}": round(kv.value / tau, 3),
+                        f"identical_to_{reference}": None if None in same_ref else sum(same_ref) / len(same_ref)})
         rows.append(row)
     df["tokens_per_s"] = df.new_tokens / df.seconds
     return rows, df

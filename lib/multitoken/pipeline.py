@@ -357,6 +357,8 @@ def decoding_methods(cfg, models: dict, trees: dict):
         if baseline_variant(cfg, v) == "ntp":
             continue  # its HF generate is NTP's: the same weights, the same outputs
         meths.append(M.hf(f"hf_greedy_{v}", models[v]))
+    if cfg["bench_compiled_peer"]:
+        meths.append(M.hf_compiled("hf_compiled", models["ntp"], "hf_greedy"))
     meths += [M.hf("hf_prompt_lookup", models["ntp"], "hf_greedy", prompt_lookup_num_tokens=10),
               M.engine("greedy_kv", models["ntp"], "none", baseline="hf_greedy"),
               M.engine("prompt_lookup", models["ntp"], "none", "prompt_lookup", "hf_greedy")]
@@ -508,7 +510,7 @@ def _benchmark(cfg, models, prompts, trees, chosen, everything=True):
     meths = decoding_methods(cfg, models, trees)
     if not everything:
         keep = {c["method"] for c in chosen.values()} | {"greedy_kv"}
-        meths = [mt for mt in meths if mt.name in keep or mt.name.startswith("hf_greedy")]
+        meths = [mt for mt in meths if mt.name in keep or mt.name.startswith("hf_")]   # every peer
     rows, per = E.benchmark_decoding(meths, prompts, bench_tokens(cfg), warmup=cfg["bench_warmup"],
                                      desc=f"decoding benchmark ({str(dtype).replace('torch.', '')})")
     dev = E.model_device(models["ntp"])

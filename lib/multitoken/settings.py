@@ -161,6 +161,7 @@ class Benchmark:
     tree_budget: Union[int, Literal["auto"]] = _f("auto", ge=1)
     tree_kinds: list[Literal["fitted", "medusa"]] = _f(["fitted", "medusa"])
     bench_extra_dtypes: list[Dtype] = _f([])
+    bench_compiled_peer: bool = _f(False, doc="time transformers' static-cache + torch.compile generate as a peer")
     frozen_hf_baselines: bool = True
     speed_targets: Optional[dict[str, float]] = None
 

@@ -13,23 +13,93 @@ they need and never reach into ``model.transformer.h`` or ``model.model.layers``
 A third family (Qwen, Mistral) is one more class here and a line in ``FAMILIES``.
 
 Masks. The engine speaks one language: ``None`` (causal over the new tokens, everything cached visible) or a bool
-``(B, 1, T, past + T)`` mask, True = may attend. SDPA takes the bool mask as it is; eager attention *adds* its mask to
-the scores, so a bool mask there would mask nothing: ``attn_mask`` turns it into 0 / -inf (and builds the causal part
-eager attention does not have). Any other attention implementation is refused with a clear error.
+``(B, 1, T, past + T)`` mask, True = may attend. SDPA (and ``invariant``, below) takes the bool mask as it is; eager
+attention *adds* its mask to the scores, so a bool mask there would mask nothing: ``attn_mask`` turns it into
+0 / -inf (and builds the causal part eager attention does not have). Any other implementation is refused clearly.
+
+Invariant attention. A query's attention output must not depend on how many tokens share its step, or bf16
+speculation drifts from bf16 greedy decoding: SDPA's kernels reduce over keys in blocks laid out by slot and step
+shape (a 5-token bf16 step differs from 5 one-token steps by up to 0.03 in a random model's states). ``invariant``
+(registered with transformers' ``AttentionInterface``) gathers each query's visible keys in position order, exactly
+the keys a one-token step at that position sees, and computes the queries with the same number of visible keys in
+one product of that shape: the same arithmetic whatever the step holds. ``invariant_attention(model)`` switches a
+model to it for the duration of a decoding.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GPT2LMHeadModel, LlamaForCausalLM
+import contextlib
+
+from transformers import AttentionInterface, DynamicCache, GPT2LMHeadModel, LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
 from . import fastpath
 
-ATTENTION = ("sdpa", "eager")
+ATTENTION = ("sdpa", "eager", "invariant")
+
+
+def _invariant_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                         **kwargs):
+    """Attention whose output for a query depends only on the keys it sees, in position order (module docstring).
+    ``query`` (B, H, Q, D); ``key``/``value`` (B, Hkv, S, D) with the step's keys appended; ``attention_mask``: None
+    (causal, the step's tokens after everything cached) or bool (B, 1, Q, S). Returns (B, Q, H, D) and no weights.
+    A prefill (nothing cached, S == Q) runs SDPA: every decoding of the same prompts computes it identically."""
+    B, H, Q, D = query.shape
+    S, groups = key.shape[2], H // key.shape[1]
+    scale = scaling if scaling is not None else D ** -0.5
+    if S == Q:
+        if groups > 1:
+            key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        o = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                           is_causal=attention_mask is None and Q > 1, scale=scale)
+        return o.transpose(1, 2).contiguous(), None
+    if attention_mask is None:
+        attention_mask = torch.ones(Q, S, dtype=torch.bool, device=query.device).tril(S - Q)[None, None].expand(B, 1, Q, S)
+    elif attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0                        # an additive mask: 0 where visible
+    vis = attention_mask[:, 0]                                      # (B, Q, S)
+    counts = vis.sum(-1).tolist()
+    out = query.new_empty(B, Q, H, D)
+    by_count: dict = {}
+    for b in range(B):
+        for i in range(Q):
+            by_count.setdefault(counts[b][i], []).append((b, i))
+    slots = torch.arange(S, device=query.device)
+    for n, members in by_count.items():
+        bs = torch.tensor([b for b, _ in members], device=query.device)
+        qs = torch.tensor([i for _, i in members], device=query.device)
+        # the visible slots of each query, in slot order = position order (cache first, then its tree ancestors)
+        idx = slots.masked_select(vis[bs, qs]).view(len(members), n) if n else slots[:0].expand(len(members), 0)
+        k = key[bs[:, None], :, idx].transpose(1, 2).float()         # (G, Hkv, n, D)
+        v = value[bs[:, None], :, idx].transpose(1, 2).float()
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        q = query[bs, :, qs].float().unsqueeze(2)                    # (G, H, 1, D)
+        w = (q @ k.transpose(-1, -2) * scale).softmax(-1)
+        out[bs, qs] = (w @ v)[:, :, 0].to(query.dtype)
+    return out, None
+
+
+AttentionInterface.register("invariant", _invariant_attention)
+
+
+@contextlib.contextmanager
+def invariant_attention(model):
+    """``model`` (a causal LM of a known family, or a face or wrapper of one) attends with ``invariant`` inside
+    (module docstring); its implementation before is restored on exit."""
+    cfg = backbone_of(model).config
+    before = cfg._attn_implementation
+    if before not in ATTENTION:
+        raise ValueError(f"attention implementation {before!r}: invariant attention replaces {ATTENTION[:2]}")
+    cfg._attn_implementation = "invariant"
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = before
 
 
 class GrowingLayer(DynamicLayer):
@@ -231,9 +301,10 @@ class GPT2Backbone(Backbone):
         return self.tr.drop(self.tr.wte(input_ids) + self.tr.wpe(position_ids))
 
     def lean_ok(self, block) -> bool:
-        """The lean forward reproduces a block exactly in eval mode under SDPA without cross-attention."""
+        """The lean forward reproduces a block exactly in eval mode under SDPA (or invariant attention) without
+        cross-attention."""
         c = block.attn.config
-        return not block.training and not c.add_cross_attention and c._attn_implementation == "sdpa"
+        return not block.training and not c.add_cross_attention and c._attn_implementation in ("sdpa", "invariant")
 
     def layer(self, block, h, pos=None, cache=None, mask=None):
         if cache is not None and self.lean_ok(block):
@@ -263,12 +334,15 @@ def lean_block(blk, h, cache, layer_idx: int, mask):
     q, k, v = (t.view(B, T, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
     if cache is not None:
         k, v = cache.update(k, v, layer_idx)
-    causal = mask is None and T > 1
-    if causal and k.shape[2] > T:  # new tokens after a cached prefix: SDPA's is_causal would align to the top-left
-        mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=h.device).tril(k.shape[2] - T)
-        causal = False
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling)
-    h = h + fastpath.conv1d(attn.c_proj, o.transpose(1, 2).reshape(B, T, D))
+    if attn.config._attn_implementation == "invariant":
+        o = _invariant_attention(attn, q, k, v, mask, scaling=attn.scaling)[0]           # (B, T, H, hd)
+    else:
+        causal = mask is None and T > 1
+        if causal and k.shape[2] > T:  # new tokens after a cached prefix: SDPA's is_causal would align to the top-left
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=h.device).tril(k.shape[2] - T)
+            causal = False
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=attn.scaling).transpose(1, 2)
+    h = h + fastpath.conv1d(attn.c_proj, o.reshape(B, T, D))
     mlp = blk.mlp
     return h + fastpath.conv1d(mlp.c_proj, mlp.act(fastpath.conv1d(mlp.c_fc, blk.ln_2(h))))
 

@@ -105,15 +105,16 @@ def _packed(w, w_nk, rows: int):
 
 def _layout_seconds(m: int, k: int, n: int, dtype=torch.float32, reps: int = 10) -> dict:
     """Best-of-3 seconds for ``reps`` products of ``m`` random rows with a (``k``, ``n``) weight on the CPU, per
-    layout this CPU offers: ``row`` (``x @ W``), ``transposed`` (``(W_nk @ x.T).T``), ``packed`` (:func:`_pack`)."""
+    layout this CPU offers: ``row`` (``x @ W``), ``transposed`` (``(W_nk @ x.T).T``), ``packed`` (:func:`_pack`;
+    in fp32 for one row only, since MKL's packed copy serves one row count and every copy costs the weight's size)."""
     cpu = torch.device("cpu")
     x, w = torch.randn(m, k, dtype=dtype, device=cpu), torch.randn(k, n, dtype=dtype, device=cpu)
     wt, b = w.t().contiguous(), torch.zeros(n, dtype=dtype, device=cpu)
     with torch.no_grad():
         out = dict(row=_time(lambda: torch.addmm(b, x, w), reps),
                    transposed=_time(lambda: torch.addmm(b[:, None], wt, x.t()).t().contiguous(), reps))
-        packed = _pack(wt, m)
-        if packed is not None:
+        packed = _pack(wt, m) if dtype != torch.float32 or m == 1 else None   # fp32 packs: one copy per row count,
+        if packed is not None:                                                 # so one-row products (greedy) only
             out["packed"] = _time(lambda: _packed_product(x, wt, packed, b, m), reps)
     return out
 
@@ -173,14 +174,19 @@ MAX_ROWS = 32  # products of more rows (a prompt's prefill) take the usual layou
 def matmul(x, w, b=None, w_is_kn: bool = True):
     """``x @ W + b`` for ``x`` (..., K) and a weight stored (K, N) (Conv1D) or, with ``w_is_kn=False``, (N, K)
     (``nn.Linear``). Up to :data:`MAX_ROWS` rows on the CPU without autograd take the fastest layout for their shape
-    (:func:`_layout`); more rows, a product that records gradients, one inside ``decoding(fast=False)`` and every GPU
-    product take the usual one."""
+    (:func:`_layout`; inside ``decoding(invariant=True)`` every row count takes the weight's one layout); more rows,
+    a product that records gradients, one inside ``decoding(fast=False)`` and every GPU product take the usual one."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     n = w.shape[1] if w_is_kn else w.shape[0]
     lay = "row"
-    if x.device.type == "cpu" and m <= MAX_ROWS and not _EAGER and not (torch.is_grad_enabled() and w.requires_grad):
-        lay = _layout(m, k, n, x.dtype)
+    if x.device.type == "cpu" and not _EAGER and not (torch.is_grad_enabled() and w.requires_grad):
+        if _INVARIANT:
+            lay = _layout(INVARIANT_ROWS, k, n, x.dtype)
+            if lay == "packed" and x.dtype == torch.float32:
+                lay = "row"                                # MKL's fp32 packs serve one row count only
+        elif m <= MAX_ROWS:
+            lay = _layout(m, k, n, x.dtype)
     if lay != "row":
         w_nk = _weight_nk(w) if w_is_kn else w
         packed = _packed(w, w_nk, m) if lay == "packed" else None
@@ -206,29 +212,34 @@ def _fast_forward(module, x):
     return matmul(x, module.weight, module.bias, w_is_kn=False)
 
 
-_EAGER: list = []  # non-empty while every product takes the row-major layout (``decoding(fast=False)``)
+_EAGER: list = []      # non-empty while every product takes the row-major layout (``decoding(fast=False)``)
+_INVARIANT: list = []  # non-empty while one layout per weight serves every row count (``decoding(invariant=True)``)
+INVARIANT_ROWS = 4     # the row count that choice is timed at
 
 
 @contextlib.contextmanager
-def decoding(*models, fast: bool = True):
+def decoding(*models, fast: bool = True, invariant: bool = False):
     """The decoding engine's products. With ``fast``, every ``nn.Linear`` of ``models`` on the CPU computes through
     :func:`matmul` (the fastest layout for its row count, outside autograd), so a family whose decoder layers are
     transformers' own (Llama) gets the same products as one whose layers the workbook writes (GPT-2's lean forward).
     Without, every product, the workbook's own included, takes the row-major layout: the eager step a benchmark
-    compares with. Restored on exit; nests."""
+    compares with. ``invariant``: a weight's products take one layout whatever their row count (timed at
+    :data:`INVARIANT_ROWS` rows), so a row's result does not depend on how many rows share the product where the
+    layout's kernel is itself batch-invariant (bf16 here; fp32's MKL products are not). Restored on exit; nests."""
     mods = [m for model in models for m in model.modules()
             if type(m) is nn.Linear and m.weight.device.type == "cpu" and "forward" not in m.__dict__] if fast else []
     for m in mods:
         m.forward = functools.partial(_fast_forward, m)
-    if not fast:
-        _EAGER.append(True)
+    flags = [f for f, on in ((_EAGER, not fast), (_INVARIANT, invariant)) if on]
+    for f in flags:
+        f.append(True)
     try:
         yield
     finally:
         for m in mods:
             m.__dict__.pop("forward", None)
-        if not fast:
-            _EAGER.pop()
+        for f in flags:
+            f.pop()
 
 
 def conv1d(conv, x):

@@ -20,6 +20,7 @@ whatever it was loaded in, and the sampling maths runs in float32.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -27,7 +28,7 @@ from typing import Protocol
 import torch
 
 from ..core import fastpath
-from ..core.backbones import Backbone, backbone_of
+from ..core.backbones import Backbone, backbone_of, invariant_attention
 from . import drafters
 from .trees import Tree, parse_tree
 
@@ -427,7 +428,7 @@ def cache_bytes(caches) -> int:
 
 def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, tree=None,
                          attention_mask=None, eos_token_id=None, pad_token_id=None, generator=None, batched=None,
-                         drafter="heads", fast=True):
+                         drafter="heads", fast=True, exact=None):
     """Generate with drafts verified by the model (by default its heads'); returns ``(sequences, stats)``.
 
     With ``temperature=0`` the sequences equal ``model.generate(do_sample=False)`` token for token (EOS and
@@ -440,7 +441,13 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     allows it (not one that keeps one row's state, as the MTP modules' does); ``"masked"``: together, finished rows
     kept in the batch as masked no-ops instead of leaving it (a measurement, not faster). ``fast``: every product of
     the step in the fastest weight layout this CPU offers for its shape (``core.fastpath.decoding``; False: the
-    row-major products a plain forward computes, for comparison).
+    row-major products a plain forward computes, for comparison). ``exact``: every position computed with the same
+    arithmetic whatever else shares its step (invariant attention, one product layout per weight), so speculation
+    returns token for token what this engine's greedy decoding returns in bf16 too, where transformers' kernels
+    round a 5-token step differently from 5 one-token steps; None: for 16-bit models on the CPU (fp32 ones stay on
+    the batched kernels: their differences are far below a token's margin, and MKL's fp32 products are not
+    batch-invariant; on CUDA, cuBLAS's products are not guaranteed batch-invariant either, so ``exact=True`` there
+    makes the attention invariant, not every product).
     """
     if not hasattr(model, "spec_forward"):
         model = PlainLM(model)
@@ -497,8 +504,11 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     sync(dev)
     t0 = time.perf_counter()
     nets = [m for m in (model, getattr(model, "model", None)) if isinstance(m, torch.nn.Module)][:1]
+    if exact is None:
+        exact = dev.type == "cpu" and next(iter(model.parameters())).dtype in (torch.bfloat16, torch.float16)
     try:
-        with fastpath.decoding(*nets, fast=fast):
+        with fastpath.decoding(*nets, fast=fast, invariant=exact), \
+                (invariant_attention(model) if exact else contextlib.nullcontext()):
             finished = "masked" if batched == "masked" else "drop"
             outs = (_decode(model, rows, max_new_tokens, sampling, drafter, eos, n_pos, stats, finished) if batched
                     else [_decode(model, [r], max_new_tokens, sampling, drafter, eos, n_pos, stats)[0] for r in rows])
