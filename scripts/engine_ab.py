@@ -3,10 +3,10 @@ faster or slower, method by method?
 
     .venv/bin/python scripts/engine_ab.py PROFILE REV_A [REV_B] [--rounds 2] [--prompts 8] [--new-tokens 64]
 
-REV_B defaults to the working tree. Each revision's ``lib/`` is checked out in a scratch worktree; rounds alternate
-A, B, A, B (each a fresh process timing every method on the same validation prompts, interleaved in a random order
-per prompt, through the engine's entry point alone, which every revision has), so drift of the machine's speed hits
-both alike. Reported per method: tokens/s of each round, the ratio B/A of the mean, and the spread between the two
+REV_B defaults to the working tree. Each revision (its ``lib/``, settings and data; ``runs/`` shared) is checked out
+in a scratch worktree; rounds alternate A, B, A, B (each a fresh process timing every method on the same validation
+prompts, interleaved in a random order per prompt, through the engine's entry point alone, which every revision
+has), so drift of the machine's speed hits both alike. Reported per method: tokens/s of each round, the ratio B/A of the mean, and the spread between the two
 rounds of the same revision (a ratio inside it is no difference).
 Needs the profile's stages 00-03; writes runs/<profile>/results/engine_ab.json (naming both commits)."""
 from __future__ import annotations
@@ -76,6 +76,7 @@ def worktree(rev: str, tmp: Path) -> Path:
     wt = tmp / sha[:10]
     subprocess.run(["git", "worktree", "add", "--detach", "-f", str(wt), sha], cwd=ROOT, check=True,
                    capture_output=True)
+    (wt / "runs").symlink_to(ROOT / "runs")            # the trained models; its own settings files and data
     return wt
 
 
@@ -102,8 +103,8 @@ def main():
                     out = tmp / f"{side}{r}.json"
                     env = dict(os.environ, PYTHONPATH=str(libs[side]))
                     subprocess.run([sys.executable, __file__, a.profile, a.rev_a, "--prompts", str(a.prompts),
-                                    "--new-tokens", str(a.new_tokens), "--child", str(out)], cwd=ROOT, env=env,
-                                   check=True)
+                                    "--new-tokens", str(a.new_tokens), "--child", str(out)], cwd=libs[side].parent,
+                                   env=env, check=True)           # each revision reads its own profile settings
                     runs[side].append(json.loads(out.read_text()))
         finally:
             subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)

@@ -533,6 +533,8 @@ def test_step_costs_time_every_path_against_the_memory_limit(tmp_path, monkeypat
     assert set(res["generation"][0]) == {"dtype", "hf_generate_tokens_per_s", "engine_greedy_eager_tokens_per_s",
                                          "engine_greedy_fast_tokens_per_s"}
     assert res["layouts"]                                  # the fast step asked for layouts, recorded with the result
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["s.json"]["stage"] == "make bench-steps" == res["run"]["stage"] and "commit" in res["run"]
 
 
 def test_the_compiled_static_cache_peer_runs_transformers_recipe_and_matches_generate():

@@ -235,3 +235,27 @@ def test_a_dry_run_says_what_would_run_and_why_and_runs_nothing(workbook, capsys
     assert {n: stages.read_stamp("t", n, workbook)["run_id"] for n in GRAPH} == before
     stages.run_stages("t", root=workbook, dry=True, start="02_c")
     assert capsys.readouterr().out.splitlines()[-1] == "== 02_c: would run (from 02_c on)"
+
+
+def test_the_commit_is_dirty_for_code_changes_not_for_a_runs_own_outputs(tmp_path):
+    """A run rewrites tracked files under figures/ (and runs/): that must not label its own results "uncommitted"; a
+    change to the code or settings must."""
+    import subprocess
+
+    from multitoken.utils import commit
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    for rel in ("lib/multitoken/x.py", "figures/toy/table.md", "notebooks/params/toy.yaml"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("a\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "x")
+    assert commit(tmp_path)["dirty"] is False
+    (tmp_path / "figures/toy/table.md").write_text("b\n")
+    assert commit(tmp_path)["dirty"] is False
+    for rel in ("notebooks/params/toy.yaml", "lib/multitoken/x.py"):
+        (tmp_path / rel).write_text("b\n")
+        assert commit(tmp_path)["dirty"] is True
+        git("checkout", "--", rel)

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from transformers import DynamicCache
 
-from . import pipeline, report
+from . import pipeline, report, stages
 from .core import fastpath
 from .core.backbones import backbone_of
 from .evaluation import batch_rows
@@ -188,6 +188,8 @@ def step_costs(name: str, dtypes=None, context: int = 300, sizes=(1, 2, 4, 8, 16
     the model's weight bytes over the measured read bandwidth, the least a step can cost. Then HF ``generate``'s and
     the engine's greedy tokens/s (eager, fast) on GSM8K test prompts, interleaved (``prompts`` x ``new_tokens``).
     ``dtypes``: fp32, and bf16 where this CPU has native bf16 products (emulated bf16 measures the emulation).
+    Written to ``figures/bench/step_costs_<name>_<CPU capability>.json`` (one file per kind of CPU), with the
+    commit and time in the file and in the folder's manifest.
     The ratio step(T) / step(1) is what speculation must beat: a chain of T-1 drafts pays off only if
     τ > step(T) / step(1)."""
     import random
@@ -259,7 +261,9 @@ def step_costs(name: str, dtypes=None, context: int = 300, sizes=(1, 2, 4, 8, 16
                read_bandwidth_gb_s=round(bandwidth / 1e9, 1), cpu_bf16_fast=fastpath.cpu_bf16_fast(),
                cpu_capability=torch.backends.cpu.get_cpu_capability(), steps=rows, generation=speed,
                layouts=fastpath.layout_choices())
-    out = out or pipeline.repo_root() / "figures" / "bench" / f"step_costs_{name}.json"
+    cap = torch.backends.cpu.get_cpu_capability()
+    out = out or pipeline.repo_root() / "figures" / "bench" / f"step_costs_{name}_{cap}.json"
+    res["run"] = stages.record_output(out, "make bench-steps")
     write_json(out, res)
     print(pd.DataFrame(rows).to_string(index=False) + "\n\n" + pd.DataFrame(speed).to_string(index=False))
     print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s; written: {out}")

@@ -282,6 +282,19 @@ def write_manifests(stamp: dict, root: Path) -> None:
         write_json(f, dict(sorted(keep.items())))
 
 
+def record_output(path: Path, producer: str, root: Path | None = None) -> dict:
+    """A result made outside the stages (``make bench-steps``, a script): its entry in the folder's ``manifest.json``
+    (who made it, the commit and whether the tree was dirty, when); returns that entry for the file to hold too."""
+    root = Path(root or repo_root())
+    path = Path(path).resolve()
+    entry = dict(stage=producer, profile=path.parent.name, run_id=None, **commit(root), settings_hash=None,
+                 finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    f = path.parent / "manifest.json"
+    old = json.loads(f.read_text()) if f.exists() else {}
+    write_json(f, dict(sorted({**old, path.name: entry}.items())))
+    return entry
+
+
 def run_stages(profile: str, *, force: bool = False, start: str | None = None, only: list[str] | None = None,
                root: Path | None = None, kernel: str = "multitoken", dry: bool = False) -> int:
     """Run the profile's stages in order with papermill, each only when :func:`stale_reason` says so (``force``: all;

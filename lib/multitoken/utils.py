@@ -146,13 +146,14 @@ def read_stamp(profile: str, name: str, root: Path | None = None) -> dict | None
 
 
 def commit(root: Path | None = None) -> dict:
-    """The package's commit and whether the tree had changes (``None`` outside a git checkout)."""
+    """The package's commit and whether the tree had changes to what makes results (code, notebooks, settings,
+    data; not ``figures/`` and ``runs/``, which a run itself rewrites) (``None`` outside a git checkout)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=root or repo_root(), capture_output=True, text=True, timeout=30)
 
     try:
         head = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)figures", ":(exclude)runs")
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     if head.returncode != 0:
