@@ -375,6 +375,12 @@ def test_the_sweep_times_frozen_families_against_ntps_generate_and_extra_dtypes_
     names = [r["method"] for r in rows]
     assert len(rows) == 13 and {"prompt_lookup", "mtp_hybrid", "medusa_hybrid"} <= set(names)
     assert "mtp_seq_hybrid" not in names          # the MTP modules draft with their own tree only
+    assert "hf_compiled" not in names
+    rows, _ = PL._benchmark(dict(cfg, bench_compiled_peer=True), models, [torch.arange(3)], trees, chosen,
+                            everything=False)                    # the compiled peer, in every dtype's benchmark
+    peer = seen[next(d for d in seen if d.startswith("decoding benchmark"))]["hf_compiled"]
+    assert "hf_compiled" in [r["method"] for r in rows] and peer.compared_with == "hf_greedy"
+    assert peer.model.name == "ntp" and peer.gen_kw["cache_implementation"] == "static"
 
 
 def test_a_cpu_without_fast_bf16_runs_the_profiles_bf16_settings_in_fp32(monkeypatch):
