@@ -133,17 +133,18 @@ def test_bf16_tree_speculation_and_padded_batches_equal_greedy():
         assert torch.equal(alone[0, lens[b]:], greedy[b, 20:])
 
 
-def test_one_layout_per_weight_serves_every_row_count_in_invariant_mode(monkeypatch):
-    """Layouts round differently; invariant mode asks for one layout per weight (timed at INVARIANT_ROWS rows) and
-    uses it for every row count, MKL's fp32 packs (one row count each) excepted."""
+def test_invariant_mode_takes_the_row_major_product_for_every_row_count(monkeypatch):
+    """Layouts round differently and the transposed bf16 product depends on the row count (SmolLM2's MLP: a one-row
+    and a five-row product of the same input differed); invariant mode asks for no layout and multiplies row-major."""
     asked = []
     monkeypatch.setattr(fastpath, "_layout", lambda m, k, n, dt: asked.append(m) or "transposed")
     lin = torch.nn.Linear(16, 8)
     with torch.no_grad(), fastpath.decoding(lin, invariant=True):
         for rows in (1, 3, 40):
-            lin(torch.randn(rows, 16))
-    assert asked == [fastpath.INVARIANT_ROWS] * 3
+            x = torch.randn(rows, 16)
+            assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    assert asked == []
     with torch.no_grad(), fastpath.decoding(lin):
         for rows in (1, 3, 40):
             lin(torch.randn(rows, 16))
-    assert asked[3:] == [1, 3]                                      # per row count; 40 rows: the usual product
+    assert asked == [1, 3]                                          # per row count; 40 rows: the usual product

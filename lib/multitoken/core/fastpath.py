@@ -174,7 +174,7 @@ MAX_ROWS = 32  # products of more rows (a prompt's prefill) take the usual layou
 def matmul(x, w, b=None, w_is_kn: bool = True):
     """``x @ W + b`` for ``x`` (..., K) and a weight stored (K, N) (Conv1D) or, with ``w_is_kn=False``, (N, K)
     (``nn.Linear``). Up to :data:`MAX_ROWS` rows on the CPU without autograd take the fastest layout for their shape
-    (:func:`_layout`; inside ``decoding(invariant=True)`` every row count takes the weight's one layout); more rows,
+    (:func:`_layout`; inside ``decoding(invariant=True)`` every product is row-major); more rows,
     a product that records gradients, one inside ``decoding(fast=False)`` and every GPU product take the usual one."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
@@ -182,9 +182,7 @@ def matmul(x, w, b=None, w_is_kn: bool = True):
     lay = "row"
     if x.device.type == "cpu" and not _EAGER and not (torch.is_grad_enabled() and w.requires_grad):
         if _INVARIANT:
-            lay = _layout(INVARIANT_ROWS, k, n, x.dtype)
-            if lay == "packed" and x.dtype == torch.float32:
-                lay = "row"                                # MKL's fp32 packs serve one row count only
+            lay = "row"                                    # the one layout measured row-count-invariant (docstring)
         elif m <= MAX_ROWS:
             lay = _layout(m, k, n, x.dtype)
     if lay != "row":
@@ -213,8 +211,7 @@ def _fast_forward(module, x):
 
 
 _EAGER: list = []      # non-empty while every product takes the row-major layout (``decoding(fast=False)``)
-_INVARIANT: list = []  # non-empty while one layout per weight serves every row count (``decoding(invariant=True)``)
-INVARIANT_ROWS = 4     # the row count that choice is timed at
+_INVARIANT: list = []  # non-empty while every product takes the row-major layout (``decoding(invariant=True)``)
 
 
 @contextlib.contextmanager
@@ -223,9 +220,10 @@ def decoding(*models, fast: bool = True, invariant: bool = False):
     :func:`matmul` (the fastest layout for its row count, outside autograd), so a family whose decoder layers are
     transformers' own (Llama) gets the same products as one whose layers the workbook writes (GPT-2's lean forward).
     Without, every product, the workbook's own included, takes the row-major layout: the eager step a benchmark
-    compares with. ``invariant``: a weight's products take one layout whatever their row count (timed at
-    :data:`INVARIANT_ROWS` rows), so a row's result does not depend on how many rows share the product where the
-    layout's kernel is itself batch-invariant (bf16 here; fp32's MKL products are not). Restored on exit; nests."""
+    compares with. ``invariant``: every product takes the row-major layout whatever its row count, so a row's
+    result does not depend on how many rows share the product where that kernel is batch-invariant (bf16 on the CPUs
+    measured; fp32's MKL products are not). The transposed bf16 product is not: on SmolLM2 a one-row and a five-row
+    product of the same MLP input differed. Restored on exit; nests."""
     mods = [m for model in models for m in model.modules()
             if type(m) is nn.Linear and m.weight.device.type == "cpu" and "forward" not in m.__dict__] if fast else []
     for m in mods:
