@@ -30,10 +30,7 @@ def _best(rows, prefix):
 
 def main(profile="pretrained", n_val=12, n_test=32, new_tokens=96):
     cfg = PL.profile_config(profile)
-    for up in ("00_data", "01_train_ntp", "03_train_medusa"):
-        why = stages.stale_reason(up, profile, cfg)
-        if why:
-            raise SystemExit(f"{up} of {profile} is not up to date ({why}): run make all PROFILE={profile}")
+    stages.require(profile, cfg, ("00_data", "01_train_ntp", "03_train_medusa"))
     tr, va, tok, prep = PL.loaders(cfg)
     ntp, med = PL.load_variant(cfg, "ntp"), PL.load_variant(cfg, "medusa")
     fit = lambda ps, what: E.fit_prompts(ps, PL.context_size(cfg), new_tokens, what)[0]  # noqa: E731

@@ -30,10 +30,7 @@ def _same_tokens(a, b) -> float:
 @torch.inference_mode()
 def main(profile="pretrained", n_prompts=8, new_tokens=64):
     cfg = PL.profile_config(profile)
-    for up in ("00_data", "01_train_ntp", "03_train_medusa"):
-        why = stages.stale_reason(up, profile, cfg)
-        if why:
-            raise SystemExit(f"{up} of {profile} is not up to date ({why}): run make all PROFILE={profile}")
+    stages.require(profile, cfg, ("00_data", "01_train_ntp", "03_train_medusa"))
     tr, va, tok, prep = PL.loaders(cfg)
     ntp, med = (PL.load_variant(cfg, v, dtype="bfloat16") for v in ("ntp", "medusa"))
     prompts = E.fit_prompts(PL.eval_set(cfg, tok, prep)["prompts"], PL.context_size(cfg), new_tokens,

@@ -22,10 +22,7 @@ from multitoken.utils import write_json
 
 def main(profile="pretrained", n_prompts=8, new_tokens=64, dtype=None):
     cfg = PL.profile_config(profile)
-    for up in ("00_data", "01_train_ntp"):
-        why = stages.stale_reason(up, profile, cfg)
-        if why:
-            raise SystemExit(f"{up} of {profile} is not up to date ({why}): run make all PROFILE={profile}")
+    stages.require(profile, cfg, ("00_data", "01_train_ntp"))
     tr, va, tok, prep = PL.loaders(cfg)
     ntp = PL.load_variant(cfg, "ntp", dtype=dtype)
     prompts = E.fit_prompts(PL.eval_set(cfg, tok, prep)["prompts"], PL.context_size(cfg), new_tokens,

@@ -282,6 +282,15 @@ def write_manifests(stamp: dict, root: Path) -> None:
         write_json(f, dict(sorted(keep.items())))
 
 
+def require(profile: str, cfg, names) -> None:
+    """Stop (``SystemExit``) unless every stage in ``names`` of ``profile`` is up to date: what a script that reads a
+    profile's trained models checks first."""
+    for up in names:
+        why = stale_reason(up, profile, cfg)
+        if why:
+            raise SystemExit(f"{up} of {profile} is not up to date ({why}): run make all PROFILE={profile}")
+
+
 def record_output(path: Path, producer: str, root: Path | None = None) -> dict:
     """A result made outside the stages (``make bench-steps``, a script): its entry in the folder's ``manifest.json``
     (who made it, the commit and whether the tree was dirty, when); returns that entry for the file to hold too."""

@@ -27,11 +27,11 @@ model to it for the duration of a decoding.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-import contextlib
-
 from transformers import AttentionInterface, DynamicCache, GPT2LMHeadModel, LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block

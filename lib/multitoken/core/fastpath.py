@@ -206,10 +206,6 @@ def linear(module, x):
     return matmul(x, module.weight, module.bias, w_is_kn=False)
 
 
-def _fast_forward(module, x):
-    return matmul(x, module.weight, module.bias, w_is_kn=False)
-
-
 _EAGER: list = []      # non-empty while every product takes the row-major layout (``decoding(fast=False)``)
 _INVARIANT: list = []  # non-empty while every product takes the row-major layout (``decoding(invariant=True)``)
 
@@ -227,7 +223,7 @@ def decoding(*models, fast: bool = True, invariant: bool = False):
     mods = [m for model in models for m in model.modules()
             if type(m) is nn.Linear and m.weight.device.type == "cpu" and "forward" not in m.__dict__] if fast else []
     for m in mods:
-        m.forward = functools.partial(_fast_forward, m)
+        m.forward = functools.partial(linear, m)
     flags = [f for f, on in ((_EAGER, not fast), (_INVARIANT, invariant)) if on]
     for f in flags:
         f.append(True)
