@@ -259,3 +259,38 @@ def test_the_commit_is_dirty_for_code_changes_not_for_a_runs_own_outputs(tmp_pat
         (tmp_path / rel).write_text("b\n")
         assert commit(tmp_path)["dirty"] is True
         git("checkout", "--", rel)
+
+
+def test_an_interrupted_stage_takes_the_sections_it_finished_and_only_under_the_same_settings(workbook):
+    from multitoken import pipeline, utils
+
+    run_in_process("00_a", workbook)
+    calls = []
+
+    def quality(cfg):
+        calls.append(1)
+        utils.write_json(pipeline.paths(cfg)["results"] / "q.json", {"lr": cfg["ntp_lr"]})
+        return {"ppl": 2.5 * len(calls)}
+
+    cfg = stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)
+    assert stages.section(cfg, "quality", lambda: quality(cfg)) == {"ppl": 2.5}
+    stages._CURRENT = None                                  # interrupted after the section
+    cfg = stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)
+    assert stages.section(cfg, "quality", lambda: quality(cfg)) == {"ppl": 2.5} and len(calls) == 1
+    st = stages.finish(cfg)
+    assert st["settings"]["ntp_lr"] == 1e-4 and "runs/t/results/q.json" in st["outputs"]  # as if it had run now
+    assert set(st["resumed"]) == {"quality"} and not stages.partial_dir("t", "01_b", workbook).exists()
+
+    cfg = stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)  # finished runs leave nothing to take
+    assert stages.section(cfg, "quality", lambda: quality(cfg)) == {"ppl": 5.0}
+    stages._CURRENT = None
+    set_profile(workbook, ntp_lr=1.0e-4, mtp_n=4)           # any setting of the profile: computed anew
+    cfg = stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)
+    assert stages.section(cfg, "quality", lambda: quality(cfg)) == {"ppl": 7.5}
+    stages._CURRENT = None
+    (stages.partial_dir("t", "01_b", workbook) / "quality.pkl").write_bytes(b"half-writ")
+    cfg = stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)
+    assert stages.section(cfg, "quality", lambda: quality(cfg)) == {"ppl": 10.0}
+    assert "resumed" not in stages.finish(cfg)
+    with pytest.raises(StageError, match="needs the settings"):
+        stages.section(cfg, "quality", lambda: quality(cfg))

@@ -16,11 +16,18 @@ all``) starts again there. A stage is up to date when its stamp exists, its note
 unchanged, its upstream stages' run ids are those it read, and its outputs exist. The package's code is recorded
 (commit, dirty), not an input: editing the library does not rerun the profile; results label the commit that made
 them.
+
+A long stage keeps its finished parts: ``value = stages.section(cfg, "quality", fn)`` runs ``fn`` once and keeps its
+value under ``runs/<profile>/stages/partial/<stage>/``, so the same stage interrupted later and started again under the
+same settings, notebook and upstream runs takes it from there instead of computing it again. :func:`finish` removes
+those kept values; the stamp's ``resumed`` names the sections taken from an interrupted run (with their commit).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -152,6 +159,7 @@ class _Running:
     def __init__(self, name, profile, root, upstream, cfg):
         self.name, self.profile, self.root, self.upstream, self.cfg = name, profile, root, upstream, cfg
         self.started, self.run_id, self.code = time.time(), uuid.uuid4().hex[:12], commit(root)
+        self.resumed = {}
 
 
 _CURRENT: _Running | None = None   # the stage this process is running (what result notes name)
@@ -200,12 +208,60 @@ def finish(cfg: Tracked) -> dict:
     stamp = dict(stage=run.name, profile=run.profile, run_id=run.run_id,
                  settings=dict(sorted(cfg.reads.items())), settings_hash=settings_hash(cfg.reads),
                  notebook_sha256=notebook_sha256(nb) if nb.exists() else None, upstream=run.upstream,
-                 outputs=sorted(outputs), **run.code,
+                 outputs=sorted(outputs), **run.code, **({"resumed": run.resumed} if run.resumed else {}),
                  started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started)),
                  finished=time.strftime("%Y-%m-%d %H:%M:%S"), seconds=round(time.time() - run.started, 1))
     write_manifests(stamp, root)
     write_json(stamp_path(run.profile, run.name, root), stamp)
+    shutil.rmtree(partial_dir(run.profile, run.name, root), ignore_errors=True)
     return stamp
+
+
+def partial_dir(profile: str, name: str, root: Path | None = None) -> Path:
+    """Where stage ``name`` keeps the values of its finished sections until it finishes (:func:`section`)."""
+    return stamp_path(profile, name, root).parent / "partial" / name
+
+
+def section(cfg: Tracked, key: str, fn):
+    """``fn()``, or its value kept from an interrupted run of this stage: one that had finished this section under
+    the same settings (all of the profile's, not only those read so far), notebook and upstream runs, whose written
+    files still exist. The kept section counts as run: the settings it read and the files it wrote are noted for the
+    stamp as if ``fn`` had run now, and the stamp's ``resumed`` names it with the time and commit that made it.
+    ``fn``'s value must pickle. A value that cannot be read back (a half-written or foreign file) is computed anew."""
+    run = _CURRENT
+    if run is None or run.cfg is not cfg:
+        raise StageError("section(cfg, ...) needs the settings that the running stage's stages.begin returned")
+    full = {k: _jsonable(dict.__getitem__(cfg, k)) for k in dict.keys(cfg)}
+    nb = notebook_path(run.name, run.root)
+    fingerprint = settings_hash({"settings": full, "upstream": run.upstream,
+                                 "notebook": notebook_sha256(nb) if nb.exists() else None})
+    path = partial_dir(run.profile, run.name, run.root) / f"{key}.pkl"
+    kept = None
+    if path.exists():
+        try:
+            kept = pickle.loads(path.read_bytes())
+        except Exception:  # noqa: BLE001 - anything unreadable is recomputed
+            kept = None
+    if (isinstance(kept, dict) and kept.get("fingerprint") == fingerprint
+            and all(Path(w).exists() for w in kept["written"])):
+        for k, v in kept["reads"].items():
+            cfg.reads.setdefault(k, v)
+        for w in kept["written"]:
+            utils.note_written(w)
+        run.resumed[key] = {"finished": kept["finished"], "commit": kept["commit"], "dirty": kept["dirty"]}
+        print(f"{run.name}: section {key!r} taken from the interrupted run that finished it at {kept['finished']} "
+              f"(commit {kept['commit']}{', dirty' if kept['dirty'] else ''})", flush=True)
+        return kept["value"]
+    reads_before, written_before = set(cfg.reads), utils.noted_writes()
+    value = fn()
+    kept = {"fingerprint": fingerprint, "value": value, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **run.code,
+            "reads": {k: v for k, v in cfg.reads.items() if k not in reads_before},
+            "written": sorted(utils.noted_writes() - written_before)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps(kept))
+    tmp.replace(path)
+    return value
 
 
 def _top_output(rel: Path) -> Path:
@@ -309,7 +365,8 @@ def run_stages(profile: str, *, force: bool = False, start: str | None = None, o
     """Run the profile's stages in order with papermill, each only when :func:`stale_reason` says so (``force``: all;
     ``start``: that stage and every later one; ``only``: just those). One line per stage with its time or why it was
     skipped, a table at the end (``runs/<profile>/notebook_times.csv``); the first failure stops the run (exit 1)
-    and keeps the executed notebook under ``runs/<profile>/notebooks/``. ``dry``: print what would run and why
+    and keeps the executed notebook under ``runs/<profile>/notebooks/``. A stage rerun by ``force`` or ``start``
+    starts afresh; otherwise an interrupted stage takes the sections it finished (:func:`section`). ``dry``: print what would run and why
     (a stage whose upstream would run runs after it), run nothing."""
     import pandas as pd
     import papermill as pm
@@ -335,6 +392,8 @@ def run_stages(profile: str, *, force: bool = False, start: str | None = None, o
                   f"{', dirty' if st['dirty'] else ''})", flush=True)
             rows.append({"stage": name, "seconds": 0.0, "status": "skipped"})
             continue
+        if force or (start is not None and name >= start):  # a rerun asked for starts afresh
+            shutil.rmtree(partial_dir(profile, name, root), ignore_errors=True)
         print(f"== {name} ({profile}): running ({why})", flush=True)
         t0, status = time.perf_counter(), "ok"
         try:

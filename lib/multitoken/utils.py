@@ -50,6 +50,11 @@ def stop_noting_writes() -> set:
     return out
 
 
+def noted_writes() -> set:
+    """The files and folders noted so far by the running stage (empty outside a stage)."""
+    return set(_WRITTEN or ())
+
+
 def note_written(path: str | Path) -> None:
     """Note a file or folder the running stage wrote (nothing happens outside a stage)."""
     if _WRITTEN is not None:
