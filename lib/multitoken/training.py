@@ -101,7 +101,7 @@ class MultiHeadTrainer(Trainer):
 def training_args(output_dir, num_train_epochs=1.0, learning_rate=5e-5, batch_size=4, gradient_accumulation_steps=1,
                   eval_steps=50, logging_steps=10, warmup_steps=0, max_steps=-1, seed=0, save_steps=None,
                   gradient_checkpointing=False, weight_decay=0.0, device=None, cpu_bf16=False,
-                  **extra) -> TrainingArguments:
+                  train_sampling_strategy="group_by_length", save_strategy="steps", **extra) -> TrainingArguments:
     """TrainingArguments for this workbook. On CUDA (``device`` None = CUDA when present): bf16 autocast where the
     GPU has it, else fp16; on the CPU, fp32, or bf16 autocast with ``cpu_bf16`` (AVX-512 BF16 / AMX CPUs: a
     SmolLM2 fine-tuning step ran 250 tokens/s against 150 in fp32 here). Activation checkpointing only when asked
@@ -114,12 +114,12 @@ def training_args(output_dir, num_train_epochs=1.0, learning_rate=5e-5, batch_si
         learning_rate=learning_rate, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, warmup_steps=warmup_steps,
         lr_scheduler_type="cosine", weight_decay=weight_decay, eval_strategy="steps", eval_steps=eval_steps,
-        logging_steps=logging_steps, save_strategy="steps", save_steps=save_steps or eval_steps, save_total_limit=2,
+        logging_steps=logging_steps, save_strategy=save_strategy, save_steps=save_steps or eval_steps, save_total_limit=2,
         report_to="none", seed=seed, bf16=bf16, fp16=cuda and not bf16, use_cpu=not cuda,
         activation_checkpointing=gradient_checkpointing,
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False, dataloader_num_workers=0,
-        # batches of similar lengths: GSM8K's examples run 60-500 tokens, and padding to the longest wasted ~40%
-        train_sampling_strategy="group_by_length", **extra)
+        # default: batches of similar lengths (GSM8K's examples run 60-500 tokens; padding to the longest wasted ~40%)
+        train_sampling_strategy=train_sampling_strategy, **extra)
 
 
 def _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv, resume_from_checkpoint, trainer_cls,
@@ -291,3 +291,133 @@ def self_distill(model, tokenizer, dataset, max_new_tokens=256, batch_size=16, e
     finally:
         tokenizer.padding_side = side
     return dataset.map(lambda r, idx: {"response": responses[idx].strip() or r["response"]}, with_indices=True)
+
+
+# --- heads on cached features ----------------------------------------------------------------------------------------
+FEATURE_KEYS = ("input_ids", "labels", "h0", "lm_nll", "lm_hit")
+
+
+class FeatureSet(torch.utils.data.Dataset):
+    """Per example: its tokens, labels, the states its heads read (``h0``, stored in bf16) and the frozen model's
+    next-token loss and hit at each position (the log's head 0, a constant). Flat tensors with ``offsets``, so one
+    safetensors file holds a split (:func:`cache_head_features`)."""
+
+    def __init__(self, flat: dict):
+        missing = [k for k in (*FEATURE_KEYS, "offsets") if k not in flat]
+        if missing:
+            raise ValueError(f"a feature set needs {FEATURE_KEYS + ('offsets',)}; missing {missing}")
+        self.flat = flat
+
+    def __len__(self):
+        return len(self.flat["offsets"]) - 1
+
+    def __getitem__(self, i):
+        a, b = self.flat["offsets"][i].item(), self.flat["offsets"][i + 1].item()
+        return {k: self.flat[k][a:b] for k in FEATURE_KEYS}
+
+    @property
+    def num_tokens(self) -> int:
+        """Head-1 targets: positions whose token two ahead is a label."""
+        lab, off = self.flat["labels"], self.flat["offsets"].tolist()
+        return sum(int((lab[a + 2: b] != -100).sum()) for a, b in zip(off, off[1:]))
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.flat.items()}, str(path))
+
+    @classmethod
+    def load(cls, path) -> "FeatureSet":
+        from safetensors.torch import load_file
+
+        return cls(load_file(str(path)))
+
+    def collate(self, rows):
+        """Right-padded batch: pad ids 0 (masked), labels -100, states and next-token numbers 0."""
+        T = max(len(r["input_ids"]) for r in rows)
+        pad = lambda t, v: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, T - len(t)), value=v)  # noqa: E731
+        out = {k: torch.stack([pad(r[k], -100 if k == "labels" else 0) for r in rows]) for k in FEATURE_KEYS}
+        out["attention_mask"] = torch.stack([pad(torch.ones(len(r["input_ids"]), dtype=torch.long), 0) for r in rows])
+        return out
+
+
+@torch.no_grad()
+def cache_head_features(model, loader, dtype=torch.bfloat16, desc="features") -> FeatureSet:
+    """One pass of ``model``'s frozen backbone over ``loader``'s right-padded batches (on the model's device):
+    every example's tokens, labels and ``model.head_inputs`` (in ``dtype``), and the next-token NLL and hit at each
+    position whose next token is a label (0 elsewhere)."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    dev = next(model.parameters()).device
+    cols, offsets = {k: [] for k in FEATURE_KEYS}, [0]
+    for batch in tqdm(loader, desc=desc, leave=False):
+        ids, lab = batch["input_ids"].to(dev), batch["labels"].to(dev)
+        att = batch["attention_mask"].to(dev)
+        h0, hidden = model.head_inputs(ids, att)
+        tg = torch.nn.functional.pad(lab[:, 1:], (0, 1), value=-100)               # position t predicts t+1
+        keep = tg != -100
+        nll, hit = torch.zeros(tg.shape, device=dev), torch.zeros(tg.shape, dtype=torch.bool, device=dev)
+        if keep.any():
+            logits = model.lm_head(hidden[keep]).float()
+            nll[keep] = torch.nn.functional.cross_entropy(logits, tg[keep], reduction="none")
+            hit[keep] = logits.argmax(-1) == tg[keep]
+        for r in range(len(ids)):
+            n = int(att[r].sum())
+            for k, t in zip(FEATURE_KEYS, (ids, lab, h0.to(dtype), nll, hit)):
+                cols[k].append(t[r, :n].cpu())
+            offsets.append(offsets[-1] + n)
+    return FeatureSet({**{k: torch.cat(v) for k, v in cols.items()}, "offsets": torch.tensor(offsets)})
+
+
+class HeadsOnFeatures(torch.nn.Module):
+    """What the Trainer trains when the backbone is frozen: ``model``'s heads on cached features, its loss and
+    per-head log as the model's own forward gives them (head 0: the frozen model's next-token numbers)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def set_training_step(self, step: int):
+        if hasattr(self.model, "set_training_step"):
+            self.model.set_training_step(step)
+
+    def forward(self, input_ids, labels, h0, lm_nll, lm_hit, attention_mask=None, **_):
+        from .core.heads import MultiTokenOutput
+
+        dtype = next(self.model.parameters()).dtype
+        loss, hl, ha = self.model.heads_loss(h0.to(dtype), input_ids, labels, self.model.head_loss_weights())
+        scored = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1))
+        n = scored.sum().clamp(min=1)
+        lm = torch.stack([(lm_nll * scored).sum() / n, (lm_hit & scored).sum() / n]).float().cpu()
+        return MultiTokenOutput(loss=loss, step_losses=torch.cat([lm[:1], hl.cpu()]),
+                                step_accuracy=torch.cat([lm[1:], ha.cpu()]))
+
+
+def train_heads_on_features(model, train: FeatureSet, val: FeatureSet, tokenizer, output_dir, log_csv=None,
+                            batch_size=8, **args_kw):
+    """Train ``model``'s heads (its backbone frozen: no trunk parameter may require grad) on cached features with
+    the workbook's Trainer and CSV log, then save the whole model to ``output_dir/final`` like the other variants.
+    Each epoch costs the heads' forward and backward only, not the backbone's forward."""
+    trunk = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("medusa_heads",
+                                                                                                 "mtp_heads",
+                                                                                                 "mtp_unembed"))]
+    if trunk:
+        raise ValueError(f"cached features need a frozen backbone, but {len(trunk)} of its parameters train "
+                         f"({', '.join(trunk[:3])}{', ...' if len(trunk) > 3 else ''}): call model.freeze_backbone() first")
+    set_seed(args_kw.get("seed", 0))
+    output_dir = Path(output_dir)
+    args_kw.setdefault("train_sampling_strategy", "random")  # the lengths of a feature set are not a dataset column
+    args_kw.setdefault("save_strategy", "no")                 # epochs are cheap: the final model is what is kept
+    args = training_args(output_dir, batch_size=batch_size, **{k: v for k, v in args_kw.items() if v is not None})
+    callbacks = [WarmupCallback()] + ([CSVLogCallback(log_csv)] if log_csv else [])
+    trainer = MultiHeadTrainer(model=HeadsOnFeatures(model), args=args, train_dataset=train, eval_dataset=val,
+                               data_collator=train.collate, callbacks=callbacks)
+    trainer.train()
+    model.config.use_cache = model.generation_config.use_cache = True
+
+    def save(tmp):
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    atomic_dir(output_dir / "final", save)
+    return model, trainer

@@ -214,6 +214,18 @@ class HeadsMixin:
         return h0, hidden
 
     # -- training ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def head_inputs(self, input_ids, attention_mask=None):
+        """(the states the heads read at every position, the final normed states), as the training forward computes
+        them. Under a frozen backbone they are constants: computed once, they serve every epoch of the heads
+        (:func:`multitoken.training.train_heads_on_features`)."""
+        h0, hidden, _ = self.backbone.trunk(input_ids, attention_mask=attention_mask, cut=self._trunk_cut)
+        return h0, hidden
+
+    def head_loss_weights(self) -> list[float]:
+        """The weights of heads 1..S in the training loss (``heads_loss``)."""
+        raise NotImplementedError
+
     def heads_loss(self, h0, input_ids, labels, weights):
         """(weighted sum, per-head losses, per-head top-1 accuracies) of heads 1..S."""
         labels = self.head_labels(labels)

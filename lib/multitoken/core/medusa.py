@@ -155,6 +155,14 @@ class MedusaMixin(HeadsMixin):
             p.requires_grad_(name.startswith("medusa_heads"))
         return self
 
+    @torch.no_grad()
+    def head_inputs(self, input_ids, attention_mask=None):
+        _, hidden, _ = self.backbone.trunk(input_ids, attention_mask=attention_mask)
+        return hidden, hidden                                   # MEDUSA-1's heads read the final normed state
+
+    def head_loss_weights(self) -> list[float]:
+        return [self.config.medusa_decay ** i for i in range(self.num_heads)]
+
     def _head_step(self, k, h_prev, h0, input_ids, **_):
         return self.medusa_heads[k - 1].blocks(h0)
 
@@ -201,8 +209,7 @@ class MedusaMixin(HeadsMixin):
         loss = lm_loss = step_losses = step_acc = None
         if labels is not None:
             lm_loss, lm_acc = shifted_ce(logits, labels, 1)
-            weights = [self.config.medusa_decay ** i for i in range(self.num_heads)]
-            loss, hl, ha = self.heads_loss(hidden, input_ids, labels, weights)
+            loss, hl, ha = self.heads_loss(hidden, input_ids, labels, self.head_loss_weights())
             step_losses = torch.cat([lm_loss.detach().float().view(1).cpu(), hl.cpu()])
             step_acc = torch.cat([lm_acc.float().view(1).cpu(), ha.cpu()])
             if any(p.requires_grad for n, p in self.named_parameters() if not n.startswith("medusa_heads")):

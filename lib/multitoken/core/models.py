@@ -265,6 +265,9 @@ class MultiTokenMixin(HeadsMixin):
         w = loss_weights(c.loss_weighting, c.num_predict_tokens, c.loss_beta, c.loss_lambda, c.loss_normalize)
         return [w[0]] + [x * self.weight_scale for x in w[1:]]
 
+    def head_loss_weights(self) -> list[float]:
+        return self.loss_weights()[1:]
+
     def set_training_step(self, step: int):
         self.weight_scale = warmup_factor(step, self.config.mtp_warmup_steps)
 

@@ -1,0 +1,99 @@
+"""Heads trained on cached features: the frozen backbone runs once, its states feed every epoch of the heads.
+The loss on cached states is the model's own training loss (same value, same gradients), the feature file round-trips,
+a backbone that would train is refused, and training on features lowers the heads' loss and saves a whole model."""
+import pandas as pd
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from multitoken import MedusaGPT2, MultiTokenGPT2
+from multitoken import data as D
+from multitoken import training as T
+from multitoken.core.medusa import wrap_model_with_medusa
+from multitoken.core.models import wrap_model_with_mtp
+
+MC = dict(n_layer=2, n_embd=48, n_head=2, n_positions=160)
+
+
+@pytest.fixture(scope="module")
+def loaders():
+    return D.preprocess_data(model_name=None, max_seq_len=160, max_examples=80, source="synthetic", vocab_size=400,
+                             train_batch_size=8, val_batch_size=8, n_positions=160)
+
+
+def _heads(kind, tok):
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **MC))
+    if kind == "medusa":
+        model = wrap_model_with_medusa(base, 2, 1, freeze=False)
+    else:  # DeepSeek-V3's MTP modules on the frozen model (the workbook's mtp_seq)
+        model = wrap_model_with_mtp(base, num_predict_tokens=3, head_type="transformer", sequential=True,
+                                    memory_efficient_loss=False)
+    return model.freeze_backbone()
+
+
+@pytest.mark.parametrize("kind", ["medusa", "mtp_seq"])
+def test_the_loss_on_cached_states_is_the_models_own_loss_with_the_same_gradients(loaders, kind):
+    tr, _, tok = loaders
+    model = _heads(kind, tok).train()
+    batch = next(iter(tr))
+    feats = T.cache_head_features(model, [batch], dtype=torch.float32)
+    on = T.HeadsOnFeatures(model).train()
+    cached = on(**feats.collate([feats[i] for i in range(len(feats))]))
+    own = model(input_ids=batch["input_ids"], attention_mask=(batch["input_ids"] != tok.pad_token_id).long(),
+                labels=batch["labels"])
+    torch.testing.assert_close(cached.step_losses, own.step_losses, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.step_accuracy, own.step_accuracy)
+    heads = [p for p in model.parameters() if p.requires_grad]
+    g_cached = torch.autograd.grad(cached.loss, heads)
+    g_own = torch.autograd.grad(own.loss if kind == "medusa" else own.mtp_loss, heads)
+    for a, b in zip(g_cached, g_own):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_feature_set_round_trips_and_stores_bf16_states(loaders, tmp_path):
+    _, va, tok = loaders
+    model = _heads("medusa", tok)
+    feats = T.cache_head_features(model, va)
+    assert feats.flat["h0"].dtype == torch.bfloat16 and len(feats) == len(va.dataset)
+    assert feats[3]["input_ids"].tolist() == va.dataset[3]["input_ids"]  # unpadded, in the loader's order
+    feats.save(tmp_path / "f.safetensors")
+    back = T.FeatureSet.load(tmp_path / "f.safetensors")
+    assert all(torch.equal(back.flat[k], feats.flat[k]) for k in feats.flat) and back.num_tokens == feats.num_tokens
+    with pytest.raises(ValueError, match=r"missing \['h0'\]"):
+        T.FeatureSet({k: v for k, v in feats.flat.items() if k != "h0"})
+
+
+def test_a_backbone_that_would_train_is_refused(loaders, tmp_path):
+    tr, va, tok = loaders
+    model = _heads("medusa", tok)
+    model.lm_head.weight.requires_grad_(True)
+    feats = T.cache_head_features(model, [next(iter(tr))])
+    with pytest.raises(ValueError, match=r"cached features need a frozen backbone, but 1 of its parameters train \(transformer.wte.weight\)"):
+        T.train_heads_on_features(model, feats, feats, tok, tmp_path / "m")
+
+
+@pytest.mark.parametrize("kind", ["medusa", "mtp_seq"])
+def test_heads_trained_on_features_learn_and_save_a_whole_model(loaders, tmp_path, kind):
+    tr, va, tok = loaders
+    model = _heads(kind, tok)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "heads" not in k and "unembed" not in k}
+    train, val = T.cache_head_features(model, tr), T.cache_head_features(model, va)
+    everything = val.collate([val[i] for i in range(len(val))])
+    with torch.no_grad():
+        untrained = T.HeadsOnFeatures(model)(**everything).step_losses
+    trained, _ = T.train_heads_on_features(model, train, val, tok, tmp_path / kind, log_csv=tmp_path / "log.csv",
+                                           batch_size=8, num_train_epochs=6, learning_rate=3e-3, eval_steps=10,
+                                           logging_steps=10)
+    with torch.no_grad():
+        now = T.HeadsOnFeatures(trained.eval())(**everything).step_losses
+    assert (now[1:] < untrained[1:] - 0.15).all() and now[0] == untrained[0]  # heads learnt; next token untouched
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert log["eval_head1_acc"].dropna().iloc[-1] > 0
+    assert log["head0_loss"].dropna().nunique() > 1          # the frozen model's next-token numbers, per batch
+    for k, v in before.items():
+        assert torch.equal(trained.state_dict()[k], v), k        # the backbone did not move
+    cls = MedusaGPT2 if kind == "medusa" else MultiTokenGPT2
+    saved = cls.from_pretrained(str(tmp_path / kind / "final"))
+    for k, v in trained.state_dict().items():
+        assert torch.equal(saved.state_dict()[k], v), k
