@@ -97,3 +97,31 @@ def test_heads_trained_on_features_learn_and_save_a_whole_model(loaders, tmp_pat
     saved = cls.from_pretrained(str(tmp_path / kind / "final"))
     for k, v in trained.state_dict().items():
         assert torch.equal(saved.state_dict()[k], v), k
+
+
+def test_a_profile_trains_its_frozen_model_heads_on_features_cached_once_per_model_and_text(tmp_path, monkeypatch):
+    from multitoken import __main__ as cli
+    from multitoken import pipeline
+    from test_training import _ntp_of_a_profile
+
+    params = _ntp_of_a_profile(tmp_path, monkeypatch, profile="feat", max_new_tokens=12, medusa_max_examples=16,
+                               mtpseq_n=3, medusa_heads=2, medusa_features=True, mtpseq_features=True,
+                               medusa_epochs=3)
+    passes = []
+    real = T.cache_head_features
+    monkeypatch.setattr(T, "cache_head_features", lambda *a, **k: passes.append(1) or real(*a, **k))
+    assert cli.main(["train", "--variant", "medusa", "-f", str(params)]) == 0
+    assert cli.main(["train", "--variant", "mtp_seq", "-f", str(params)]) == 0
+    assert len(passes) == 4                                      # train and validation, per variant (other states)
+    cfg = pipeline.profile_config(str(params))
+    ntp, med = pipeline.load_variant(cfg, "ntp"), pipeline.load_variant(cfg, "medusa")
+    ids = torch.randint(3, 60, (1, 9))
+    torch.testing.assert_close(med(ids).logits, ntp(ids).logits)  # the frozen NTP model's next token
+    log = pd.read_csv(tmp_path / "runs" / "feat" / "results" / "medusa_train_log.csv")
+    assert log["step"].max() == 2 and {"eval_head0_loss", "eval_head2_acc"} <= set(log.columns)  # max_steps
+    assert cli.main(["train", "--variant", "medusa", "-f", str(params), "--set", "medusa_lr=0.01"]) == 0
+    assert len(passes) == 4                                      # the same model and text: the cached states
+    assert cli.main(["train", "--variant", "medusa", "-f", str(params), "--set", "medusa_max_examples=12"]) == 0
+    assert len(passes) == 5                                      # other training text: its states anew
+    with pytest.raises(ValueError, match="mtpseq_features: true needs mtpseq_freeze: true"):
+        cli.main(["train", "--variant", "mtp_seq", "-f", str(params), "--set", "mtpseq_freeze=false"])

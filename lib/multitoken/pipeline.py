@@ -183,7 +183,22 @@ def train_variant(cfg, variant: str):
             # train *and* validate on the base model's own greedy continuations: that is what the heads must
             # predict at decoding time (validation on the references would show a loss that rises as heads improve)
             tr, va = distilled_loaders(cfg, prep, tok)
-        if variant == "medusa":
+        if cfg[f"{prefix}_features"]:
+            if variant == "mtp_seq" and not cfg["mtpseq_freeze"]:
+                raise ValueError("mtpseq_features: true needs mtpseq_freeze: true (a trunk that trains has no fixed "
+                                 "states to cache)")
+            from transformers import set_seed
+
+            set_seed(cfg["seed"])
+            model = (T.build_medusa(base, tok, tr, cfg["medusa_heads"], cfg["medusa_layers"],
+                                    cfg["medusa_draft_vocab"]) if variant == "medusa"
+                     else T.build_mtp_model(tok, cfg["mtpseq_n"], str(base), **mtpseq_fields(cfg)))
+            model.freeze_backbone()
+            feats = [head_features(cfg, model, loader, variant, split)
+                     for split, loader in (("train", tr), ("validation", va))]
+            model, _ = T.train_heads_on_features(model, *feats, tok, out, log_csv=log, batch_size=tr.batch_size,
+                                                 **_common(cfg, prefix))
+        elif variant == "medusa":
             model, _ = T.train_medusa(base, tr, va, tok, out, num_medusa_heads=cfg["medusa_heads"],
                                       medusa_num_layers=cfg["medusa_layers"], draft_vocab=cfg["medusa_draft_vocab"],
                                       log_csv=log, **_common(cfg, "medusa"))
@@ -194,6 +209,29 @@ def train_variant(cfg, variant: str):
     else:
         raise ValueError(f"unknown variant {variant!r}: one of {VARIANTS}")
     return model
+
+
+def head_features(cfg, model, loader, variant: str, split: str) -> T.FeatureSet:
+    """The states ``model``'s heads read over ``loader``'s text (``T.cache_head_features``, bf16), kept under
+    ``runs/<profile>/data/features/<variant>/`` and reused while the frozen model, what the heads read and the text
+    are the same (a key of the NTP checkpoint's hash, the model class and cut, and a hash of the tokens)."""
+    import hashlib
+
+    text = hashlib.sha256(json.dumps([[r["input_ids"], r["labels"]] for r in loader.dataset]).encode()).hexdigest()
+    key = dict(model_sha256=sha256_of(_ntp_checkpoint(paths(cfg)) / "model.safetensors"), reads=type(model).__name__,
+               cut=model._trunk_cut, text_sha256=text, dtype="bfloat16")
+    folder = paths(cfg)["run"] / "data" / "features" / variant
+    file, meta = folder / f"{split}.safetensors", folder / f"{split}.json"
+    if file.exists() and meta.exists() and json.loads(meta.read_text()) == key:
+        return T.FeatureSet.load(file)
+    feats = T.cache_head_features(model, loader, desc=f"{variant}: {split} features")
+    folder.mkdir(parents=True, exist_ok=True)
+    meta.unlink(missing_ok=True)                       # the key is written last: a half-written file is never taken
+    tmp = file.with_suffix(".tmp")
+    feats.save(tmp)
+    tmp.replace(file)
+    write_json(meta, key)
+    return feats
 
 
 def _ntp_checkpoint(p):

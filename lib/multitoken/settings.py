@@ -121,6 +121,8 @@ class Medusa:
     medusa_self_distill: bool = True
     medusa_max_examples: Optional[int] = _f(None, ge=1, doc="distilled training prompts (None: every train prompt)")
     medusa_draft_vocab: int = _f(0, ge=0, doc="K > 0: heads predict over their targets' K most frequent tokens")
+    medusa_features: bool = _f(False, doc="train on the frozen model's cached states: one backbone pass, then "
+                                          "epochs of the heads alone")
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class MTPSeq:
     mtpseq_weighting: Weighting = "uniform"
     mtpseq_epochs: float = _f(1, gt=0)
     mtpseq_lr: float = _f(3e-3, gt=0)
+    mtpseq_features: bool = _f(False, doc="train on the frozen model's cached states (needs mtpseq_freeze)")
 
 
 @dataclass(frozen=True)

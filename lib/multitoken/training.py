@@ -230,14 +230,7 @@ def train_medusa(base_model, train_dataloader, val_dataloader, tokenizer, output
     """MEDUSA-1: heads on a frozen base of any family (a model, a registry name, a local directory, a hub name).
     ``draft_vocab`` K > 0: the heads predict over the K tokens most frequent in the training targets (and EOS)."""
     set_seed(args_kw.get("seed", 0))
-    ids = None
-    if draft_vocab:
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        ids = frequent_tokens((b["labels"] for b in train_dataloader), draft_vocab, always=eos)
-        log.info("MEDUSA-1 draft vocabulary: %d tokens (asked %d)", len(ids), draft_vocab)
-    model = wrap_model_with_medusa(_base(base_model), num_medusa_heads, medusa_num_layers, freeze=False,
-                                   draft_vocab=ids)
-    _sync_vocab(model, tokenizer)
+    model = build_medusa(base_model, tokenizer, train_dataloader, num_medusa_heads, medusa_num_layers, draft_vocab)
     if freeze_backbone:
         model.freeze_backbone()
         # a frozen backbone needs no backward: checkpointing it would only re-run its forward
@@ -246,6 +239,19 @@ def train_medusa(base_model, train_dataloader, val_dataloader, tokenizer, output
                    MultiHeadTrainer, dict(num_train_epochs=num_train_epochs, learning_rate=learning_rate,
                                           gradient_accumulation_steps=gradient_accumulation_steps, **args_kw))
     return trainer.model, trainer
+
+
+def build_medusa(base_model, tokenizer, train_dataloader, num_medusa_heads=5, medusa_num_layers=1, draft_vocab=0):
+    """Untrained MEDUSA-1 heads on ``base_model`` (not frozen here); with ``draft_vocab`` K > 0 their vocabulary is
+    the K tokens most frequent in ``train_dataloader``'s targets (and EOS)."""
+    ids = None
+    if draft_vocab:
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        ids = frequent_tokens((b["labels"] for b in train_dataloader), draft_vocab, always=eos)
+        log.info("MEDUSA-1 draft vocabulary: %d tokens (asked %d)", len(ids), draft_vocab)
+    model = wrap_model_with_medusa(_base(base_model), num_medusa_heads, medusa_num_layers, freeze=False,
+                                   draft_vocab=ids)
+    return _sync_vocab(model, tokenizer)
 
 
 def self_distill(model, tokenizer, dataset, max_new_tokens=256, batch_size=16, engine="hf"):
