@@ -125,3 +125,48 @@ def test_a_profile_trains_its_frozen_model_heads_on_features_cached_once_per_mod
     assert len(passes) == 5                                      # other training text: its states anew
     with pytest.raises(ValueError, match="mtpseq_features: true needs mtpseq_freeze: true"):
         cli.main(["train", "--variant", "mtp_seq", "-f", str(params), "--set", "mtpseq_freeze=false"])
+
+
+@pytest.mark.parametrize("kind", ["medusa", "mtp_seq"])
+def test_teacher_forced_hits_on_cached_states_are_the_heads_top1(loaders, kind):
+    from multitoken import pipeline
+
+    _, va, tok = loaders
+    model = _heads(kind, tok)
+    for p in model.parameters():                        # heads that hit sometimes: perturbed away from their init
+        if p.requires_grad:
+            p.data.add_(0.05 * torch.randn_like(p))
+    hits = T.head_hits(model, T.cache_head_features(model, va, dtype=torch.float32), batch_size=5)
+    top1 = [row[0] for row in pipeline.head_topk_accuracy(model, va, k=1, max_batches=len(va))]
+    torch.testing.assert_close(hits.float().mean(0), torch.tensor(top1), rtol=0, atol=1e-6)
+
+
+def test_acceptance_counts_the_run_of_leading_hits():
+    hits = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    acc = T.acceptance(hits)
+    assert acc["per_head_top1"] == [0.75, 0.75, 0.75] and acc["first_token"] == 0.75
+    assert acc["tau"] == 1 + (2 + 0 + 3 + 1) / 4 and acc["positions"] == 4
+
+
+def test_a_profile_measures_its_drafters_against_training_tokens(tmp_path, monkeypatch):
+    from multitoken import __main__ as cli
+    from multitoken import pipeline
+    from test_training import _ntp_of_a_profile
+
+    params = _ntp_of_a_profile(tmp_path, monkeypatch, profile="scal", max_new_tokens=12, medusa_max_examples=16,
+                               mtpseq_n=3, medusa_heads=2, medusa_features=True, mtpseq_features=True,
+                               drafter_scaling_tokens=[40, 10 ** 9])
+    for v in ("medusa", "mtp_seq"):
+        assert cli.main(["train", "--variant", v, "-f", str(params)]) == 0
+    cfg = pipeline.profile_config(str(params))
+    df = pipeline.run_drafter_scaling(cfg)
+    assert list(df.variant) == ["medusa", "medusa", "mtp_seq", "mtp_seq"]   # 10**9: more than there is, so "all"
+    small, full = df.train_tokens.iloc[0], df.train_tokens.iloc[1]
+    assert 40 <= small < full and set(df.columns) >= {"first_token", "tau", "head1_top1", "head2_top1"}
+    assert ((df.tau >= 1) & (df.tau <= 3) & df.first_token.between(0, 1)).all()
+    assert (df.first_token == df.head1_top1).all()
+    saved = pipeline.load_variant(cfg, "medusa")                 # the stage's model: its own row
+    val = pipeline.head_features(cfg, saved, pipeline.distilled_loaders(cfg, *pipeline.loaders(cfg)[3:1:-1])[1],
+                                 "medusa", "validation")
+    assert T.acceptance(T.head_hits(saved, val))["tau"] == df.tau.iloc[1]
+    assert (tmp_path / "runs" / "scal" / "results" / "drafter_scaling.csv").exists()

@@ -184,20 +184,7 @@ def train_variant(cfg, variant: str):
             # predict at decoding time (validation on the references would show a loss that rises as heads improve)
             tr, va = distilled_loaders(cfg, prep, tok)
         if cfg[f"{prefix}_features"]:
-            if variant == "mtp_seq" and not cfg["mtpseq_freeze"]:
-                raise ValueError("mtpseq_features: true needs mtpseq_freeze: true (a trunk that trains has no fixed "
-                                 "states to cache)")
-            from transformers import set_seed
-
-            set_seed(cfg["seed"])
-            model = (T.build_medusa(base, tok, tr, cfg["medusa_heads"], cfg["medusa_layers"],
-                                    cfg["medusa_draft_vocab"]) if variant == "medusa"
-                     else T.build_mtp_model(tok, cfg["mtpseq_n"], str(base), **mtpseq_fields(cfg)))
-            model.freeze_backbone()
-            feats = [head_features(cfg, model, loader, variant, split)
-                     for split, loader in (("train", tr), ("validation", va))]
-            model, _ = T.train_heads_on_features(model, *feats, tok, out, log_csv=log, batch_size=tr.batch_size,
-                                                 **_common(cfg, prefix))
+            model = _heads_on_features(cfg, variant, base, tr, va, tok, out, log)[0]
         elif variant == "medusa":
             model, _ = T.train_medusa(base, tr, va, tok, out, num_medusa_heads=cfg["medusa_heads"],
                                       medusa_num_layers=cfg["medusa_layers"], draft_vocab=cfg["medusa_draft_vocab"],
@@ -209,6 +196,58 @@ def train_variant(cfg, variant: str):
     else:
         raise ValueError(f"unknown variant {variant!r}: one of {VARIANTS}")
     return model
+
+
+def _heads_on_features(cfg, variant, base, tr, va, tok, out, log, n_tokens=None):
+    """Fresh heads of ``variant`` on the frozen NTP model, trained with the profile's recipe on cached features (the
+    first ``n_tokens`` training tokens when given: not saved); returns (model, validation features)."""
+    from transformers import set_seed
+
+    prefix = "medusa" if variant == "medusa" else "mtpseq"
+    if variant == "mtp_seq" and not cfg["mtpseq_freeze"]:
+        raise ValueError("mtpseq_features: true needs mtpseq_freeze: true (a trunk that trains has no fixed states to "
+                         "cache)")
+    set_seed(cfg["seed"])
+    model = (T.build_medusa(base, tok, tr, cfg["medusa_heads"], cfg["medusa_layers"], cfg["medusa_draft_vocab"])
+             if variant == "medusa" else T.build_mtp_model(tok, cfg["mtpseq_n"], str(base), **mtpseq_fields(cfg)))
+    model.freeze_backbone()
+    train, val = (head_features(cfg, model, loader, variant, split) for split, loader in (("train", tr),
+                                                                                            ("validation", va)))
+    if n_tokens is not None:
+        train = train.first(n_tokens)
+    model, _ = T.train_heads_on_features(model, train, val, tok, out, log_csv=log, batch_size=tr.batch_size,
+                                         save=n_tokens is None, **_common(cfg, prefix))
+    return model, val
+
+
+def run_drafter_scaling(cfg, models: dict | None = None) -> pd.DataFrame:
+    """Where the frozen model's drafters stop gaining from more text: for each family trained on cached features
+    (``medusa_features``, ``mtpseq_features``), heads trained afresh with the profile's recipe on the first N
+    training tokens (each N of ``drafter_scaling_tokens`` below the total) beside the stage's own model (all of them),
+    each scored on the validation text (the model's own continuations where self-distilled): every head's top-1, the
+    first draft's acceptance and the chain's τ (``T.acceptance``). Writes ``results/drafter_scaling.csv``."""
+    p = paths(cfg)
+    rows = []
+    for variant, prefix in (("medusa", "medusa"), ("mtp_seq", "mtpseq")):
+        if not cfg[f"{prefix}_features"]:
+            continue
+        tr, va, tok, prep = loaders(cfg)
+        if cfg[f"{prefix}_self_distill"]:
+            tr, va = distilled_loaders(cfg, prep, tok)
+        base, scratch = _ntp_checkpoint(p), p["models"] / "scaling" / variant
+        full = (models or {}).get(variant) or load_variant(cfg, variant)
+        val = head_features(cfg, full, va, variant, "validation")
+        total = head_features(cfg, full, tr, variant, "train").num_tokens
+        runs = [(n, None) for n in cfg["drafter_scaling_tokens"] if n < total] + [(total, full)]
+        for n, model in runs:
+            if model is None:
+                model = _heads_on_features(cfg, variant, base, tr, va, tok, scratch, None, n_tokens=n)[0]
+            acc = T.acceptance(T.head_hits(model, val))
+            top1 = {f"head{k}_top1": a for k, a in enumerate(acc.pop("per_head_top1"), 1)}
+            rows.append({"variant": variant, "train_tokens": n, **acc, **top1})
+    df = pd.DataFrame(rows)
+    write_csv(p["results"] / "drafter_scaling.csv", df)
+    return df
 
 
 def head_features(cfg, model, loader, variant: str, split: str) -> T.FeatureSet:

@@ -123,6 +123,8 @@ class Medusa:
     medusa_draft_vocab: int = _f(0, ge=0, doc="K > 0: heads predict over their targets' K most frequent tokens")
     medusa_features: bool = _f(False, doc="train on the frozen model's cached states: one backbone pass, then "
                                           "epochs of the heads alone")
+    drafter_scaling_tokens: list[int] = _f([], ge=1, doc="notebook 03 also trains the drafters of cached features "
+                                                        "on the first N training tokens, for each N")
 
 
 @dataclass(frozen=True)

@@ -321,6 +321,16 @@ class FeatureSet(torch.utils.data.Dataset):
         a, b = self.flat["offsets"][i].item(), self.flat["offsets"][i + 1].item()
         return {k: self.flat[k][a:b] for k in FEATURE_KEYS}
 
+    def first(self, n_tokens: int) -> "FeatureSet":
+        """The leading examples that hold at least ``n_tokens`` head-1 targets (all of them when fewer)."""
+        lab, off = self.flat["labels"], self.flat["offsets"].tolist()
+        seen, e = 0, 0
+        while e < len(off) - 1 and seen < n_tokens:
+            seen += int((lab[off[e] + 2: off[e + 1]] != -100).sum())
+            e += 1
+        end = off[e]
+        return FeatureSet({**{k: self.flat[k][:end] for k in FEATURE_KEYS}, "offsets": self.flat["offsets"][: e + 1]})
+
     @property
     def num_tokens(self) -> int:
         """Head-1 targets: positions whose token two ahead is a label."""
@@ -401,10 +411,10 @@ class HeadsOnFeatures(torch.nn.Module):
 
 
 def train_heads_on_features(model, train: FeatureSet, val: FeatureSet, tokenizer, output_dir, log_csv=None,
-                            batch_size=8, **args_kw):
+                            batch_size=8, save=True, **args_kw):
     """Train ``model``'s heads (its backbone frozen: no trunk parameter may require grad) on cached features with
-    the workbook's Trainer and CSV log, then save the whole model to ``output_dir/final`` like the other variants.
-    Each epoch costs the heads' forward and backward only, not the backbone's forward."""
+    the workbook's Trainer and CSV log, then (``save``) save the whole model to ``output_dir/final`` like the other
+    variants. Each epoch costs the heads' forward and backward only, not the backbone's forward."""
     trunk = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("medusa_heads",
                                                                                                  "mtp_heads",
                                                                                                  "mtp_unembed"))]
@@ -421,9 +431,38 @@ def train_heads_on_features(model, train: FeatureSet, val: FeatureSet, tokenizer
                                data_collator=train.collate, callbacks=callbacks)
     trainer.train()
     model.config.use_cache = model.generation_config.use_cache = True
+    if save:
+        atomic_dir(output_dir / "final", lambda tmp: (model.save_pretrained(str(tmp)),
+                                                      tokenizer.save_pretrained(str(tmp))))
+    return model.eval(), trainer
 
-    def save(tmp):
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-    atomic_dir(output_dir / "final", save)
-    return model, trainer
+
+@torch.no_grad()
+def head_hits(model, feats: FeatureSet, batch_size: int = 16) -> torch.Tensor:
+    """``(positions, S)`` bool: whether head k's top-1 at position t is the token at t+k+1 (teacher-forced on the
+    cached states), at every position whose head-1 target is a label; a target past the text is a miss."""
+    model.eval()
+    dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    out = []
+    for i in range(0, len(feats), batch_size):
+        b = feats.collate([feats[j] for j in range(i, min(i + batch_size, len(feats)))])
+        ids, lab = b["input_ids"].to(dev), b["labels"].to(dev)
+        logits = model.all_head_logits(b["h0"].to(dev, dtype), ids)
+        T_ = lab.shape[1]
+        at = torch.nn.functional.pad(lab[:, 2:] != -100, (0, 2))                  # head 1 has a target at t
+        hits = []
+        for k, lg in enumerate(logits, 1):
+            tgt = torch.nn.functional.pad(lab[:, k + 1:], (0, k + 1), value=-100)[:, :T_]
+            hits.append((model.head_token_ids(lg.argmax(-1)) == tgt) & (tgt != -100))
+        out.append(torch.stack(hits, -1)[at].cpu())
+    return torch.cat(out)
+
+
+def acceptance(hits: torch.Tensor) -> dict:
+    """From :func:`head_hits`: each head's top-1 accuracy, the first draft's acceptance (head 1's), and the chain's
+    mean accepted length per step, τ = 1 + the mean run of leading hits (on the model's own greedy text a chain of
+    the S heads at t accepts exactly that run; averaged over every position, where decoding visits only the
+    positions it lands on)."""
+    run = hits.long().cumprod(-1).sum(-1).float()
+    return {"per_head_top1": hits.float().mean(0).tolist(), "first_token": float(hits[:, 0].float().mean()),
+            "tau": 1.0 + float(run.mean()), "positions": int(len(hits))}
