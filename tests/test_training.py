@@ -227,3 +227,79 @@ def test_answers_cover_the_first_answer_examples_and_perplexity_every_problem(tm
     everything = pipeline.run_quality(pipeline.profile_config(str(params), answer_examples=None),
                                       {"ntp": pipeline.load_variant(cfg, "ntp")})[0]["ntp"]
     assert asked == [2, 6] and everything["n_answers"] == 6 and everything["perplexity"] == n["perplexity"]
+
+
+def _base_dir(tmp_path, tok):
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **MC))
+    base.save_pretrained(tmp_path / "base")
+    return str(tmp_path / "base")
+
+
+def _trunk(model):
+    return {n.removeprefix("model."): p for n, p in model.named_parameters() if n.startswith("transformer.")}
+
+
+def test_mtp_with_its_heads_weighted_zero_trains_the_trunk_exactly_as_ntp(tmp_path, loaders):
+    """The control that separates "MTP's heads change the model" from "this recipe changes it": λ = 0."""
+    tr, va, tok = loaders
+    base = _base_dir(tmp_path, tok)
+    common = dict(max_steps=4, eval_steps=4, logging_steps=4, learning_rate=1e-3, gradient_accumulation_steps=2)
+    ntp, _ = T.train_standard_gpt2(tr, va, tok, tmp_path / "ntp", model_name=base, **common)
+    zero, _ = T.train_multi_token_gpt2(tr, va, tok, tmp_path / "mtp0", num_tokens_to_predict=3, base_model=base,
+                                       mtp=dict(head_type="linear", loss_weighting="primary_aux", loss_lambda=0.0,
+                                                memory_efficient_loss=False), **common)
+    moved = [n for n, p in _trunk(ntp).items() if not torch.equal(p, GPT2LMHeadModel.from_pretrained(base)
+                                                                   .state_dict()[n])]
+    assert moved                                                   # NTP trained
+    for n, p in _trunk(ntp).items():
+        torch.testing.assert_close(_trunk(zero)[n], p, rtol=0, atol=1e-7, msg=n)
+
+
+def test_heads_first_then_jointly_and_a_smaller_trunk_learning_rate(tmp_path, loaders):
+    tr, va, tok = loaders
+    base = _base_dir(tmp_path, tok)
+    start = {n: p.clone() for n, p in GPT2LMHeadModel.from_pretrained(base).named_parameters()}
+    kw = dict(num_tokens_to_predict=3, base_model=base, mtp=dict(head_type="linear"), eval_steps=10,
+              logging_steps=10, learning_rate=1e-3, gradient_accumulation_steps=1)
+    only_heads, _ = T.train_multi_token_gpt2(tr, va, tok, tmp_path / "a", heads_first_steps=3, max_steps=3, **kw)
+    assert all(torch.equal(p, start[n]) for n, p in _trunk(only_heads).items())        # 3 steps: heads only
+    assert any(not torch.equal(p, q) for p, q in zip(only_heads.mtp_heads.parameters(),
+                                                     T.build_mtp_model(tok, 3, base, head_type="linear")
+                                                     .mtp_heads.parameters()))
+    then_all, _ = T.train_multi_token_gpt2(tr, va, tok, tmp_path / "b", heads_first_steps=3, max_steps=5, **kw)
+    assert any(not torch.equal(p, start[n]) for n, p in _trunk(then_all).items())      # then jointly
+    assert all(p.requires_grad for p in then_all.parameters())
+    slow, trainer = T.train_multi_token_gpt2(tr, va, tok, tmp_path / "c", trunk_lr_scale=0.1, max_steps=3, **kw)
+    groups = trainer.optimizer.param_groups                       # lr ends at 0 (cosine): the schedule's base
+    is_head = [[slow.is_head_parameter(n) for n, q in slow.named_parameters() if any(q is p for p in g["params"])]
+               for g in groups]
+    head_lr = {g["initial_lr"] for g, h in zip(groups, is_head) if all(h)}
+    trunk_lr = {g["initial_lr"] for g, h in zip(groups, is_head) if not any(h)}
+    assert all(all(h) or not any(h) for h in is_head) and head_lr == {1e-3} and len(trunk_lr) == 1 and trunk_lr.pop() == pytest.approx(1e-4)
+
+
+def test_mtp_controls_train_beside_the_recipe_and_the_selected_run_is_what_mtp_loads(tmp_path, monkeypatch):
+    from multitoken import __main__ as cli
+    from multitoken import pipeline
+
+    params = _ntp_of_a_profile(tmp_path, monkeypatch, profile="ctl", ntp_lr=3e-3, mtp_lr=3e-3, mtp_n=3,
+                               mtp_weighting="primary_aux", mtp_lambda=0.5, mtp_memory_efficient=False,
+                               mtp_select=True, mtp_controls={"lambda0": {"mtp_lambda": 0.0},
+                                                             "slow_trunk": {"mtp_trunk_lr_scale": 0.1},
+                                                             "n2": {"mtp_n": 2}})
+    assert cli.main(["train", "--variant", "mtp", "-f", str(params)]) == 0
+    cfg = pipeline.profile_config(str(params))
+    df = pipeline.run_mtp_controls(cfg).set_index("run")
+    assert list(df.index) == ["recipe", "lambda0", "n2", "slow_trunk"]                 # the file's order
+    assert list(df.heads_train) == [True, False, True, True] and pd.isna(df.head2_top1["n2"])
+    ntp = pipeline.load_variant(cfg, "ntp")
+    nll, ntok = __import__("multitoken").evaluation.token_nll(ntp, pipeline.loaders(cfg)[1])
+    assert df.val_perplexity["lambda0"] == pytest.approx(float(torch.tensor(sum(nll) / sum(ntok)).exp()), rel=1e-5)
+    chosen = __import__("json").loads((tmp_path / "runs/ctl/results/mtp_selection.json").read_text())
+    assert chosen["run"] == df[df.heads_train].val_perplexity.idxmin() and "lambda0" not in chosen["among"]
+    mtp = pipeline.load_variant(cfg, "mtp")
+    saved = pipeline.mtp_run_dir(cfg, chosen["run"]) / "final"
+    assert torch.equal(mtp.lm_head.weight, MultiTokenGPT2.from_pretrained(str(saved)).lm_head.weight)
+    with pytest.raises(ValueError, match=r"no MTP control 'lambda'; the profile's mtp_controls: \['lambda0', 'n2'"):
+        pipeline.train_variant(cfg, "mtp", control="lambda")

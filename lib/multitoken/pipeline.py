@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 
 import pandas as pd
 import torch
@@ -164,18 +166,26 @@ def mtp_fields(cfg) -> dict:
                 memory_efficient_loss=cfg["mtp_memory_efficient"])
 
 
-def train_variant(cfg, variant: str):
-    """Train ``ntp``, ``mtp`` or ``medusa``; the model lands in ``runs/<profile>/models/<variant>/final``."""
+def train_variant(cfg, variant: str, control: str | None = None):
+    """Train ``ntp``, ``mtp``, ``medusa`` or ``mtp_seq``; the model lands in
+    ``runs/<profile>/models/<variant>/final``. ``control``: the MTP run of that name in ``mtp_controls`` instead of
+    the recipe (``models/mtp_<control>/``, ``results/mtp_<control>_train_log.csv``)."""
     p = paths(cfg)
     tr, va, tok, prep = loaders(cfg)
-    out, log = p["models"] / variant, p["results"] / f"{variant}_train_log.csv"
+    if control is not None:
+        if variant != "mtp" or control not in cfg["mtp_controls"]:
+            raise ValueError(f"no MTP control {control!r}; the profile's mtp_controls: {sorted(cfg['mtp_controls'])}")
+        cfg = Overlay(cfg, cfg["mtp_controls"][control])
+    name = variant if control is None else f"mtp_{control}"
+    out, log = p["models"] / name, p["results"] / f"{name}_train_log.csv"
     if variant == "ntp":
         model, _ = T.train_standard_gpt2(tr, va, tok, out, model_name=cfg["model_name"], model_config=model_config(cfg),
                                          log_csv=log, **_common(cfg, "ntp"))
     elif variant == "mtp":
         model, _ = T.train_multi_token_gpt2(tr, va, tok, out, num_tokens_to_predict=cfg["mtp_n"],
                                             base_model=cfg["model_name"], model_config=model_config(cfg),
-                                            log_csv=log, mtp=mtp_fields(cfg), **_common(cfg, "mtp"))
+                                            log_csv=log, mtp=mtp_fields(cfg), trunk_lr_scale=cfg["mtp_trunk_lr_scale"],
+                                            heads_first_steps=cfg["mtp_heads_first_steps"], **_common(cfg, "mtp"))
     elif variant in ("medusa", "mtp_seq"):
         base = _ntp_checkpoint(p)
         prefix = "medusa" if variant == "medusa" else "mtpseq"
@@ -273,6 +283,62 @@ def head_features(cfg, model, loader, variant: str, split: str) -> T.FeatureSet:
     return feats
 
 
+class Overlay(Mapping):
+    """``base`` with some keys changed (an MTP control's settings over the profile's): reading a changed key does
+    not count as reading the profile's (a stage's recorded settings stay what it read)."""
+
+    def __init__(self, base, changes: dict):
+        self.base, self.changes = base, dict(changes)
+
+    def __getitem__(self, key):
+        return self.changes[key] if key in self.changes else self.base[key]
+
+    def __contains__(self, key):
+        return key in self.changes or key in self.base
+
+    def __iter__(self):
+        return iter(self.base)
+
+    def __len__(self):
+        return len(self.base)
+
+
+def mtp_run_dir(cfg, run: str):
+    """The folder of MTP run ``run``: ``"recipe"`` (the profile's own) or a control of ``mtp_controls``."""
+    return paths(cfg)["models"] / ("mtp" if run == "recipe" else f"mtp_{run}")
+
+
+def run_mtp_controls(cfg, models: dict | None = None) -> pd.DataFrame:
+    """Train every control of ``mtp_controls`` (the recipe trained before, in ``models["mtp"]`` or on disk) and
+    tabulate each MTP run on the validation problems: next-token perplexity, each head's top-1, and whether its heads
+    train (some auxiliary weight above 0: not the lambda = 0 control). With ``mtp_select`` the run with the lowest
+    validation next-token perplexity among those whose heads train becomes notebook 04's ``mtp``
+    (``results/mtp_selection.json``). Writes ``results/mtp_controls.csv``."""
+    val = loaders(cfg)[1]
+    runs = {"recipe": (models or {}).get("mtp")}
+    for name in cfg["mtp_controls"]:
+        runs[name] = train_variant(cfg, "mtp", control=name)
+    rows = []
+    for name, model in runs.items():
+        if model is None:
+            model = _load_checkpoint(cfg, mtp_run_dir(cfg, name) / "final", MultiTokenMixin, "mtp")
+        model.eval()
+        nll, ntok = E.token_nll(model, val)
+        acc = head_accuracy(model, val)
+        rows.append({"run": name, "changes": json.dumps(cfg["mtp_controls"].get(name, {})),
+                     "heads_train": any(w > 0 for w in model.head_loss_weights()),
+                     "val_perplexity": math.exp(sum(nll) / sum(ntok)),
+                     **{f"head{k}_top1": a for k, a in enumerate(acc[1:], 1)}})
+    df = pd.DataFrame(rows)
+    res = paths(cfg)["results"]
+    write_csv(res / "mtp_controls.csv", df)
+    if cfg["mtp_select"]:
+        best = df[df.heads_train].sort_values("val_perplexity").iloc[0]
+        write_json(res / "mtp_selection.json", {"run": best.run, "val_perplexity": best.val_perplexity,
+                                                "among": list(df[df.heads_train].run)})
+    return df
+
+
 def _ntp_checkpoint(p):
     base = p["models"] / "ntp" / "final"
     if not base.exists():
@@ -325,13 +391,23 @@ def load_variant(cfg, variant: str, dtype: str | None = None):
         dev = device(cfg)
         return P.load_model(str(cfg["model_name"]), dtype=resolve_dtype(dtype, dev), device=dev)
     d = paths(cfg)["models"] / variant / "final"
+    if variant == "mtp" and cfg["mtp_select"]:
+        chosen = paths(cfg)["results"] / "mtp_selection.json"
+        if not chosen.exists():
+            raise FileNotFoundError(f"{chosen} is missing: mtp_select needs notebooks/02_train_mtp.ipynb's choice")
+        d = mtp_run_dir(cfg, json.loads(chosen.read_text())["run"]) / "final"
+    want = {"ntp": None, "mtp": MultiTokenMixin, "medusa": MedusaMixin, "mtp_seq": MultiTokenMixin}[variant]
+    return _load_checkpoint(cfg, d, want, variant, dtype)
+
+
+def _load_checkpoint(cfg, d, want, variant, dtype=None):
+    dtype = dtype or cfg["inference_dtype"]
     if not d.exists():
         raise FileNotFoundError(f"{d} is missing: run notebooks/{NOTEBOOK_OF[variant]}.ipynb (profile "
                                 f"{cfg['profile']}) first")
     check_family(cfg, d)
     dev = device(cfg)
     model = P.load_model(str(d), dtype=resolve_dtype(dtype, dev), device=dev)
-    want = {"ntp": None, "mtp": MultiTokenMixin, "medusa": MedusaMixin, "mtp_seq": MultiTokenMixin}[variant]
     if want is not None and not isinstance(model, want):
         raise ValueError(f"{d} holds a {type(model).__name__}, not a {variant} model: retrain it "
                          f"(notebooks/{NOTEBOOK_OF[variant]}.ipynb)")

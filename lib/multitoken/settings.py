@@ -31,7 +31,8 @@ class SettingsError(ValueError):
 
 def _f(default, *, ge=None, gt=None, le=None, lt=None, doc=""):
     """A field with an optional numeric range (checked on every number, and on each item of a list)."""
-    kw = {"default_factory": (lambda d=default: list(d))} if isinstance(default, list) else {"default": default}
+    kw = ({"default_factory": (lambda d=default: type(d)(d))} if isinstance(default, (list, dict))
+          else {"default": default})
     return field(metadata=dict(ge=ge, gt=gt, le=le, lt=lt, doc=doc), **kw)
 
 
@@ -109,6 +110,13 @@ class MTP:
     use_mtp: Optional[bool] = _f(None, doc="nanochat's field: sets mtp_n and the weighting when given")
     mtp_n_tokens: int = _f(3, ge=1)
     mtp_weight: float = _f(0.2, ge=0)
+    mtp_trunk_lr_scale: float = _f(1.0, gt=0, doc="the trunk's learning rate as a fraction of the heads'")
+    mtp_heads_first_steps: int = _f(0, ge=0, doc="optimizer steps that train the heads alone before all trains")
+    mtp_controls: dict[str, dict[str, Union[int, float, str, bool, None]]] = _f(
+        {}, doc="more MTP runs, each the recipe above with these MTP settings changed, e.g. "
+                "{lambda0: {mtp_lambda: 0.0}}; notebook 02 trains them, 04 scores them")
+    mtp_select: bool = _f(False, doc="notebook 04's mtp is the run (recipe or control whose heads train) with the "
+                                     "lowest validation next-token loss")
 
 
 @dataclass(frozen=True)
@@ -307,6 +315,14 @@ def validate(values: dict, where: str = "settings") -> Settings:
     flat = flatten(values, where)
     for k, v in flat.items():
         _check(k, v, where)
+    for name, changes in (flat.get("mtp_controls") or {}).items():
+        for k, v in changes.items():
+            if SECTION_OF.get(k) != "mtp" or k in ("mtp_controls", "mtp_select"):
+                near = difflib.get_close_matches(k, [f for f, sec in SECTION_OF.items() if sec == "mtp"], n=1,
+                                                 cutoff=0.5)
+                raise SettingsError(f"mtp_controls.{name}.{k}: a control changes the MTP recipe's settings only "
+                                    f"(in {where})" + (f"; did you mean {near[0]!r}?" if near else ""))
+            _check(k, v, f"{where}, mtp_controls.{name}")
     by_section = {name: {} for name in SECTIONS}
     for k, v in flat.items():
         by_section[SECTION_OF[k]][k] = v

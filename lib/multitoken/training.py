@@ -66,13 +66,42 @@ class WarmupCallback(TrainerCallback):
             model.set_training_step(state.global_step)
 
 
-class MultiHeadTrainer(Trainer):
-    """Trainer that logs per-head loss and top-1 accuracy (index 0 = next token, k = token t+k+1)."""
+class HeadsFirstCallback(TrainerCallback):
+    """For the first ``steps`` optimizer steps only the heads train (the backbone stops requiring grad), then all."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        frozen = state.global_step < self.steps
+        for name, p in model.named_parameters():
+            if not model.is_head_parameter(name) and p.requires_grad == frozen:
+                p.requires_grad_(not frozen)
+
+
+class MultiHeadTrainer(Trainer):
+    """Trainer that logs per-head loss and top-1 accuracy (index 0 = next token, k = token t+k+1). With
+    ``trunk_lr_scale`` the backbone's learning rate is the heads' times that factor (the schedule scales both)."""
+
+    def __init__(self, *args, trunk_lr_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let Trainer scale for accumulation
         self._acc = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.trunk_lr_scale = trunk_lr_scale
+
+    def create_optimizer(self, model=None):
+        opt = super().create_optimizer(model)
+        if self.trunk_lr_scale == 1.0:
+            return opt
+        m = self.model if model is None else model
+        heads = {id(p) for n, p in m.named_parameters() if m.is_head_parameter(n)}
+        groups = [{**g, "params": ps, "lr": g["lr"] * (1.0 if head else self.trunk_lr_scale)}
+                  for g in opt.param_groups for head in (True, False)
+                  if (ps := [p for p in g["params"] if (id(p) in heads) == head])]
+        opt.param_groups.clear()
+        for g in groups:
+            opt.add_param_group(g)
+        return opt
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -123,14 +152,16 @@ def training_args(output_dir, num_train_epochs=1.0, learning_rate=5e-5, batch_si
 
 
 def _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv, resume_from_checkpoint, trainer_cls,
-         args_kw):
+         args_kw, trunk_lr_scale=1.0, heads_first_steps=0):
     output_dir = Path(output_dir)
     args = training_args(output_dir, batch_size=train_dataloader.batch_size,
                          **{k: v for k, v in args_kw.items() if v is not None})
-    callbacks = [WarmupCallback()] + ([CSVLogCallback(log_csv)] if log_csv else [])
+    callbacks = [WarmupCallback()] + ([CSVLogCallback(log_csv)] if log_csv else []) + (
+        [HeadsFirstCallback(heads_first_steps)] if heads_first_steps else [])
     trainer = trainer_cls(model=model, args=args, train_dataset=train_dataloader.dataset,
                           eval_dataset=val_dataloader.dataset, data_collator=train_dataloader.collate_fn,
-                          processing_class=tokenizer, callbacks=callbacks)
+                          processing_class=tokenizer, callbacks=callbacks,
+                          **({"trunk_lr_scale": trunk_lr_scale} if trunk_lr_scale != 1.0 else {}))
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     # Trainer turns the KV cache off for training (args.use_cache=False); a saved model should generate with it.
     model.config.use_cache = model.generation_config.use_cache = True
@@ -208,9 +239,11 @@ def build_mtp_model(tokenizer, num_tokens_to_predict=4, base_model=None, model_c
 def train_multi_token_gpt2(train_dataloader, val_dataloader, tokenizer, output_dir, num_tokens_to_predict=4,
                            num_train_epochs=1, learning_rate=5e-5, gradient_accumulation_steps=8, base_model=None,
                            model_config=None, log_csv=None, resume_from_checkpoint=None, mtp=None,
-                           freeze_backbone=False, **args_kw):
+                           freeze_backbone=False, trunk_lr_scale=1.0, heads_first_steps=0, **args_kw):
     """MTP training: ``mtp`` holds the head design (head_type, sequential, weighting, warm-up, ...).
-    ``freeze_backbone`` (with a ``base_model``) trains the heads only, on a frozen pretrained model, as MEDUSA-1."""
+    ``freeze_backbone`` (with a ``base_model``) trains the heads only, on a frozen pretrained model, as MEDUSA-1;
+    ``heads_first_steps`` trains the heads alone for that many optimizer steps, then everything;
+    ``trunk_lr_scale`` gives the backbone that fraction of the heads' learning rate."""
     set_seed(args_kw.get("seed", 0))
     model = build_mtp_model(tokenizer, num_tokens_to_predict, base_model, model_config, **(mtp or {}))
     if freeze_backbone:
@@ -220,7 +253,8 @@ def train_multi_token_gpt2(train_dataloader, val_dataloader, tokenizer, output_d
         args_kw["gradient_checkpointing"] = False  # nothing to recompute for a frozen backbone
     trainer = _fit(model, train_dataloader, val_dataloader, tokenizer, output_dir, log_csv, resume_from_checkpoint,
                    MultiHeadTrainer, dict(num_train_epochs=num_train_epochs, learning_rate=learning_rate,
-                                          gradient_accumulation_steps=gradient_accumulation_steps, **args_kw))
+                                          gradient_accumulation_steps=gradient_accumulation_steps, **args_kw),
+                   trunk_lr_scale=trunk_lr_scale, heads_first_steps=heads_first_steps)
     return trainer.model, trainer
 
 
@@ -415,9 +449,7 @@ def train_heads_on_features(model, train: FeatureSet, val: FeatureSet, tokenizer
     """Train ``model``'s heads (its backbone frozen: no trunk parameter may require grad) on cached features with
     the workbook's Trainer and CSV log, then (``save``) save the whole model to ``output_dir/final`` like the other
     variants. Each epoch costs the heads' forward and backward only, not the backbone's forward."""
-    trunk = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("medusa_heads",
-                                                                                                 "mtp_heads",
-                                                                                                 "mtp_unembed"))]
+    trunk = [n for n, p in model.named_parameters() if p.requires_grad and not model.is_head_parameter(n)]
     if trunk:
         raise ValueError(f"cached features need a frozen backbone, but {len(trunk)} of its parameters train "
                          f"({', '.join(trunk[:3])}{', ...' if len(trunk) > 3 else ''}): call model.freeze_backbone() first")

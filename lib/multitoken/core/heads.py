@@ -205,6 +205,7 @@ class HeadsMixin:
 
     num_heads: int = 0
     memory_efficient_loss: bool = True
+    head_prefixes: tuple = ()      # names of the head parameters start with one of these; the rest is the backbone
     _trunk_cut: int | None = None  # heads branch off after this many layers (the MTP config's num_trunk_layers)
 
     def _trunk(self, input_ids, cache, position_ids=None, attention_mask=None):
@@ -214,6 +215,15 @@ class HeadsMixin:
         return h0, hidden
 
     # -- training ---------------------------------------------------------------------------------------------------
+    def is_head_parameter(self, name: str) -> bool:
+        return name.startswith(self.head_prefixes)
+
+    def freeze_backbone(self):
+        """Train the heads only: every backbone parameter stops requiring grad."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(self.is_head_parameter(name))
+        return self
+
     @torch.no_grad()
     def head_inputs(self, input_ids, attention_mask=None):
         """(the states the heads read at every position, the final normed states), as the training forward computes

@@ -82,6 +82,8 @@ def frequent_tokens(labels, k: int, always=()) -> torch.Tensor:
 
 
 class MedusaMixin(HeadsMixin):
+    head_prefixes = ("medusa_heads.",)
+
     def __init__(self, config):
         super().__init__(config)
         self.num_heads = config.num_medusa_heads
@@ -149,12 +151,6 @@ class MedusaMixin(HeadsMixin):
                              "wrap_model_with_medusa, which picks the family's face")
         return face
 
-    def freeze_backbone(self):
-        """Train the heads only: every backbone parameter stops requiring grad."""
-        for name, p in self.named_parameters():
-            p.requires_grad_(name.startswith("medusa_heads"))
-        return self
-
     @torch.no_grad()
     def head_inputs(self, input_ids, attention_mask=None):
         _, hidden, _ = self.backbone.trunk(input_ids, attention_mask=attention_mask)
@@ -212,7 +208,7 @@ class MedusaMixin(HeadsMixin):
             loss, hl, ha = self.heads_loss(hidden, input_ids, labels, self.head_loss_weights())
             step_losses = torch.cat([lm_loss.detach().float().view(1).cpu(), hl.cpu()])
             step_acc = torch.cat([lm_acc.float().view(1).cpu(), ha.cpu()])
-            if any(p.requires_grad for n, p in self.named_parameters() if not n.startswith("medusa_heads")):
+            if any(p.requires_grad for n, p in self.named_parameters() if not self.is_head_parameter(n)):
                 loss = loss + lm_loss  # backbone trained too (Medusa-2-like); Medusa-1 keeps it frozen
         head_logits = self.all_head_logits(hidden, input_ids) if output_head_logits else None
         return MultiTokenOutput(loss=loss, lm_loss=lm_loss, mtp_loss=loss, step_losses=step_losses,

@@ -176,6 +176,7 @@ class MTPHead(nn.Module):
 
 class MultiTokenMixin(HeadsMixin):
     """A causal LM whose extra heads predict t+2..t+n; mixed into a family's ``*ForCausalLM`` (the faces below)."""
+    head_prefixes = ("mtp_heads.", "mtp_unembed.")
 
     def __init__(self, config):
         super().__init__(config)
@@ -231,9 +232,7 @@ class MultiTokenMixin(HeadsMixin):
     def freeze_backbone(self):
         """Train the heads only (MEDUSA-1's recipe applied to MTP heads): the trunk, final norm and LM head stop
         requiring grad, so the next-token distribution stays the base model's exactly."""
-        for name, p in self.named_parameters():
-            p.requires_grad_(name.startswith(("mtp_heads.", "mtp_unembed.")))
-        return self
+        return super().freeze_backbone()
 
     # -- head interface used by HeadsMixin ----------------------------------------------------------------------
     def _body(self, k):
