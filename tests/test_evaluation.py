@@ -436,6 +436,35 @@ def test_the_extra_dtype_benchmark_times_only_the_selection_where_there_is_one(b
     assert calls == [(torch.float32, True, True), (torch.bfloat16, budget != "auto", False)]
 
 
+def test_independent_benchmark_runs_stand_beside_the_table_and_test_times_only_the_selection(monkeypatch):
+    """bench_runs: the first run is the table, each run's speedup beside it; bench_selected_only: the test prompts
+    time the peers and each family's choice (the selection is the validation sweep's)."""
+    import torch
+
+    from multitoken import pipeline as PL
+
+    models = {v: torch.nn.Linear(2, 2) for v in PL.VARIANTS}
+    calls = []
+
+    def bench(cfg, ms, prompts, trees, chosen, everything=True):
+        calls.append(everything)
+        return [{"method": m, "speedup_vs_hf_greedy": len(calls) + k} for k, m in enumerate(("greedy_kv", "x"))], None
+
+    monkeypatch.setattr(PL, "_setup", lambda cfg, m, p: (m, p))
+    monkeypatch.setattr(PL.D, "make_dataloader", lambda *a, **k: None)
+    monkeypatch.setattr(PL, "eval_set", lambda cfg, tok, prep: {"prompts": []})
+    monkeypatch.setattr(PL, "bench_prompts", lambda cfg, p, n: p)
+    monkeypatch.setattr(PL, "bench_trees", lambda *a, **k: {})
+    monkeypatch.setattr(PL, "selection", lambda *a, **k: {"medusa": {"method": "medusa_tree"}})
+    monkeypatch.setattr(PL, "_benchmark", bench)
+    cfg = PL.config(device="cpu", bench_runs=3, bench_selected_only=True)
+    rows, _ = PL.run_decoding_benchmark(cfg, models, {"tokenizer": None, "tokenized": {"validation": None}},
+                                        write=False)
+    assert calls == [False, False, False]
+    assert rows == [{"method": "greedy_kv", "speedup_vs_hf_greedy": 1, "runs_speedup_vs_hf": [1, 2, 3]},
+                    {"method": "x", "speedup_vs_hf_greedy": 2, "runs_speedup_vs_hf": [2, 3, 4]}]
+
+
 def test_the_bf16_probe_reads_the_cpus_flags_and_times_only_where_pytorch_cannot_tell(monkeypatch):
     """cpu_bf16_fast: PyTorch's AVX-512 BF16 / AMX checks decide; without them (private API gone) a warm one-thread
     timing does, and on this machine the timing agrees with the flags."""
