@@ -301,5 +301,11 @@ def test_mtp_controls_train_beside_the_recipe_and_the_selected_run_is_what_mtp_l
     mtp = pipeline.load_variant(cfg, "mtp")
     saved = pipeline.mtp_run_dir(cfg, chosen["run"]) / "final"
     assert torch.equal(mtp.lm_head.weight, MultiTokenGPT2.from_pretrained(str(saved)).lm_head.weight)
+    ev = pipeline.eval_set(cfg, *pipeline.loaders(cfg)[2:])
+    nll, ntok = __import__("multitoken").evaluation.token_nll(ntp, ev["loader"])
+    rows = pipeline._controls_quality(cfg, ev, {"ntp": {"nll": nll, "ntok": ntok}})
+    assert list(rows) == ["recipe", "lambda0", "n2", "slow_trunk"] and "diff_vs_base" not in rows["recipe"]
+    assert abs(rows["lambda0"]["diff_vs_ntp"]["value"]) < 1e-4 < abs(rows["recipe"]["diff_vs_ntp"]["value"])
+    assert [r["measured_as_mtp"] for r in rows.values()] == [k == chosen["run"] for k in rows]
     with pytest.raises(ValueError, match=r"no MTP control 'lambda'; the profile's mtp_controls: \['lambda0', 'n2'"):
         pipeline.train_variant(cfg, "mtp", control="lambda")

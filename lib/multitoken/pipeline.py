@@ -791,10 +791,34 @@ def run_quality(cfg, models=None, prep=None):
             "perplexity": S.paired_difference(S.perplexity_of, [a["nll"], a["ntok"]],
                                               [base["nll"], base["ntok"]]).as_dict()}
     res = paths(cfg)["results"]
+    if cfg["mtp_controls"]:
+        write_json(res / "mtp_controls_quality.json", _controls_quality(cfg, ev, per))
     write_json(res / "quality.json", quality)
     write_csv(res / "samples.csv", samples)
     write_csv(res / "answers_per_problem.csv", pd.DataFrame({v: d["hit"] for v, d in per.items()}))
     return quality, samples
+
+
+def _controls_quality(cfg, ev, per) -> dict:
+    """Every MTP run (the recipe and each control) on the evaluation problems: next-token perplexity with its
+    interval, paired differences vs NTP and vs the base model (where the profile has one), each head's top-1; which
+    run notebook 04 measures as ``mtp``."""
+    chosen = paths(cfg)["results"] / "mtp_selection.json"
+    measured = json.loads(chosen.read_text())["run"] if cfg["mtp_select"] and chosen.exists() else "recipe"
+    out = {}
+    for run in ["recipe", *cfg["mtp_controls"]]:
+        model = _load_checkpoint(cfg, mtp_run_dir(cfg, run) / "final", MultiTokenMixin, "mtp",
+                                 cfg["quality_dtype"] or None)
+        nll, ntok = E.token_nll(model, ev["loader"])
+        row = {"perplexity": S.perplexity_ci(nll, ntok).as_dict(), "head_top1": head_accuracy(model, ev["loader"]),
+               "changes": cfg["mtp_controls"].get(run, {}), "measured_as_mtp": run == measured}
+        for ref in ("ntp", "base"):
+            if ref in per:
+                row[f"diff_vs_{ref}"] = S.paired_difference(S.perplexity_of, [nll, ntok],
+                                                            [per[ref]["nll"], per[ref]["ntok"]]).as_dict()
+        out[run] = row
+        del model
+    return out
 
 
 def one_resident(models: dict, fn, dev) -> dict:
