@@ -292,5 +292,8 @@ def test_an_interrupted_stage_takes_the_sections_it_finished_and_only_under_the_
     cfg = stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)
     assert stages.section(cfg, "quality", lambda: quality(cfg)) == {"ppl": 10.0}
     assert "resumed" not in stages.finish(cfg)
+    assert stages.section(cfg, "quality", lambda: "ran") == "ran"          # outside a stage: just runs
+    stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)
     with pytest.raises(StageError, match="needs the settings"):
-        stages.section(cfg, "quality", lambda: quality(cfg))
+        stages.section(cfg, "quality", lambda: quality(cfg))             # another stage's settings
+    stages._CURRENT = None

@@ -314,10 +314,13 @@ def run_mtp_controls(cfg, models: dict | None = None) -> pd.DataFrame:
     train (some auxiliary weight above 0: not the lambda = 0 control). With ``mtp_select`` the run with the lowest
     validation next-token perplexity among those whose heads train becomes notebook 04's ``mtp``
     (``results/mtp_selection.json``). Writes ``results/mtp_controls.csv``."""
+    from . import stages
+
     val = loaders(cfg)[1]
     runs = {"recipe": (models or {}).get("mtp")}
-    for name in cfg["mtp_controls"]:
-        runs[name] = train_variant(cfg, "mtp", control=name)
+    for name in cfg["mtp_controls"]:  # each its own section: an interrupted stage resumes after the last one trained
+        stages.section(cfg, f"mtp_{name}", lambda name=name: train_variant(cfg, "mtp", control=name) and None)
+        runs[name] = None
     rows = []
     for name, model in runs.items():
         if model is None:

@@ -227,9 +227,12 @@ def section(cfg: Tracked, key: str, fn):
     the same settings (all of the profile's, not only those read so far), notebook and upstream runs, whose written
     files still exist. The kept section counts as run: the settings it read and the files it wrote are noted for the
     stamp as if ``fn`` had run now, and the stamp's ``resumed`` names it with the time and commit that made it.
-    ``fn``'s value must pickle. A value that cannot be read back (a half-written or foreign file) is computed anew."""
+    ``fn``'s value must pickle. A value that cannot be read back (a half-written or foreign file) is computed anew.
+    Outside a stage (a library call, a test) ``fn()`` simply runs."""
     run = _CURRENT
-    if run is None or run.cfg is not cfg:
+    if run is None:
+        return fn()
+    if run.cfg is not cfg:
         raise StageError("section(cfg, ...) needs the settings that the running stage's stages.begin returned")
     full = {k: _jsonable(dict.__getitem__(cfg, k)) for k in dict.keys(cfg)}
     nb = notebook_path(run.name, run.root)
