@@ -13,7 +13,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # Large tensors reuse freed memory: glibc hands every buffer over 32 MB (a logits tensor is 160 MB) back to the kernel
 # and the next one is page-faulted in again, which in this VM costs as much system time as the step's compute.
 # Kept for reuse (no mmap, no trim) and on huge pages (PyTorch's THP_MEM_ALLOC_ENABLE): fine-tuning steps 1.4-2.0x,
-# perplexity 1.15x, decoding at batch 1 unchanged (scripts/allocator_probe.py -> figures/pretrained/allocator.json).
+# perplexity 1.15x, decoding at batch 1 unchanged (scripts/allocator_probe.py -> figures/bench/allocator.json).
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 export THP_MEM_ALLOC_ENABLE ?= 1
 

@@ -1,6 +1,6 @@
 """The memory allocator's share of a CPU run: the same workloads in child processes with glibc's defaults and with the
 Makefile's settings (freed buffers kept for reuse, huge pages), in the order A B B A; writes
-figures/pretrained/allocator.json.
+figures/bench/allocator.json.
 
 Why: glibc serves every buffer over 32 MB (a vocabulary-sized logits tensor is 160 MB) with its own mmap and hands it
 back with munmap when freed, so the next one is page-faulted in again; in this VM a few fine-tuning steps fault about
@@ -85,8 +85,11 @@ def main():
                       "sys_s": {k: [r[w]["sys_s"] for r in runs[k]] for k in runs},
                       "minor_faults": {k: [r[w]["minor_faults"] for r in runs[k]] for k in runs}}
     res = {"settings": TUNED, "order": "default tuned tuned default, one child process each", "workloads": summary}
-    path = ROOT / "figures" / "pretrained" / "allocator.json"
+    path = ROOT / "figures" / "bench" / "allocator.json"     # a fact of the machine, not of one run's models
     path.write_text(json.dumps(res, indent=1))
+    from multitoken import stages
+
+    stages.record_output(path, "scripts/allocator_probe.py", ROOT)
     print(json.dumps({w: [round(x, 2) for x in s["ratio_each_pair"]] for w, s in summary.items()}))
 
 

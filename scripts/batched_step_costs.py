@@ -2,14 +2,14 @@
 forward of 1, 2 and 5 tokens per row (the verification of 0, 1 and 4 drafts) on a 200-token cache, and the four heads'
 drafting (their residual blocks and unembeddings, top-4) for the batch's rows; best of 5, ms.
 The measurement behind the README's batch section. Needs the trained models (`make all PROFILE=pretrained`).
-Usage: PYTHONPATH=lib .venv/bin/python scripts/batched_step_costs.py  ->  figures/pretrained/batched_step_costs.json
+Usage: PYTHONPATH=lib .venv/bin/python scripts/batched_step_costs.py  ->  runs/pretrained/results/batched_step_costs.json
+(published to figures/pretrained/ by the next `make all`)
 """
 import time
 
 import torch
 
 from multitoken import pipeline
-from multitoken.utils import repo_root, write_json
 
 
 def best(f, n=5):
@@ -44,8 +44,9 @@ def main():
             row["draft_4_heads_ms"] = best(lambda: m._stacked_logits(h).topk(4, -1))
             print(row, flush=True)
             rows.append(row)
-    write_json(repo_root() / "figures/pretrained/batched_step_costs.json",
-               dict(model=cfg["model_name"], cache_tokens=200, torch_threads=torch.get_num_threads(), rows=rows))
+    pipeline.write_result(cfg, "batched_step_costs.json", dict(model=cfg["model_name"], cache_tokens=200,
+                                                               torch_threads=torch.get_num_threads(), rows=rows),
+                          "scripts/batched_step_costs.py")
 
 
 if __name__ == "__main__":

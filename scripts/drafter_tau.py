@@ -19,7 +19,6 @@ from multitoken import evaluation as E
 from multitoken import pipeline as PL
 from multitoken import stages
 from multitoken.decoding.trees import chain, fitted_tree
-from multitoken.utils import write_json
 
 
 def _best(rows, prefix):
@@ -67,8 +66,7 @@ def main(profile="pretrained", n_val=12, n_test=32, new_tokens=96):
                             dtype=str(next(ntp.parameters()).dtype)),
                new_tokens=m, validation_prompts=len(val), test_prompts=len(test), chosen=chosen,
                head_topk_accuracy=acc, validation=rows + hrows, test=trows)
-    path = PL.paths(cfg)["results"] / "drafter_tau.json"
-    write_json(path, out)
+    path = PL.write_result(cfg, "drafter_tau.json", out, "scripts/drafter_tau.py")
     for r in trows:
         print(f"{r['method']:32s} tau {r['mean_accepted_length']:.2f}  vs HF {r['speedup_vs_hf_greedy']:.2f} "
               f"[{r['speedup_lo']:.2f}, {r['speedup_hi']:.2f}]  vs greedy_kv {r.get('speedup_vs_greedy_kv', 0):.2f} "

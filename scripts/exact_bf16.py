@@ -19,7 +19,6 @@ from multitoken import pipeline as PL
 from multitoken import stages
 from multitoken.core import fastpath
 from multitoken.decoding import speculative_generate
-from multitoken.utils import write_json
 
 
 def _same_tokens(a, b) -> float:
@@ -59,11 +58,10 @@ def main(profile="pretrained", n_prompts=8, new_tokens=64):
         if exact:
             print(f"engine bf16 greedy vs HF bf16 generate: {sum(same_hf) / len(same_hf):.3f} of tokens identical")
             hf_rate = sum(same_hf) / len(same_hf)
-    out = PL.paths(cfg)["results"] / "exact_bf16.json"
-    write_json(out, dict(profile=profile, **stages.commit(PL.repo_root()), time=time.strftime("%Y-%m-%d %H:%M:%S"),
+    out = PL.write_result(cfg, "exact_bf16.json", dict(profile=profile, **stages.commit(PL.repo_root()), time=time.strftime("%Y-%m-%d %H:%M:%S"),
                          cpu=torch.backends.cpu.get_cpu_capability(), cpu_bf16_native=fastpath.cpu_bf16_fast(),
                          prompts=len(prompts), new_tokens=new_tokens, rows=rows,
-                         engine_greedy_vs_hf_bf16_identical_tokens=round(hf_rate, 4)))
+                         engine_greedy_vs_hf_bf16_identical_tokens=round(hf_rate, 4)), "scripts/exact_bf16.py")
     print(f"written: {out}")
 
 

@@ -17,7 +17,6 @@ from multitoken import evaluation as E
 from multitoken import pipeline as PL
 from multitoken import stages
 from multitoken.decoding import speculative_generate
-from multitoken.utils import write_json
 
 
 def main(profile="pretrained", n_prompts=8, new_tokens=64, dtype=None):
@@ -34,11 +33,12 @@ def main(profile="pretrained", n_prompts=8, new_tokens=64, dtype=None):
              M.engine("greedy_kv", ntp, "none", baseline="hf_greedy")]
     rows, _ = E.benchmark_decoding(meths, prompts[1:], new_tokens, warmup=1, desc="greedy peers")
     name = "greedy_peers" + (f"_{dtype}" if dtype else "") + ".json"
-    out = PL.paths(cfg)["results"] / name
     dt = str(next(ntp.parameters()).dtype).replace("torch.", "")
-    write_json(out, dict(profile=profile, **stages.commit(PL.repo_root()), time=time.strftime("%Y-%m-%d %H:%M:%S"),
-                         cpu=torch.backends.cpu.get_cpu_capability(), dtype=dt, threads=torch.get_num_threads(),
-                         prompts=len(prompts) - 1, new_tokens=new_tokens, rows=rows))
+    out = PL.write_result(cfg, name, dict(profile=profile, **stages.commit(PL.repo_root()),
+                                          time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                                          cpu=torch.backends.cpu.get_cpu_capability(), dtype=dt,
+                                          threads=torch.get_num_threads(), prompts=len(prompts) - 1,
+                                          new_tokens=new_tokens, rows=rows), "scripts/greedy_peers.py")
     for r in rows:
         print(f"{r['method']:12s} {r['tokens_per_s']:7.1f} tok/s  x HF {r['speedup_vs_hf_greedy']:.2f} "
               f"[{r['speedup_lo']:.2f}, {r['speedup_hi']:.2f}]  warm-up {r['warmup_s']:.1f} s  "

@@ -1,6 +1,7 @@
 """Perplexity of the pretrained profile's NTP and MTP models in fp32 and bf16 on the first test problems, each by
 ``token_nll`` (only the scored positions unembedded) and by the full logits: the size of the dtype's effect on the
-quality table (notebook 04 computes perplexity in ``quality_dtype``); writes figures/pretrained/perplexity_dtype.json.
+quality table (notebook 04 computes perplexity in ``quality_dtype``); writes results/perplexity_dtype.json
+(published to figures/<profile>/ by the next `make all`).
 
     .venv/bin/python scripts/perplexity_dtype.py [--batches 6]
 """
@@ -48,7 +49,7 @@ def main():
                                                    "full_logits": full_logits_ppl(m, batches)}
         d = out["models"][v]
         d["bf16_over_fp32"] = d["bfloat16"]["token_nll"] / d["float32"]["token_nll"]
-    (ROOT / "figures" / "pretrained" / "perplexity_dtype.json").write_text(json.dumps(out, indent=1))
+    PL.write_result(cfg, "perplexity_dtype.json", out, "scripts/perplexity_dtype.py")
     print(json.dumps(out, indent=1))
 
 

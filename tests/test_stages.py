@@ -297,3 +297,36 @@ def test_an_interrupted_stage_takes_the_sections_it_finished_and_only_under_the_
     with pytest.raises(StageError, match="needs the settings"):
         stages.section(cfg, "quality", lambda: quality(cfg))             # another stage's settings
     stages._CURRENT = None
+
+
+def test_publishing_leaves_one_run_in_the_figures_folder_and_moves_the_rest_aside(workbook, monkeypatch):
+    from multitoken import utils
+
+    for name in GRAPH:
+        run_in_process(name, workbook)
+    fig = workbook / "figures" / "t"
+    fig.mkdir(parents=True, exist_ok=True)
+    (fig / "old_table.md").write_text("made by an earlier run")
+    utils.write_json(fig / "manifest.json", {"old_table.md": {"stage": None, "commit": "abc123"}})
+    (fig / "stray.csv").write_text("a\n1\n")                                  # no record at all
+    monkeypatch.setattr(stages, "MODEL_STAGES", ("01_b",))
+    res = workbook / "runs" / "t" / "results"
+    utils.write_json(res / "bench.json", {"x": 1})                            # a command on the same models
+    stages.record_output(res / "bench.json", "make bench", workbook, models=stages.models_run("t", workbook))
+    utils.write_json(res / "older_bench.json", {"x": 0})                      # one on models trained before
+    stages.record_output(res / "older_bench.json", "make bench", workbook, models={"01_b": "gone"})
+
+    done = stages.publish("t", workbook)
+    assert sorted(done["copied"]) == ["00_a.json", "01_b.json", "02_c.json", "bench.json"]
+    assert sorted(done["moved"]) == ["old_table.md", "stray.csv"]
+    man = json.loads((fig / "manifest.json").read_text())
+    assert man["01_b.json"]["run_id"] == stages.read_stamp("t", "01_b", workbook)["run_id"]
+    assert man["01_b.json"]["copied_from"] == "runs/t/results/01_b.json" and man["bench.json"]["stage"] == "make bench"
+    earlier = json.loads((fig / "earlier" / "manifest.json").read_text())
+    assert earlier["old_table.md"]["commit"] == "abc123" and earlier["stray.csv"]["stage"] is None
+    assert not (fig / "older_bench.json").exists() and (fig / "earlier" / "stray.csv").exists()
+
+    run_in_process("01_b", workbook)                                          # 01_b again: its old copy is stale
+    done = stages.publish("t", workbook)
+    assert "01_b.json" in done["copied"] and "bench.json" in done["moved"]    # measured the models 01_b replaced
+    assert "02_c.json" in done["moved"]                                       # 02_c read the old 01_b: stale

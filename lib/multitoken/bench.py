@@ -34,14 +34,14 @@ def decoding_bench(cfg, repeat: int = 1):
     for i in range(repeat):
         rows, _ = pipeline.run_decoding_benchmark(cfg, models, source=f"make bench ({i + 1}/{repeat})")
     spread = pipeline.bench_spread(cfg)
-    write_json(pipeline.paths(cfg)["results"] / "bench_spread.json", spread)
+    pipeline.write_result(cfg, "bench_spread.json", spread, "make bench")
     print("spread over the recorded runs (min, max):\n" + pd.DataFrame(spread).T.to_string())
     print(pd.DataFrame(rows)[COLS].to_string(index=False))
     print("\n" + report.targets_summary(report.speed_targets(rows, cfg["speed_targets"])))
     if pipeline.device(cfg).type == "cpu":  # what a step of several positions costs here, layout by layout
         d, v = backbone_of(models["ntp"]).hidden_size, models["ntp"].config.vocab_size   # any family
         t = pd.DataFrame(fastpath.layout_timings([(d, 3 * d), (d, 4 * d), (4 * d, d), (d, v)]))
-        write_json(pipeline.paths(cfg)["results"] / "matmul_layouts.json", t.round(1).to_dict("records"))
+        pipeline.write_result(cfg, "matmul_layouts.json", t.round(1).to_dict("records"), "make bench")
         print("\nmatmul time per layout (µs):\n" + t.round(1).to_string(index=False))
     length_section(cfg, models["ntp"], models["medusa"])
     print(f"\nwritten: {pipeline.paths(cfg)['results'] / 'decoding_benchmark.json'}, speed_targets.json, "
@@ -60,7 +60,7 @@ def length_section(cfg, model=None, heads=None) -> list[dict]:
             sys.exit(f"make bench-length needs the trained {cfg['profile']} NTP and MEDUSA-1 models: run `make all "
                      f"PROFILE={cfg['profile']}` first ({e})")
     lengths = length_bench(model, pipeline.context_size(cfg), heads=heads)
-    write_json(pipeline.paths(cfg)["results"] / "length_benchmark.json", lengths)
+    pipeline.write_result(cfg, "length_benchmark.json", lengths, "make bench-length")
     print("\ntokens/s by output length (one prompt, EOS ignored):\n" + pd.DataFrame(lengths).to_string(index=False))
     return lengths
 
@@ -293,11 +293,11 @@ def training_bench(cfg, steps: int = 10):
     for r in rows:
         r["step_peak_above_rest_vs_ntp"] = round(r["step_peak_above_rest_mb"] / max(base["step_peak_above_rest_mb"],
                                                                                     1e-9), 3)
-    path = pipeline.paths(cfg)["results"] / "train_benchmark.json"
     dev = pipeline.device(cfg)
-    write_json(path, {"profile": cfg["profile"], "steps": steps, "machine_cpus": torch.get_num_threads(),
-                      "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                      "rows": rows})
+    path = pipeline.write_result(cfg, "train_benchmark.json", {
+        "profile": cfg["profile"], "steps": steps, "machine_cpus": torch.get_num_threads(), "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "rows": rows},
+        "make bench-train")
     print(pd.DataFrame(rows)[["config", "step_s", "step_time_vs_ntp", "peak_mb", "peak_vs_ntp",
                               "step_peak_above_rest_mb", "step_peak_above_rest_vs_ntp"]].to_string(index=False))
     print(f"\nwritten: {path}")
@@ -329,7 +329,7 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
                     "batched speculation", rows=rows)
     same = dt == str(pipeline.resolve_dtype(cfg["inference_dtype"], pipeline.device(cfg)))
     name = "batch_benchmark.json" if same else f"batch_benchmark_{dt.removeprefix('torch.')}.json"
-    write_json(pipeline.paths(cfg)["results"] / name, res)
+    pipeline.write_result(cfg, name, res, "make bench-batch")
     cols = ["batch", "tree", "spec_batched_tau", "hf_generate_tokens_per_s", "engine_no_drafts_tokens_per_s",
             "spec_rows_tokens_per_s", "spec_batched_tokens_per_s", "batched_vs_hf", "batched_vs_rows",
             "batched_identical_to_rows"]

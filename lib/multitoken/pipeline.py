@@ -23,7 +23,7 @@ from . import training as T
 from .core.medusa import MedusaMixin
 from .core.models import HEAD_TYPES, MultiTokenMixin
 from .decoding.trees import fitted_tree, medusa_tree
-from .utils import commit, read_stamp, repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
+from .utils import commit, repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
 
 VARIANTS = ("ntp", "mtp", "medusa", "mtp_seq")
 HEADED = VARIANTS[1:]  # the variants with heads that draft
@@ -586,8 +586,22 @@ def _setup(cfg, models, prep):
 def trained_runs(cfg) -> dict:
     """The run ids of the stages that trained the profile's models (``None`` where a stage has no finished run): what
     makes two benchmark runs runs of the same models."""
-    return {s: (read_stamp(cfg["profile"], s) or {}).get("run_id") for s in
-            ("01_train_ntp", "02_train_mtp", "03_train_medusa")}
+    from . import stages
+
+    return stages.models_run(cfg["profile"], repo_root())
+
+
+def write_result(cfg, name: str, obj, producer: str):
+    """Write ``results/<name>`` (JSON, or CSV for a ``.csv`` name). Inside a stage it is the stage's output; outside
+    (``make bench``, a script) its manifest entry names ``producer`` and the runs that trained the profile's models,
+    so ``make all`` publishes it with the run it belongs to."""
+    from . import stages
+
+    path = paths(cfg)["results"] / name
+    (write_csv if name.endswith(".csv") else write_json)(path, obj)
+    if stages._CURRENT is None:
+        stages.record_output(path, producer, repo_root(), models=trained_runs(cfg))
+    return path
 
 
 def record_bench_run(cfg, rows: list[dict], source: str) -> list[dict]:
@@ -602,7 +616,7 @@ def record_bench_run(cfg, rows: list[dict], source: str) -> list[dict]:
                      commit=commit()["commit"], models=trained_runs(cfg),
                      methods={r["method"]: dict(vs_hf=r["speedup_vs_hf_greedy"], vs_greedy_kv=r.get(
                          "speedup_vs_greedy_kv"), tokens_per_s=r["tokens_per_s"]) for r in rows}))
-    write_json(f, runs)
+    write_result(cfg, "bench_runs.json", runs, source)
     return runs
 
 
@@ -636,7 +650,7 @@ def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="note
     prompts = bench_prompts(cfg, eval_set(cfg, tok, prep)["prompts"], cfg["bench_prompts"])
     trees = bench_trees(cfg, models, val, cfg["tree_budget"], prep)
     chosen = selection(cfg, models, val, prep) if cfg["tree_budget"] == "auto" else {}
-    res, out = paths(cfg)["results"], None
+    out = None
     extra = [d for d in cfg["bench_extra_dtypes"] if d != cfg["inference_dtype"]]
     for i, name in enumerate([cfg["inference_dtype"], *extra]):
         dt = resolve_dtype(name, device(cfg))
@@ -657,17 +671,17 @@ def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="note
             r["runs_speedup_vs_hf"] = [next(x["speedup_vs_hf_greedy"] for x in run if x["method"] == r["method"])
                                        for run in runs]
         if write:
-            write_json(res / ("decoding_benchmark.json" if i == 0 else f"decoding_benchmark_{name}.json"), rows)
+            write_result(cfg, "decoding_benchmark.json" if i == 0 else f"decoding_benchmark_{name}.json", rows, source)
         if i == 0:
             out = rows, per
             if write:
-                write_json(res / "speed_targets.json", R.speed_targets(rows, cfg["speed_targets"]))
-                write_json(res / "matmul_layout_choices.json", fastpath.layout_choices())
-                write_csv(res / "decoding_per_prompt.csv", per.drop(columns=["seq"]))
+                write_result(cfg, "speed_targets.json", R.speed_targets(rows, cfg["speed_targets"]), source)
+                write_result(cfg, "matmul_layout_choices.json", fastpath.layout_choices(), source)
+                write_result(cfg, "decoding_per_prompt.csv", per.drop(columns=["seq"]), source)
                 div = [d for r in rows if r["identical_to_greedy"] < 1 for d in E.first_divergences(
                     ms[variant_of(r["method"])], prompts, per, r["method"], r["baseline"])]
-                write_csv(res / "divergences.csv", div if div else pd.DataFrame(
-                    columns=["method", "prompt", "position", "top2_gap"]))
+                write_result(cfg, "divergences.csv", div if div else pd.DataFrame(
+                    columns=["method", "prompt", "position", "top2_gap"]), source)
         del ms
     return out
 

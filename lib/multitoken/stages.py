@@ -350,17 +350,86 @@ def require(profile: str, cfg, names) -> None:
             raise SystemExit(f"{up} of {profile} is not up to date ({why}): run make all PROFILE={profile}")
 
 
-def record_output(path: Path, producer: str, root: Path | None = None) -> dict:
+def record_output(path: Path, producer: str, root: Path | None = None, models: dict | None = None) -> dict:
     """A result made outside the stages (``make bench-steps``, a script): its entry in the folder's ``manifest.json``
-    (who made it, the commit and whether the tree was dirty, when); returns that entry for the file to hold too."""
+    (who made it, the commit and whether the tree was dirty, when, and ``models``: the run ids of the stages that
+    trained the models it measured, where it measured a profile's models); returns that entry for the file to hold
+    too."""
     root = Path(root or repo_root())
     path = Path(path).resolve()
     entry = dict(stage=producer, profile=path.parent.name, run_id=None, **commit(root), settings_hash=None,
-                 finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+                 finished=time.strftime("%Y-%m-%d %H:%M:%S"), **({"models": models} if models else {}))
     f = path.parent / "manifest.json"
     old = json.loads(f.read_text()) if f.exists() else {}
     write_json(f, dict(sorted({**old, path.name: entry}.items())))
     return entry
+
+
+MODEL_STAGES = ("01_train_ntp", "02_train_mtp", "03_train_medusa")
+
+
+def models_run(profile: str, root: Path | None = None) -> dict:
+    """The run ids of the stages that trained the profile's models (``None`` where one has no finished run): what
+    makes two results results of the same models."""
+    return {s: (read_stamp(profile, s, root) or {}).get("run_id") for s in MODEL_STAGES}
+
+
+def figures_dir(profile: str, root: Path | None = None) -> Path:
+    """Where a profile's figures and published results live: ``figures/<profile>/`` (``runs/smoke/figures/``)."""
+    root = Path(root or repo_root())
+    return root / "runs" / "smoke" / "figures" if profile == "smoke" else root / "figures" / profile
+
+
+def publish(profile: str, root: Path | None = None) -> dict:
+    """Make ``figures/<profile>/`` hold one run: copy the result files (CSV, JSON, Markdown) of the stages whose runs
+    are up to date from ``runs/<profile>/results/``, and those made since by commands on the same models (``record_output``
+    with ``models``), each copy with its manifest entry and where it came from; copy the run's stage times; move
+    every other file there (made by an earlier run, or of unknown origin) into ``earlier/``, its manifest entry with
+    it. Returns ``{"copied": [...], "moved": [...]}``."""
+    import shutil
+
+    root = Path(root or repo_root())
+    run_dir, fig = root / "runs" / profile, figures_dir(profile, root)
+    cfg = _settings(profile, root)
+    current = {(n, st["run_id"]) for n in stage_names(root)
+               if (st := read_stamp(profile, n, root)) and stale_reason(n, profile, cfg, root) is None}
+    models = models_run(profile, root)
+
+    def is_current(e):
+        return (e.get("stage"), e.get("run_id")) in current or (
+            e.get("run_id") is None and e.get("models") == models and all(models.values()))
+
+    def manifest(d):
+        f = d / "manifest.json"
+        return json.loads(f.read_text()) if f.exists() else {}
+    results, man = manifest(run_dir / "results"), manifest(fig)
+    fig.mkdir(parents=True, exist_ok=True)
+    copied, moved = [], []
+    for name, entry in results.items():
+        src = run_dir / "results" / name
+        if is_current(entry) and src.suffix in (".json", ".csv", ".md") and src.is_file():
+            shutil.copy2(src, fig / name)
+            man[name] = dict(entry, copied_from=f"runs/{profile}/results/{name}")
+            copied.append(name)
+    for name in ("notebook_times.csv", "stage_times.md"):
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, fig / name)
+            man[name] = dict(stage="make all", profile=profile, run_id=None, **commit(root),
+                             finished=time.strftime("%Y-%m-%d %H:%M:%S"), models=models,
+                             copied_from=f"runs/{profile}/{name}")
+            copied.append(name)
+    earlier = fig / "earlier"
+    old = manifest(earlier)
+    for f in sorted(fig.iterdir()):
+        if f.is_file() and f.name != "manifest.json" and not is_current(man.get(f.name, {})):
+            earlier.mkdir(exist_ok=True)
+            f.replace(earlier / f.name)
+            old[f.name] = man.pop(f.name, {"stage": None, "note": "made before runs were recorded"})
+            moved.append(f.name)
+    write_json(fig / "manifest.json", dict(sorted(man.items())))
+    if moved:
+        write_json(earlier / "manifest.json", dict(sorted(old.items())))
+    return {"copied": copied, "moved": moved}
 
 
 def run_stages(profile: str, *, force: bool = False, start: str | None = None, only: list[str] | None = None,
@@ -422,7 +491,12 @@ def run_stages(profile: str, *, force: bool = False, start: str | None = None, o
     write_csv(times, table)
     print(f"\n{table.to_string(index=False)}\ntotal: {_mmss(time.perf_counter() - t_all)} ({profile})", flush=True)
     atomic_write_text(root / "runs" / profile / "stage_times.md", time_table(profile, root) + "\n")
-    return 0 if all(r["status"] != "FAILED" for r in rows) else 1
+    ok = all(r["status"] != "FAILED" for r in rows)
+    if ok and not only:  # the figures folder then holds this run alone
+        done = publish(profile, root)
+        print(f"published {len(done['copied'])} result files to {figures_dir(profile, root)}"
+              + (f"; moved {len(done['moved'])} of earlier runs to earlier/" if done["moved"] else ""), flush=True)
+    return 0 if ok else 1
 
 
 def _why_run(name, profile, cfg, force, start, only, root) -> str | None:
