@@ -309,3 +309,32 @@ def test_mtp_controls_train_beside_the_recipe_and_the_selected_run_is_what_mtp_l
     assert [r["measured_as_mtp"] for r in rows.values()] == [k == chosen["run"] for k in rows]
     with pytest.raises(ValueError, match=r"no MTP control 'lambda'; the profile's mtp_controls: \['lambda0', 'n2'"):
         pipeline.train_variant(cfg, "mtp", control="lambda")
+
+
+def test_an_interrupted_self_distillation_resumes_after_its_last_saved_part(tmp_path, monkeypatch):
+    from multitoken import pipeline
+
+    params = _ntp_of_a_profile(tmp_path, monkeypatch, profile="dist", max_new_tokens=8, medusa_max_examples=20,
+                               distill_batch=1)                                # parts of 8 prompts: 3 train parts
+    cfg = pipeline.profile_config(str(params))
+    _, _, tok, prep = pipeline.loaders(cfg)
+    calls, real = [], T.self_distill
+
+    def distill(*a, **k):
+        calls.append(len(a[2]))
+        if len(calls) == 2 and not any(c == "resumed" for c in calls):
+            raise KeyboardInterrupt                                          # killed in the second part
+        return real(*a, **k)
+    monkeypatch.setattr(T, "self_distill", distill)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.distilled_loaders(cfg, prep, tok)
+    calls.append("resumed")
+    train, val = pipeline.distilled_loaders(cfg, prep, tok)
+    assert calls[:3] == [8, 8, "resumed"] and calls[3:5] == [8, 4]            # the first part was kept
+    assert len(train.dataset) == 20 and not (tmp_path / "runs/dist/data/distilled/parts").exists()
+    whole = [r["input_ids"] for r in train.dataset]
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs/dist/data/distilled")
+    again, _ = pipeline.distilled_loaders(cfg, prep, tok)                     # uninterrupted: the same text
+    assert [r["input_ids"] for r in again.dataset] == whole

@@ -23,7 +23,7 @@ from . import training as T
 from .core.medusa import MedusaMixin
 from .core.models import HEAD_TYPES, MultiTokenMixin
 from .decoding.trees import fitted_tree, medusa_tree
-from .utils import commit, repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
+from .utils import atomic_dir, commit, repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
 
 VARIANTS = ("ntp", "mtp", "medusa", "mtp_seq")
 HEADED = VARIANTS[1:]  # the variants with heads that draft
@@ -359,8 +359,12 @@ def distilled_loaders(cfg, prep, tok):
     """Medusa's self-distillation data: the frozen NTP model's greedy continuations of the first
     ``medusa_max_examples`` training prompts and of the validation prompts, as long as decoding will verify
     (``bench_max_new_tokens``, within ``max_seq_len``). Generated once per NTP checkpoint and cached under
-    ``runs/<profile>/data/distilled/``: MEDUSA-1's heads and the MTP modules train on the same text."""
-    from datasets import load_from_disk
+    ``runs/<profile>/data/distilled/``: MEDUSA-1's heads and the MTP modules train on the same text. Generated in
+    parts of ``8 x distill_batch`` prompts, each saved when done: an interrupted generation resumes after its last
+    saved part."""
+    import shutil
+
+    from datasets import concatenate_datasets, load_from_disk
 
     base = _ntp_checkpoint(paths(cfg))
     n_new = min(bench_tokens(cfg), cfg["max_seq_len"])
@@ -368,20 +372,35 @@ def distilled_loaders(cfg, prep, tok):
                max_examples=cfg["medusa_max_examples"], dtype=cfg["distill_dtype"] or cfg["inference_dtype"],
                **({"engine": cfg["distill_engine"]} if cfg["distill_engine"] != "hf" else {}))
     cache = paths(cfg)["run"] / "data" / "distilled"
-    meta = cache / "key.json"
+    meta, parts = cache / "key.json", cache / "parts"
     if not (meta.exists() and json.loads(meta.read_text()) == key):
-        dev = device(cfg)
-        model = P.load_model(str(base), dtype=resolve_dtype(cfg["distill_dtype"] or cfg["inference_dtype"], dev),
-                             device=dev)
+        meta.unlink(missing_ok=True)
+        if not ((parts / "key.json").exists() and json.loads((parts / "key.json").read_text()) == key):
+            shutil.rmtree(parts, ignore_errors=True)
+            write_json(parts / "key.json", key)
+        dev, model = device(cfg), None
+        per_part = 8 * cfg["distill_batch"]
         for split in ("train", "validation"):
             raw, n = prep["raw"][split], cfg["medusa_max_examples"] if split == "train" else None
             if n and len(raw) > n:
                 raw = raw.select(range(n))  # already shuffled by the split
             elif n and len(raw) < n:
                 raw = D.more_prompts(cfg["source"], prep["raw"], n, cfg["seed"])
-            T.self_distill(model, tok, raw, max_new_tokens=n_new, batch_size=cfg["distill_batch"],
-                           engine=cfg["distill_engine"]).save_to_disk(str(cache / split))
+            done = []
+            for i in range(0, len(raw), per_part):
+                part = parts / f"{split}_{i // per_part:05d}"
+                if not part.exists():
+                    model = model or P.load_model(str(base), dtype=resolve_dtype(
+                        cfg["distill_dtype"] or cfg["inference_dtype"], dev), device=dev)
+                    ds = T.self_distill(model, tok, raw.select(range(i, min(i + per_part, len(raw)))),
+                                        max_new_tokens=n_new, batch_size=cfg["distill_batch"],
+                                        engine=cfg["distill_engine"])
+                    atomic_dir(part, lambda tmp, ds=ds: ds.save_to_disk(str(tmp)))
+                done.append(load_from_disk(str(part)))
+            whole = concatenate_datasets(done)
+            atomic_dir(cache / split, lambda tmp, whole=whole: whole.save_to_disk(str(tmp)))
         write_json(meta, key)
+        shutil.rmtree(parts, ignore_errors=True)
     return tuple(D.make_dataloader(D.tokenize_dataset(load_from_disk(str(cache / split)), tok, cfg["max_seq_len"]),
                                    tok, cfg["batch_size"], split == "train") for split in ("train", "validation"))
 
