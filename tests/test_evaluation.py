@@ -490,10 +490,11 @@ def test_the_spread_between_benchmark_runs_covers_only_runs_of_the_models_there_
     import json
 
     from multitoken import pipeline as PL
+    from multitoken import utils
 
     monkeypatch.setattr(PL, "paths", lambda cfg: {"results": tmp_path})
     trained = {"01_train_ntp": "a", "02_train_mtp": "b", "03_train_medusa": "c"}
-    monkeypatch.setattr(PL, "read_stamp", lambda profile, name, root=None: {"run_id": trained[name]})
+    monkeypatch.setattr(utils, "read_stamp", lambda profile, name, root=None: {"run_id": trained[name]})
     cfg = PL.config(profile="spreadtest")
     row = lambda x: [dict(method="medusa_tree", speedup_vs_hf_greedy=x, speedup_vs_greedy_kv=x, tokens_per_s=1.0,  # noqa: E731
                           dtype="float32")]

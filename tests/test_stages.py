@@ -309,7 +309,7 @@ def test_publishing_leaves_one_run_in_the_figures_folder_and_moves_the_rest_asid
     (fig / "old_table.md").write_text("made by an earlier run")
     utils.write_json(fig / "manifest.json", {"old_table.md": {"stage": None, "commit": "abc123"}})
     (fig / "stray.csv").write_text("a\n1\n")                                  # no record at all
-    monkeypatch.setattr(stages, "MODEL_STAGES", ("01_b",))
+    monkeypatch.setattr(utils, "MODEL_STAGES", ("01_b",))
     res = workbook / "runs" / "t" / "results"
     utils.write_json(res / "bench.json", {"x": 1})                            # a command on the same models
     stages.record_output(res / "bench.json", "make bench", workbook, models=stages.models_run("t", workbook))

@@ -23,7 +23,8 @@ from . import training as T
 from .core.medusa import MedusaMixin
 from .core.models import HEAD_TYPES, MultiTokenMixin
 from .decoding.trees import fitted_tree, medusa_tree
-from .utils import atomic_dir, commit, repo_root, resolve_device, resolve_dtype, sha256_of, write_csv, write_json
+from .utils import (atomic_dir, commit, in_stage, models_run, record_output, repo_root, resolve_device, resolve_dtype,
+                    sha256_of, write_csv, write_json)
 
 VARIANTS = ("ntp", "mtp", "medusa", "mtp_seq")
 HEADED = VARIANTS[1:]  # the variants with heads that draft
@@ -308,18 +309,18 @@ def mtp_run_dir(cfg, run: str):
     return paths(cfg)["models"] / ("mtp" if run == "recipe" else f"mtp_{run}")
 
 
-def run_mtp_controls(cfg, models: dict | None = None) -> pd.DataFrame:
+def run_mtp_controls(cfg, models: dict | None = None, keep=None) -> pd.DataFrame:
     """Train every control of ``mtp_controls`` (the recipe trained before, in ``models["mtp"]`` or on disk) and
     tabulate each MTP run on the validation problems: next-token perplexity, each head's top-1, and whether its heads
     train (some auxiliary weight above 0: not the lambda = 0 control). With ``mtp_select`` the run with the lowest
     validation next-token perplexity among those whose heads train becomes notebook 04's ``mtp``
-    (``results/mtp_selection.json``). Writes ``results/mtp_controls.csv``."""
-    from . import stages
-
+    (``results/mtp_selection.json``). Writes ``results/mtp_controls.csv``. ``keep``: ``stages.section`` in a
+    notebook, so an interrupted stage resumes after the last control it trained."""
     val = loaders(cfg)[1]
+    keep = keep or (lambda cfg, key, fn: fn())
     runs = {"recipe": (models or {}).get("mtp")}
-    for name in cfg["mtp_controls"]:  # each its own section: an interrupted stage resumes after the last one trained
-        stages.section(cfg, f"mtp_{name}", lambda name=name: train_variant(cfg, "mtp", control=name) and None)
+    for name in cfg["mtp_controls"]:
+        keep(cfg, f"mtp_{name}", lambda name=name: train_variant(cfg, "mtp", control=name) and None)
         runs[name] = None
     rows = []
     for name, model in runs.items():
@@ -605,21 +606,17 @@ def _setup(cfg, models, prep):
 def trained_runs(cfg) -> dict:
     """The run ids of the stages that trained the profile's models (``None`` where a stage has no finished run): what
     makes two benchmark runs runs of the same models."""
-    from . import stages
-
-    return stages.models_run(cfg["profile"], repo_root())
+    return models_run(cfg["profile"], repo_root())
 
 
 def write_result(cfg, name: str, obj, producer: str):
     """Write ``results/<name>`` (JSON, or CSV for a ``.csv`` name). Inside a stage it is the stage's output; outside
     (``make bench``, a script) its manifest entry names ``producer`` and the runs that trained the profile's models,
     so ``make all`` publishes it with the run it belongs to."""
-    from . import stages
-
     path = paths(cfg)["results"] / name
     (write_csv if name.endswith(".csv") else write_json)(path, obj)
-    if stages._CURRENT is None:
-        stages.record_output(path, producer, repo_root(), models=trained_runs(cfg))
+    if not in_stage():
+        record_output(path, producer, repo_root(), models=trained_runs(cfg))
     return path
 
 

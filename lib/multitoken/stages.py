@@ -33,7 +33,8 @@ import uuid
 from pathlib import Path
 
 from . import utils
-from .utils import atomic_write_text, commit, read_stamp, repo_root, stamp_path, write_csv, write_json
+from .utils import (MODEL_STAGES, atomic_write_text, commit, models_run, read_stamp, record_output,  # noqa: F401
+                    repo_root, stamp_path, write_csv, write_json)
 
 # each stage and the stages whose outputs it reads (05 reads 01-03's training logs beside 04's results)
 STAGES = {
@@ -348,30 +349,6 @@ def require(profile: str, cfg, names) -> None:
         why = stale_reason(up, profile, cfg)
         if why:
             raise SystemExit(f"{up} of {profile} is not up to date ({why}): run make all PROFILE={profile}")
-
-
-def record_output(path: Path, producer: str, root: Path | None = None, models: dict | None = None) -> dict:
-    """A result made outside the stages (``make bench-steps``, a script): its entry in the folder's ``manifest.json``
-    (who made it, the commit and whether the tree was dirty, when, and ``models``: the run ids of the stages that
-    trained the models it measured, where it measured a profile's models); returns that entry for the file to hold
-    too."""
-    root = Path(root or repo_root())
-    path = Path(path).resolve()
-    entry = dict(stage=producer, profile=path.parent.name, run_id=None, **commit(root), settings_hash=None,
-                 finished=time.strftime("%Y-%m-%d %H:%M:%S"), **({"models": models} if models else {}))
-    f = path.parent / "manifest.json"
-    old = json.loads(f.read_text()) if f.exists() else {}
-    write_json(f, dict(sorted({**old, path.name: entry}.items())))
-    return entry
-
-
-MODEL_STAGES = ("01_train_ntp", "02_train_mtp", "03_train_medusa")
-
-
-def models_run(profile: str, root: Path | None = None) -> dict:
-    """The run ids of the stages that trained the profile's models (``None`` where one has no finished run): what
-    makes two results results of the same models."""
-    return {s: (read_stamp(profile, s, root) or {}).get("run_id") for s in MODEL_STAGES}
 
 
 def figures_dir(profile: str, root: Path | None = None) -> Path:

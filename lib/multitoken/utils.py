@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -48,6 +49,11 @@ def stop_noting_writes() -> set:
     global _WRITTEN
     out, _WRITTEN = _WRITTEN or set(), None
     return out
+
+
+def in_stage() -> bool:
+    """Whether a stage is running in this process (its writes are being noted)."""
+    return _WRITTEN is not None
 
 
 def noted_writes() -> set:
@@ -164,3 +170,28 @@ def commit(root: Path | None = None) -> dict:
     if head.returncode != 0:
         return {"commit": None, "dirty": None}
     return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+# --- what the stages record (multitoken.stages runs them; the workbook's writers note into them) ----------------
+MODEL_STAGES = ("01_train_ntp", "02_train_mtp", "03_train_medusa")
+
+
+def models_run(profile: str, root: Path | None = None) -> dict:
+    """The run ids of the stages that trained the profile's models (``None`` where one has no finished run): what
+    makes two results results of the same models."""
+    return {s: (read_stamp(profile, s, root) or {}).get("run_id") for s in MODEL_STAGES}
+
+
+def record_output(path: Path, producer: str, root: Path | None = None, models: dict | None = None) -> dict:
+    """A result made outside the stages (``make bench-steps``, a script): its entry in the folder's ``manifest.json``
+    (who made it, the commit and whether the tree was dirty, when, and ``models``: the run ids of the stages that
+    trained the models it measured, where it measured a profile's models); returns that entry for the file to hold
+    too."""
+    root = Path(root or repo_root())
+    path = Path(path).resolve()
+    entry = dict(stage=producer, profile=path.parent.name, run_id=None, **commit(root), settings_hash=None,
+                 finished=time.strftime("%Y-%m-%d %H:%M:%S"), **({"models": models} if models else {}))
+    f = path.parent / "manifest.json"
+    old = json.loads(f.read_text()) if f.exists() else {}
+    write_json(f, dict(sorted({**old, path.name: entry}.items())))
+    return entry
