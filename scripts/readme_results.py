@@ -1,9 +1,11 @@
-"""Markdown for the README's Results section, from the files a profile's last run wrote.
+"""The README's result tables for a profile, from the files its last published run left in figures/<profile>/.
 
-    .venv/bin/python scripts/readme_results.py pretrained > /tmp/results.md
+    .venv/bin/python scripts/readme_results.py pretrained            # print them
+    .venv/bin/python scripts/readme_results.py pretrained --write    # replace the README's block for the profile
 
-Reads runs/<profile>/results/*.json, runs/<profile>/notebook_times.csv and figures/<profile>/thesis_*.md; prints
-tables only (the prose around them is written by hand, from these numbers)."""
+The block sits between ``<!-- results:<profile> -->`` and ``<!-- /results:<profile> -->``; what it says comes from
+the files alone (each table names its file), so a rerun refreshes it and nothing is copied by hand. The prose
+around the block is written by hand, from these numbers."""
 from __future__ import annotations
 
 import json
@@ -22,18 +24,20 @@ def ci(d, k=2, sign=False):
 
 def quality(res: Path) -> str:
     q = json.loads((res / "quality.json").read_text())
-    out = ["| variant | perplexity | answer accuracy | BLEU | Δ perplexity | Δ accuracy | Δ BLEU | answers from |",
-           "|:--|:--|:--|:--|:--|:--|:--|:--|"]
+    out = ["| variant | perplexity | Δ perplexity vs NTP | right answers | answer accuracy | BLEU | Δ accuracy | Δ BLEU "
+           "| answers from |", "|:--|:--|:--|--:|:--|:--|:--|:--|:--|"]
     for v, r in q.items():
         d = r.get("diff_vs_ntp")
-        dd = [ci(d["perplexity"], 3, True), ci(d["accuracy"], 3, True), ci(d["bleu"], 1, True)] if d else ["—"] * 3
-        out.append(f"| {v} | {ci(r['perplexity'], 3)} | {ci(r['accuracy'], 3)} | {ci(r['bleu'], 1)} | "
-                   + " | ".join(dd) + f" | {r.get('answers_from', v)} |")
+        dd = [ci(d["accuracy"], 3, True), ci(d["bleu"], 1, True)] if d else ["—"] * 2
+        out.append(f"| {v} | {ci(r['perplexity'], 3)} | {ci(d['perplexity'], 3, True) if d else '—'} | "
+                   f"{r.get('correct', '?')} of {r.get('n_answers', '?')} | {ci(r['accuracy'], 3)} | "
+                   f"{ci(r['bleu'], 1)} | " + " | ".join(dd) + f" | {r.get('answers_from', v)} |")
     heads = {v: r["head_top1"] for v, r in q.items() if r.get("head_top1")}
     out += ["", "Top-1 accuracy on the reference answers by offset (t+1 = the model's next token, then its heads' "
             "t+2, t+3, ...): " + "; ".join(
         f"{v} " + " / ".join(f"{a:.3f}" for a in h) for v, h in heads.items()),
-        f"({next(iter(q.values()))['n_eval']} problems, {next(iter(q.values()))['split']} split)"]
+        f"(perplexity on {next(iter(q.values()))['n_ppl']} problems of the {next(iter(q.values()))['split']} split; "
+        f"answers to the first {next(iter(q.values()))['n_answers']})"]
     return "\n".join(out)
 
 
@@ -94,22 +98,61 @@ def batch(res: Path) -> str:
     return "\n".join(out)
 
 
-def main(profile: str) -> None:
-    run, fig = ROOT / "runs" / profile, ROOT / "figures" / profile
-    res = run / "results"
-    parts = [("Time", lambda: times(run)), ("Quality", lambda: quality(res)),
-             ("Decoding fp32", lambda: decoding(res, "decoding_benchmark.json")),
-             ("Decoding bf16", lambda: decoding(res, "decoding_benchmark_bfloat16.json")),
-             ("Speed targets", lambda: targets(res)), ("Batches", lambda: batch(res)),
-             ("Thesis table", lambda: (fig / "thesis_table.md").read_text()),
-             ("Claims", lambda: (fig / "thesis_claims.md").read_text())]
+def provenance(fig: Path) -> str:
+    """Which runs made the published files: stage, run id, commit, when (figures/<profile>/manifest.json)."""
+    man = json.loads((fig / "manifest.json").read_text())
+    runs = {}
+    for name, e in man.items():
+        if e.get("run_id"):
+            runs.setdefault((e["stage"], e["run_id"], e["commit"], e.get("dirty"), e["finished"]), []).append(name)
+    out = ["| stage | run | commit | finished |", "|---|---|---|---|"]
+    for (stage, rid, com, dirty, fin) in sorted(runs):
+        out.append(f"| {stage} | `{rid}` | `{com}`{' (dirty)' if dirty else ''} | {fin} |")
+    others = sorted({e["stage"] for e in man.values() if not e.get("run_id") and e.get("stage")})
+    if others:
+        out.append(f"\nAlso published, made by commands on the same trained models: {', '.join(others)}.")
+    return "\n".join(out)
+
+
+def ablations(fig: Path) -> str:
+    df = pd.read_csv(fig / "ablations.csv")
+    cols = [c for c in ("group", "n", "lr", "head_type", "weighting", "val_ppl", "mean_head_acc") if c in df]
+    return df[cols].round(3).to_markdown(index=False)
+
+
+def block(profile: str) -> str:
+    fig = ROOT / ("runs/smoke/figures" if profile == "smoke" else f"figures/{profile}")
+    parts = [("Which runs made these files", lambda: provenance(fig)),
+             ("Stage times (`stage_times.md`)", lambda: (fig / "stage_times.md").read_text().strip()),
+             ("Quality (`quality.json`)", lambda: quality(fig)),
+             ("Decoding (`decoding_benchmark.json`)", lambda: decoding(fig, "decoding_benchmark.json")),
+             ("Decoding in bf16 (`decoding_benchmark_bfloat16.json`)",
+              lambda: decoding(fig, "decoding_benchmark_bfloat16.json")),
+             ("Speed targets (`speed_targets.json`)", lambda: targets(fig)),
+             ("The thesis table (`thesis_table.md`)", lambda: (fig / "thesis_table.md").read_text().strip()),
+             ("The claims ledger (`thesis_claims.md`)", lambda: (fig / "thesis_claims.md").read_text().strip()),
+             ("Other systems' claims (`other_claims.md`)", lambda: (fig / "other_claims.md").read_text().strip()),
+             ("Ablations (`ablations.csv`)", lambda: ablations(fig))]
+    out = []
     for title, fn in parts:
         try:
             body = fn()
-        except FileNotFoundError as e:
-            body = f"(missing: {e.filename})"
-        print(f"#### {title}\n\n{body}\n")
+        except FileNotFoundError:
+            continue                       # not made by this run (e.g. bf16 on a CPU without native bf16)
+        out.append(f"#### {title}\n\n{body}\n")
+    return "\n".join(out)
+
+
+def write(profile: str) -> None:
+    readme = ROOT / "README.md"
+    text, start, end = readme.read_text(), f"<!-- results:{profile} -->", f"<!-- /results:{profile} -->"
+    if start not in text or end not in text:
+        sys.exit(f"README.md has no block {start} ... {end}")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n" + block(profile) + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "pretrained")
+    args = sys.argv[1:]
+    name = next((a for a in args if not a.startswith("--")), "pretrained")
+    write(name) if "--write" in args else print(block(name))
