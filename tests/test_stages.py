@@ -317,7 +317,8 @@ def test_publishing_leaves_one_run_in_the_figures_folder_and_moves_the_rest_asid
     stages.record_output(res / "older_bench.json", "make bench", workbook, models={"01_b": "gone"})
 
     done = stages.publish("t", workbook)
-    assert sorted(done["copied"]) == ["00_a.json", "01_b.json", "02_c.json", "bench.json"]
+    assert sorted(done["copied"]) == ["00_a.json", "01_b.json", "02_c.json", "bench.json", "stage_times.md"]
+    assert "| 01_b |" in (fig / "stage_times.md").read_text()
     assert sorted(done["moved"]) == ["old_table.md", "stray.csv"]
     man = json.loads((fig / "manifest.json").read_text())
     assert man["01_b.json"]["run_id"] == stages.read_stamp("t", "01_b", workbook)["run_id"]

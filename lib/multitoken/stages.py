@@ -360,7 +360,7 @@ def figures_dir(profile: str, root: Path | None = None) -> Path:
 def publish(profile: str, root: Path | None = None) -> dict:
     """Make ``figures/<profile>/`` hold one run: copy the result files (CSV, JSON, Markdown) of the stages whose runs
     are up to date from ``runs/<profile>/results/``, and those made since by commands on the same models (``record_output``
-    with ``models``), each copy with its manifest entry and where it came from; copy the run's stage times; move
+    with ``models``), each copy with its manifest entry and where it came from; write the stages' times; move
     every other file there (made by an earlier run, or of unknown origin) into ``earlier/``, its manifest entry with
     it. Returns ``{"copied": [...], "moved": [...]}``."""
     import shutil
@@ -388,13 +388,10 @@ def publish(profile: str, root: Path | None = None) -> dict:
             shutil.copy2(src, fig / name)
             man[name] = dict(entry, copied_from=f"runs/{profile}/results/{name}")
             copied.append(name)
-    for name in ("notebook_times.csv", "stage_times.md"):
-        if (run_dir / name).exists():
-            shutil.copy2(run_dir / name, fig / name)
-            man[name] = dict(stage="make all", profile=profile, run_id=None, **commit(root),
-                             finished=time.strftime("%Y-%m-%d %H:%M:%S"), models=models,
-                             copied_from=f"runs/{profile}/{name}")
-            copied.append(name)
+    atomic_write_text(fig / "stage_times.md", time_table(profile, root) + "\n")   # from the stamps, as they are
+    man["stage_times.md"] = dict(stage="make all", profile=profile, run_id=None, **commit(root),
+                                 finished=time.strftime("%Y-%m-%d %H:%M:%S"), models=models)
+    copied.append("stage_times.md")
     earlier = fig / "earlier"
     old = manifest(earlier)
     for f in sorted(fig.iterdir()):
