@@ -331,3 +331,13 @@ def test_publishing_leaves_one_run_in_the_figures_folder_and_moves_the_rest_asid
     done = stages.publish("t", workbook)
     assert "01_b.json" in done["copied"] and "bench.json" in done["moved"]    # measured the models 01_b replaced
     assert "02_c.json" in done["moved"]                                       # 02_c read the old 01_b: stale
+
+
+def test_outputs_are_recorded_when_runs_is_a_link_to_another_disk(workbook, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("big_disk")
+    (workbook / "runs").rename(elsewhere / "runs") if (workbook / "runs").exists() else None
+    (elsewhere / "runs").mkdir(exist_ok=True)
+    (workbook / "runs").symlink_to(elsewhere / "runs")
+    st = run_in_process("00_a", workbook)
+    assert st["outputs"] == ["runs/t/results/00_a.json"]
+    assert "00_a.json" in json.loads((elsewhere / "runs/t/results/manifest.json").read_text())

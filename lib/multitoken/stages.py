@@ -199,11 +199,9 @@ def finish(cfg: Tracked) -> dict:
     root = run.root
     outputs = set()
     for p in utils.stop_noting_writes():
-        try:
-            rel = Path(p).resolve().relative_to(root.resolve())
-        except ValueError:
-            continue
-        if rel.parts[:2] in (("runs", run.profile), ("figures", run.profile)) and "stages" not in rel.parts:
+        rel = _relative(Path(p), root)
+        if rel is not None and rel.parts[:2] in (("runs", run.profile), ("figures", run.profile)) \
+                and "stages" not in rel.parts:
             outputs.add(str(_top_output(rel)))
     nb = notebook_path(run.name, root)
     stamp = dict(stage=run.name, profile=run.profile, run_id=run.run_id,
@@ -266,6 +264,18 @@ def section(cfg: Tracked, key: str, fn):
     tmp.write_bytes(pickle.dumps(kept))
     tmp.replace(path)
     return value
+
+
+def _relative(path: Path, root: Path) -> Path | None:
+    """``path`` relative to the workbook ``root``, also where ``runs/`` or ``figures/`` is a link to elsewhere (a
+    larger disk); None outside the workbook."""
+    path = path.resolve()
+    for top in ("", "runs", "figures"):
+        try:
+            return Path(top) / path.relative_to((root / top).resolve())
+        except ValueError:
+            continue
+    return None
 
 
 def _top_output(rel: Path) -> Path:
