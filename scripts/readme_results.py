@@ -108,7 +108,7 @@ def provenance(fig: Path) -> str:
     out = ["| stage | run | commit | finished |", "|---|---|---|---|"]
     for (stage, rid, com, dirty, fin) in sorted(runs):
         out.append(f"| {stage} | `{rid}` | `{com}`{' (dirty)' if dirty else ''} | {fin} |")
-    others = sorted({e["stage"] for e in man.values() if not e.get("run_id") and e.get("stage")})
+    others = sorted({e["stage"] for e in man.values() if not e.get("run_id") and e.get("stage") not in (None, "make all")})
     if others:
         out.append(f"\nAlso published, made by commands on the same trained models: {', '.join(others)}.")
     return "\n".join(out)
@@ -117,7 +117,7 @@ def provenance(fig: Path) -> str:
 def ablations(fig: Path) -> str:
     df = pd.read_csv(fig / "ablations.csv")
     cols = [c for c in ("group", "n", "lr", "head_type", "weighting", "val_ppl", "mean_head_acc") if c in df]
-    return df[cols].round(3).to_markdown(index=False)
+    return df[cols].round({"val_ppl": 3, "mean_head_acc": 3}).to_markdown(index=False)
 
 
 def block(profile: str) -> str:
