@@ -196,3 +196,26 @@ def test_thesis_loops_read_medusa_heads_through_their_draft_vocabulary():
         a, sa = speculative_generate(same, batch, 20, tree=tree, batched=True)
         b, sb = speculative_generate(full, batch, 20, tree=tree, batched=True)
         assert torch.equal(a, b) and sa["mean_accepted_length"] == sb["mean_accepted_length"]
+
+
+def test_each_arm_trains_in_a_part_of_its_own_so_an_interrupted_stage_resumes_after_it(monkeypatch):
+    from multitoken import ledger
+
+    cfg = {"model_name": "m", "thesis_epochs": 1, "thesis_lr": 1e-4, "thesis_batch_size": 2, "thesis_grad_accum": 1,
+           "thesis_eval_steps": 1, "seed": 0, "cpu_bf16": False, "thesis_mtp_n": 2}
+    monkeypatch.setattr(ledger.PL, "paths", lambda cfg: {"results": __import__("pathlib").Path("/nonexistent")})
+    monkeypatch.setattr(ledger.PL, "loaders", lambda cfg: (None, None, "tok", None))
+    monkeypatch.setattr(ledger.PL, "device", lambda cfg: "cpu")
+    monkeypatch.setattr(ledger, "thesis_loaders", lambda cfg, tok: ("tr", "va"))
+    monkeypatch.setattr(ledger.P, "load_model", lambda base: "ntp-model")
+    monkeypatch.setattr(ledger.TH, "from_lm", lambda base, n, leak: f"mtp-model leak={leak}")
+    monkeypatch.setattr(ledger, "_arm_dir", lambda cfg, arm: arm)
+    trained, parts = [], []
+    monkeypatch.setattr(ledger.T, "fit_model", lambda model, *a, **k: trained.append(model))
+
+    def keep(cfg_, key, fn):                      # the arm before the interruption was kept: not trained again
+        parts.append(key)
+        return None if key == "arm_ntp" else fn()
+    ledger.train_arms(cfg, keep=keep)
+    assert parts == ["arm_ntp", "arm_thesis_mtp", "arm_thesis_mtp_leak"]
+    assert trained == ["mtp-model leak=False", "mtp-model leak=True"]

@@ -50,8 +50,10 @@ def _arm_dir(cfg, arm):
     return PL.paths(cfg)["models"] / "thesis" / arm
 
 
-def train_arms(cfg):
-    """Fine-tune the three arms from the NTP checkpoint with the thesis' recipe; logs in results/thesis_<arm>_*.csv."""
+def train_arms(cfg, keep=None):
+    """Fine-tune the three arms from the NTP checkpoint with the thesis' recipe; logs in results/thesis_<arm>_*.csv.
+    ``keep``: ``stages.section`` in a notebook, so an interrupted stage resumes after the last arm it trained."""
+    keep = keep or (lambda cfg, key, fn: fn())
     p = PL.paths(cfg)
     base = cfg["model_name"] or p["models"] / "ntp" / "final"
     if not cfg["model_name"] and not base.exists():
@@ -63,11 +65,13 @@ def train_arms(cfg):
                 logging_steps=cfg["thesis_eval_steps"], seed=cfg["seed"], save_steps=10 ** 9, device=PL.device(cfg),
                 cpu_bf16=cfg["cpu_bf16"])
     args.pop("batch_size")
-    for arm in ARMS:
+    def train(arm):
         set_seed(cfg["seed"])
         model = (P.load_model(str(base)) if arm == "ntp" else
                  TH.from_lm(str(base), cfg["thesis_mtp_n"], leak=arm.endswith("leak")))
         T.fit_model(model, tr, va, tok, _arm_dir(cfg, arm), log_csv=p["results"] / f"thesis_{arm}_train_log.csv", **args)
+    for arm in ARMS:
+        keep(cfg, f"arm_{arm}", lambda arm=arm: train(arm))
 
 
 def load_arm(cfg, arm):
