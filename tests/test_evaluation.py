@@ -409,6 +409,18 @@ def test_a_cpu_without_fast_bf16_runs_the_profiles_bf16_settings_in_fp32(monkeyp
     assert plain["quality_dtype"] is None and not plain["cpu_bf16"]
 
 
+def _stub_benchmark_inputs(monkeypatch, PL, bench):
+    """run_decoding_benchmark with no models, prompts or trees of its own; ``bench`` stands for its timing, and the
+    validation sweep chose MEDUSA-1's tree."""
+    monkeypatch.setattr(PL, "_setup", lambda cfg, m, p: (m, p))
+    monkeypatch.setattr(PL.D, "make_dataloader", lambda *a, **k: None)
+    monkeypatch.setattr(PL, "eval_set", lambda cfg, tok, prep: {"prompts": []})
+    monkeypatch.setattr(PL, "bench_prompts", lambda cfg, p, n: p)
+    monkeypatch.setattr(PL, "bench_trees", lambda *a, **k: {})
+    monkeypatch.setattr(PL, "selection", lambda *a, **k: {"medusa": {"method": "medusa_tree"}})
+    monkeypatch.setattr(PL, "_benchmark", bench)
+
+
 @pytest.mark.parametrize("budget", ["auto", 4])
 def test_the_extra_dtype_benchmark_times_only_the_selection_where_there_is_one(budget, monkeypatch):
     """run_decoding_benchmark: the inference dtype times every method; each extra dtype, on converted copies of the
@@ -424,13 +436,7 @@ def test_the_extra_dtype_benchmark_times_only_the_selection_where_there_is_one(b
         calls.append((next(ms["ntp"].parameters()).dtype, everything, ms["ntp"] is models["ntp"]))
         return [], None
 
-    monkeypatch.setattr(PL, "_setup", lambda cfg, m, p: (m, p))
-    monkeypatch.setattr(PL.D, "make_dataloader", lambda *a, **k: None)
-    monkeypatch.setattr(PL, "eval_set", lambda cfg, tok, prep: {"prompts": []})
-    monkeypatch.setattr(PL, "bench_prompts", lambda cfg, p, n: p)
-    monkeypatch.setattr(PL, "bench_trees", lambda *a, **k: {})
-    monkeypatch.setattr(PL, "selection", lambda *a, **k: {"medusa": {"method": "medusa_tree"}})
-    monkeypatch.setattr(PL, "_benchmark", bench)
+    _stub_benchmark_inputs(monkeypatch, PL, bench)
     cfg = PL.config(device="cpu", tree_budget=budget, bench_extra_dtypes=["bfloat16"], cpu_bf16_fallback=False)
     PL.run_decoding_benchmark(cfg, models, {"tokenizer": None, "tokenized": {"validation": None}}, write=False)
     assert calls == [(torch.float32, True, True), (torch.bfloat16, budget != "auto", False)]
@@ -450,13 +456,7 @@ def test_independent_benchmark_runs_stand_beside_the_table_and_test_times_only_t
         calls.append(everything)
         return [{"method": m, "speedup_vs_hf_greedy": len(calls) + k} for k, m in enumerate(("greedy_kv", "x"))], None
 
-    monkeypatch.setattr(PL, "_setup", lambda cfg, m, p: (m, p))
-    monkeypatch.setattr(PL.D, "make_dataloader", lambda *a, **k: None)
-    monkeypatch.setattr(PL, "eval_set", lambda cfg, tok, prep: {"prompts": []})
-    monkeypatch.setattr(PL, "bench_prompts", lambda cfg, p, n: p)
-    monkeypatch.setattr(PL, "bench_trees", lambda *a, **k: {})
-    monkeypatch.setattr(PL, "selection", lambda *a, **k: {"medusa": {"method": "medusa_tree"}})
-    monkeypatch.setattr(PL, "_benchmark", bench)
+    _stub_benchmark_inputs(monkeypatch, PL, bench)
     cfg = PL.config(device="cpu", bench_runs=3, bench_selected_only=True)
     rows, _ = PL.run_decoding_benchmark(cfg, models, {"tokenizer": None, "tokenized": {"validation": None}},
                                         write=False)

@@ -195,7 +195,7 @@ def train_variant(cfg, variant: str, control: str | None = None):
             # predict at decoding time (validation on the references would show a loss that rises as heads improve)
             tr, va = distilled_loaders(cfg, prep, tok)
         if cfg[f"{prefix}_features"]:
-            model = _heads_on_features(cfg, variant, base, tr, va, tok, out, log)[0]
+            model = _heads_on_features(cfg, variant, base, tr, va, tok, out, log)
         elif variant == "medusa":
             model, _ = T.train_medusa(base, tr, va, tok, out, num_medusa_heads=cfg["medusa_heads"],
                                       medusa_num_layers=cfg["medusa_layers"], draft_vocab=cfg["medusa_draft_vocab"],
@@ -209,9 +209,10 @@ def train_variant(cfg, variant: str, control: str | None = None):
     return model
 
 
-def _heads_on_features(cfg, variant, base, tr, va, tok, out, log, n_tokens=None):
+def _heads_on_features(cfg, variant, base, tr, va, tok, out, log, n_tokens=None, feats=None):
     """Fresh heads of ``variant`` on the frozen NTP model, trained with the profile's recipe on cached features (the
-    first ``n_tokens`` training tokens when given: not saved); returns (model, validation features)."""
+    first ``n_tokens`` training tokens when given: not saved); ``feats``: the (train, validation) features when the
+    caller holds them already."""
     from transformers import set_seed
 
     prefix = "medusa" if variant == "medusa" else "mtpseq"
@@ -222,13 +223,13 @@ def _heads_on_features(cfg, variant, base, tr, va, tok, out, log, n_tokens=None)
     model = (T.build_medusa(base, tok, tr, cfg["medusa_heads"], cfg["medusa_layers"], cfg["medusa_draft_vocab"])
              if variant == "medusa" else T.build_mtp_model(tok, cfg["mtpseq_n"], str(base), **mtpseq_fields(cfg)))
     model.freeze_backbone()
-    train, val = (head_features(cfg, model, loader, variant, split) for split, loader in (("train", tr),
-                                                                                            ("validation", va)))
+    train, val = feats or [head_features(cfg, model, loader, variant, split) for split, loader in (("train", tr),
+                                                                                                  ("validation", va))]
     if n_tokens is not None:
         train = train.first(n_tokens)
     model, _ = T.train_heads_on_features(model, train, val, tok, out, log_csv=log, batch_size=tr.batch_size,
                                          save=n_tokens is None, **_common(cfg, prefix))
-    return model, val
+    return model
 
 
 def run_drafter_scaling(cfg, models: dict | None = None) -> pd.DataFrame:
@@ -247,12 +248,14 @@ def run_drafter_scaling(cfg, models: dict | None = None) -> pd.DataFrame:
             tr, va = distilled_loaders(cfg, prep, tok)
         base, scratch = _ntp_checkpoint(p), p["models"] / "scaling" / variant
         full = (models or {}).get(variant) or load_variant(cfg, variant)
-        val = head_features(cfg, full, va, variant, "validation")
-        total = head_features(cfg, full, tr, variant, "train").num_tokens
+        train, val = (head_features(cfg, full, loader, variant, split) for split, loader in (("train", tr),
+                                                                                              ("validation", va)))
+        total = train.num_tokens
         runs = [(n, None) for n in cfg["drafter_scaling_tokens"] if n < total] + [(total, full)]
         for n, model in runs:
             if model is None:
-                model = _heads_on_features(cfg, variant, base, tr, va, tok, scratch, None, n_tokens=n)[0]
+                model = _heads_on_features(cfg, variant, base, tr, va, tok, scratch, None, n_tokens=n,
+                                           feats=(train, val))
             acc = T.acceptance(T.head_hits(model, val))
             top1 = {f"head{k}_top1": a for k, a in enumerate(acc.pop("per_head_top1"), 1)}
             rows.append({"variant": variant, "train_tokens": n, **acc, **top1})
