@@ -219,3 +219,17 @@ def test_each_arm_trains_in_a_part_of_its_own_so_an_interrupted_stage_resumes_af
     ledger.train_arms(cfg, keep=keep)
     assert parts == ["arm_ntp", "arm_thesis_mtp", "arm_thesis_mtp_leak"]
     assert trained == ["mtp-model leak=False", "mtp-model leak=True"]
+
+
+def test_perplexity_verdict_says_when_the_thesis_arms_are_untrained():
+    from multitoken import ledger
+
+    def ppl(ntp, causal, leak):
+        return {a: {"workbook_recipe": {"value": v, "lo": v, "hi": v}}
+                for a, v in zip(ledger.ARMS, (ntp, causal, leak))}
+    note = ledger.untrained_arms(ppl(1.88, 1056.0, 4243.0), 14)
+    assert "14 optimizer steps" in note and "1,056.0 (causal)" in note and "4,243.0 (with the leak)" in note
+    assert "1.88" in note
+    only_leak = ledger.untrained_arms(ppl(1.88, 2.0, 4243.0), 14)
+    assert "causal" not in only_leak and "with the leak" in only_leak
+    assert ledger.untrained_arms(ppl(1.88, 2.0, 2.1), 14) == ""
