@@ -395,7 +395,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.dry:
         print("make gpu-check needs a CUDA device, and this machine has none (torch "
-              f"{torch.__version__}, cuda {torch.version.cuda}). Run it on a CUDA machine (README: 'GPU numbers'), or "
+              f"{torch.__version__}, cuda {torch.version.cuda}). Run it on a CUDA machine (docs/GPU.md), or "
               "GPU_CHECK_DRY=1 make gpu-check for the same check on the CPU at a toy size.", file=sys.stderr)
         return 2
     if args.dry:

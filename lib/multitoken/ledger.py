@@ -213,12 +213,7 @@ def claims(cfg) -> pd.DataFrame:
                  " on these prompts, though it is not lossless by design"))
     leak_learned = S.verdict(d_l) == "lower" and S.verdict(d_c) != "lower"
 
-    def sp(c: S.CI, target: float) -> str:
-        if c.covers(target):
-            return f"consistent ({target}x in the interval)"
-        if c.lo > target:
-            return f"faster than claimed ({target}x)"
-        return "faster, but below the claim" if c.lo > 1 else ("no detectable speedup" if c.covers(1) else "slower")
+    sp = S.speed_verdict
 
     rows = [
         dict(claim="Table 1: MTP 1.61x faster than NTP (ratio of mean time per call)",
@@ -366,8 +361,7 @@ def other_claims(cfg) -> pd.DataFrame:
                          claimed=f"{acc:.0%} / {speed}x",
                          measured=f"draft {k} accepted {got_acc:.0%} of steps; {sp.fmt(2)} vs HF generate, "
                                   f"{kv.fmt(2)} vs greedy_kv (τ {r['mean_accepted_length']:.2f})",
-                         verdict="speedup " + ("consistent" if sp.covers(speed) else "above the claim"
-                                               if sp.lo > speed else "below the claim")
+                         verdict="speedup " + S.speed_verdict(sp, speed)
                                  + f"; speculation alone: {S.verdict(kv, 1.0, 'faster', 'slower')}"))
     rows.append(dict(system="nanochat", claim="15-20% better data efficiency; validation loss −8% (2.5 → 2.3)",
                      claimed="−8% val loss", measured=f"next-token validation loss NTP {ntp_val:.3f}, MTP {mtp_val:.3f}"

@@ -13,7 +13,7 @@ import seaborn as sns
 
 from .evaluation import best_methods, gain_of, speedup_of
 from .stages import result_note
-from .stats import CI, ci, verdict
+from .stats import ci, speed_verdict, verdict
 from .utils import atomic_write_text, note_written
 
 sns.set_theme(style="whitegrid", context="notebook")
@@ -204,16 +204,6 @@ def qualitative_table(samples: pd.DataFrame, out_dir) -> Path:
     return atomic_write_text(Path(out_dir) / "qualitative.md", "\n".join(lines) + "\n\n" + result_note() + "\n")
 
 
-def _speed_verdict(c: CI, thesis: float) -> str:
-    if c.covers(thesis):
-        return f"yes (the thesis' {thesis}x lies in the interval)"
-    if c.lo > thesis:
-        return f"yes, faster than the thesis' {thesis}x"
-    if c.lo > 1:
-        return f"partly: faster (interval above 1) but below the thesis' {thesis}x"
-    return "no detectable speedup" if c.covers(1) else "no: slower"
-
-
 def thesis_table(quality: dict, bench: list, memory_: dict, out_dir, profile: str) -> pd.DataFrame:
     """One row per variant: our speed, perplexity, accuracy, BLEU (each with its 95% bootstrap interval), memory,
     beside the thesis' numbers, and a verdict drawn from the intervals (never from two point estimates)."""
@@ -236,7 +226,7 @@ def thesis_table(quality: dict, bench: list, memory_: dict, out_dir, profile: st
         else:
             d = {m: ci(q["diff_vs_ntp"][m]) for m in ("perplexity", "accuracy")}
             row["Δ perplexity vs NTP"], row["Δ accuracy vs NTP"] = d["perplexity"].fmt(3), d["accuracy"].fmt(3)
-            speed = _speed_verdict(gain, t["speedup"]) if gain else "n/a"
+            speed = speed_verdict(gain, t["speedup"]) if gain else "n/a"
             if v == "medusa":
                 ppl = ("cannot change by construction (frozen backbone: the same next-token logits), so the thesis' "
                        f"16.85 < 17.45 is not reproducible; Δ = {d['perplexity'].fmt(3)}")

@@ -100,6 +100,20 @@ def paired_difference(stat, a_columns, b_columns, **kw) -> CI:
     return bootstrap(lambda *c: stat(*c[:k]) - stat(*c[k:]), *a_columns, *b_columns, **kw)
 
 
+def speed_verdict(ci: CI, claimed: float) -> str:
+    """A measured speedup's interval against a claimed one. An interval that holds 1x supports no speedup, whatever
+    else it holds: 'no detectable speedup' (naming the claim when the interval holds it too); otherwise 'consistent
+    with', 'faster than' or 'faster, but below' the claim, or 'slower'."""
+    if ci.covers(1.0):
+        also = f" (the interval holds the claimed {claimed}x too)" if ci.covers(claimed) and claimed != 1 else ""
+        return "no detectable speedup" + also
+    if ci.hi < 1.0:
+        return "slower"
+    if ci.covers(claimed):
+        return f"consistent with the claimed {claimed}x"
+    return f"faster than the claimed {claimed}x" if ci.lo > claimed else f"faster, but below the claimed {claimed}x"
+
+
 def verdict(ci: CI, null: float = 0.0, higher: str = "higher", lower: str = "lower") -> str:
     """'higher' / 'lower' when the interval excludes ``null``, else 'no detectable difference'."""
     if ci.lo > null:

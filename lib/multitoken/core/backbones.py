@@ -363,7 +363,7 @@ class LlamaBackbone(Backbone):
 
     Cached inference calls transformers' decoder layers directly (skipping ``LlamaModel``'s mask building and output
     machinery); no hand-written lean layer: ``make bench`` measured HF's per-layer overhead as small next to reading
-    the weights at this size (see the README's step costs)."""
+    the weights at this size (docs/BENCHMARKS.md: step costs)."""
 
     family = "llama"
     lm_class = LlamaForCausalLM
