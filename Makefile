@@ -82,7 +82,7 @@ MODEL ?= smollm2-135m-instruct
 bench-steps: $(STAMP)
 	$(PY) -m multitoken bench-steps --model $(MODEL)
 
-# A ~10-minute GPU benchmark for any CUDA machine (README: "GPU numbers"), with the workbook's environment;
+# A ~10-minute GPU benchmark for any CUDA machine (docs/GPU.md), with the workbook's environment;
 # GPU_CHECK_DRY=1 runs it on the CPU at a toy size. Results in OUT=... (runs/gpu_check by default).
 GPU_PY ?= $(PY)
 gpu-check: $(STAMP)
