@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 from pathlib import Path
 
 import pandas as pd
+
+from multitoken.report import verdict_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,49 +124,6 @@ def ablations(fig: Path) -> str:
     return df[cols].round({"val_ppl": 3, "mean_head_acc": 3}).to_markdown(index=False)
 
 
-def answer(fig: Path) -> str:
-    """The verdict table: each of the thesis' claims, its number, ours with its interval, and the verdict drawn from
-    the interval (speed from speculation's own gain over this engine without drafts, `greedy_kv`); rows fit 120
-    characters, the details follow in a note."""
-    from multitoken.evaluation import best_methods, gain_of, speedup_of
-    from multitoken.plots import THESIS
-    from multitoken.stats import ci as CI, speed_verdict, verdict
-
-    q = json.loads((fig / "quality.json").read_text())
-    rows = json.loads((fig / "decoding_benchmark.json").read_text())
-    mem = json.loads((fig / "memory.json").read_text())
-    best = best_methods(rows)
-    out = ["| the thesis' claim | thesis | ours [95% CI] | verdict |", "|:--|:--|:--|:--|"]
-    for v, name in (("mtp", "MTP"), ("medusa", "MEDUSA-1")):
-        g, claimed = gain_of(best[v]), THESIS[v]["speedup"]
-        out.append(f"| {name} speedup | {claimed}x | {g.fmt(2)} | {speed_verdict(g, claimed)} |")
-    ntp = THESIS["ntp"]["perplexity"]
-    for v, name in (("mtp", "MTP"), ("medusa", "MEDUSA-1")):
-        d = CI(q[v]["diff_vs_ntp"]["perplexity"])
-        word = ("not reproducible: frozen backbone" if v == "medusa" else
-                {"lower": "lower, as claimed", "higher": "higher (thesis: lower)",
-                 "no detectable difference": "no detectable difference"}[verdict(d)])
-        out.append(f"| {name} perplexity, Δ vs NTP | {THESIS[v]['perplexity'] - ntp:+.2f} | "
-                   f"{d.fmt(2) if v == 'mtp' else d.fmt(3)} | {word} |")
-    same = min(r["identical_to_greedy"] for r in rows if r["method"] not in ("hf_greedy", "greedy_kv"))
-    out.append(f"| MEDUSA-1 keeps the output | stated | {same:.0%} identical | "
-               f"{'holds for every method: verification is exact' if same == 1 else 'not for every method'} |")
-    m = {v: mem[v]["peak_mb"] / mem["ntp"]["peak_mb"] - 1 for v in ("mtp", "medusa")}
-    t = {v: THESIS[v]["memory_gb"] / THESIS["ntp"]["memory_gb"] - 1 for v in ("mtp", "medusa")}
-    out.append(f"| memory over NTP, MTP / MEDUSA-1 | {t['mtp']:+.0%} / {t['medusa']:+.0%} | {m['mtp']:+.0%} / "
-               f"{m['medusa']:+.0%} | {'similar' if all(abs(m[v] - t[v]) < 0.05 for v in m) else 'different'} |")
-    top = max(rows, key=lambda r: r["speedup_vs_hf_greedy"] if r["identical_to_greedy"] == 1 else 0)
-    r0, pq = rows[0], q["ntp"]["perplexity"]
-    sp = {v: speedup_of(best[v]).fmt(2) for v in ("mtp", "medusa")}
-    out += [""] + textwrap.wrap(f"Speed: speculation's own gain over this engine decoding without drafts, for the method chosen on "
-            f"validation prompts (`{best['mtp']['method']}`, `{best['medusa']['method']}`; over HF `generate`: "
-            f"{sp['mtp']} and {sp['medusa']}), {r0['dtype']} on {r0['device_name']}, batch 1, {r0['prompts']} test "
-            f"prompts. The fastest lossless method is `{top['method']}`: {speedup_of(top).fmt(2)} over HF `generate`, "
-            f"τ {top['mean_accepted_length']:.2f}. Perplexity on {q['ntp']['n_ppl']} test problems (NTP "
-            f"{CI(pq).fmt(2)}; the thesis' NTP {ntp}). Files: `figures/{fig.name}/`.", 118)
-    return "\n".join(out)
-
-
 def block(profile: str) -> str:
     fig = ROOT / ("runs/smoke/figures" if profile == "smoke" else f"figures/{profile}")
     parts = [("Which runs made these files", lambda: provenance(fig)),
@@ -201,7 +159,7 @@ def replace_block(path: Path, tag: str, body: str, required: bool = True) -> Non
 
 def write(profile: str) -> None:
     replace_block(ROOT / "docs" / "RESULTS.md", f"results:{profile}", block(profile))
-    replace_block(ROOT / "README.md", f"answer:{profile}", answer(ROOT / "figures" / profile), required=False)
+    replace_block(ROOT / "README.md", f"answer:{profile}", verdict_table(ROOT / "figures" / profile), required=False)
 
 
 if __name__ == "__main__":

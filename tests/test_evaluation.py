@@ -1,3 +1,4 @@
+import json
 import math
 
 import pandas as pd
@@ -184,6 +185,28 @@ def test_figure_functions_return_figures_and_write_files(tmp_path):
     md = (tmp_path / "thesis_table.md").read_text()
     assert "frozen backbone" in md and "17.45" in md and (tmp_path / "thesis_table.tex").exists()
     assert "p \\| q" in plots.qualitative_table(samples, tmp_path).read_text()
+
+
+def test_verdict_table_reads_the_published_files_and_draws_verdicts_from_intervals(tmp_path):
+    from multitoken.report import verdict_table
+
+    _, q, bench, _, mem, *_ = fixture_results()
+    bench = [dict(r, device_name="cpu", dtype="float32", prompts=5) for r in bench]
+    for name, obj in (("quality.json", q), ("decoding_benchmark.json", bench), ("memory.json", mem)):
+        (tmp_path / name).write_text(json.dumps(obj))
+    t = verdict_table(tmp_path)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in t.splitlines() if line.startswith("| ")}
+    assert rows["MTP speedup"][1:] == ["1.61x", "1.69 [1.59, 1.79]", "consistent with the claimed 1.61x |"]
+    assert rows["MTP perplexity, Δ vs NTP"][2:] == ["1.00 [0.50, 1.50]", "higher (thesis: lower) |"]
+    assert "not reproducible" in rows["MEDUSA-1 perplexity, Δ vs NTP"][3]
+    assert rows["MEDUSA-1 keeps the output"][2] == "100% identical"
+    assert "`mtp_tree`" in t and max(len(line) for line in t.splitlines()) <= 120
+    noisy = [dict(r, speedup_vs_greedy_kv_lo=0.9) for r in bench]
+    (tmp_path / "decoding_benchmark.json").write_text(json.dumps(noisy))
+    assert "| MTP speedup | 1.61x | 1.69 [0.90, 1.79] | no detectable speedup (the interval holds" in verdict_table(tmp_path)
+    (tmp_path / "memory.json").unlink()
+    with pytest.raises(FileNotFoundError):
+        verdict_table(tmp_path)
 
 
 def test_missing_results_name_the_notebook(tmp_path, monkeypatch):

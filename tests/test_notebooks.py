@@ -34,8 +34,15 @@ def test_executed_notebook_shows_every_figure_and_the_report_embeds_them(tmp_pat
                for o in c.get("outputs", []))  # the closing sentence written from the results
     (run / "figures").mkdir(exist_ok=True)
     (run / "figures" / "thesis_table.md").write_text("| variant | speedup (ours) |\n|---|---|\n| mtp | 2.21 [2.1, 2.3] |\n")
+    from test_evaluation import fixture_results
+    _, q, bench, _, mem, *_ = fixture_results()
+    bench = [dict(r, device_name="cpu", dtype="float32", prompts=5) for r in bench]
+    for name, obj in (("quality.json", q), ("decoding_benchmark.json", bench), ("memory.json", mem)):
+        (run / "figures" / name).write_text(json.dumps(obj))
     html = build_report("smoke", root=tmp_path, runs="| stage | run |\n|---|---|\n| 00_data | r1 |").read_text()
     assert html.count("data:image/png;base64,") >= len(figure_cells)
+    assert -1 < html.find("The verdicts") < html.find("The thesis table")   # the same verdicts as the README, first
+    assert "consistent with the claimed 1.61x" in html
     assert "The thesis table" in html and "2.21 [2.1, 2.3]" in html and "The runs behind these results" in html
     assert not re.findall(r'(?:src|href)="https?://', html)   # nothing fetched from the network
     assert "pipeline.run_data(cfg)" not in html               # code hidden

@@ -2,12 +2,13 @@
 
 Each ``*_summary`` returns Markdown written from the results themselves, so an executed notebook ends with its
 findings in words (shown with ``IPython.display.Markdown``). ``build_report`` joins the executed notebooks of a
-profile into ``runs/<profile>/report.html``: the thesis table first, then every notebook's prose, tables and figures
+profile into ``runs/<profile>/report.html``: the verdicts and the thesis table first, then every notebook's prose, tables and figures
 (code hidden, images embedded, no external resources), so it opens offline in any browser.
 """
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -122,6 +123,54 @@ def thesis_summary(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def verdict_table(fig: Path) -> str:
+    """The verdict table of a profile's published results (``figures/<profile>/``: quality.json,
+    decoding_benchmark.json, memory.json): each of the thesis' claims, its number, ours with its interval, and the
+    verdict drawn from the interval (speed from speculation's own gain over this engine without drafts, `greedy_kv`),
+    then a note on what was measured. Markdown with lines of at most 120 characters; FileNotFoundError when a file is
+    missing."""
+    import json
+
+    from .evaluation import best_methods, gain_of, speedup_of
+    from .plots import THESIS
+    from .stats import speed_verdict, verdict
+    CI = ci
+
+    q = json.loads((fig / "quality.json").read_text())
+    rows = json.loads((fig / "decoding_benchmark.json").read_text())
+    mem = json.loads((fig / "memory.json").read_text())
+    best = best_methods(rows)
+    out = ["| the thesis' claim | thesis | ours [95% CI] | verdict |", "|:--|:--|:--|:--|"]
+    for v, name in (("mtp", "MTP"), ("medusa", "MEDUSA-1")):
+        g, claimed = gain_of(best[v]), THESIS[v]["speedup"]
+        out.append(f"| {name} speedup | {claimed}x | {g.fmt(2)} | {speed_verdict(g, claimed)} |")
+    ntp = THESIS["ntp"]["perplexity"]
+    for v, name in (("mtp", "MTP"), ("medusa", "MEDUSA-1")):
+        d = CI(q[v]["diff_vs_ntp"]["perplexity"])
+        word = ("not reproducible: frozen backbone" if v == "medusa" else
+                {"lower": "lower, as claimed", "higher": "higher (thesis: lower)",
+                 "no detectable difference": "no detectable difference"}[verdict(d)])
+        out.append(f"| {name} perplexity, Δ vs NTP | {THESIS[v]['perplexity'] - ntp:+.2f} | "
+                   f"{d.fmt(2) if v == 'mtp' else d.fmt(3)} | {word} |")
+    same = min(r["identical_to_greedy"] for r in rows if r["method"] not in ("hf_greedy", "greedy_kv"))
+    out.append(f"| MEDUSA-1 keeps the output | stated | {same:.0%} identical | "
+               f"{'holds for every method: verification is exact' if same == 1 else 'not for every method'} |")
+    m = {v: mem[v]["peak_mb"] / mem["ntp"]["peak_mb"] - 1 for v in ("mtp", "medusa")}
+    t = {v: THESIS[v]["memory_gb"] / THESIS["ntp"]["memory_gb"] - 1 for v in ("mtp", "medusa")}
+    out.append(f"| memory over NTP, MTP / MEDUSA-1 | {t['mtp']:+.0%} / {t['medusa']:+.0%} | {m['mtp']:+.0%} / "
+               f"{m['medusa']:+.0%} | {'similar' if all(abs(m[v] - t[v]) < 0.05 for v in m) else 'different'} |")
+    top = max(rows, key=lambda r: r["speedup_vs_hf_greedy"] if r["identical_to_greedy"] == 1 else 0)
+    r0, pq = rows[0], q["ntp"]["perplexity"]
+    sp = {v: speedup_of(best[v]).fmt(2) for v in ("mtp", "medusa")}
+    out += [""] + textwrap.wrap(f"Speed: speculation's own gain over this engine decoding without drafts, for the method chosen on "
+            f"validation prompts (`{best['mtp']['method']}`, `{best['medusa']['method']}`; over HF `generate`: "
+            f"{sp['mtp']} and {sp['medusa']}), {r0['dtype']} on {r0['device_name']}, batch 1, {r0['prompts']} test "
+            f"prompts. The fastest lossless method is `{top['method']}`: {speedup_of(top).fmt(2)} over HF `generate`, "
+            f"τ {top['mean_accepted_length']:.2f}. Perplexity on {q['ntp'].get('n_ppl', q['ntp'].get('n_eval'))} test problems (NTP "
+            f"{CI(pq).fmt(2)}; the thesis' NTP {ntp}). Files: `figures/{fig.name}/`.", 118)
+    return "\n".join(out)
+
+
 # --- the HTML report ---------------------------------------------------------------------------------------------
 
 def build_report(profile: str, root: Path | None = None, runs: str | None = None) -> Path:
@@ -138,6 +187,10 @@ def build_report(profile: str, root: Path | None = None, runs: str | None = None
     figs = run / "figures" if profile == "smoke" else root / "figures" / profile
     head = [f"# Faster LLMs with Multi-Token Prediction and MEDUSA-1 — workbook report, profile `{profile}`",
             "Every number below was computed by the notebooks that follow; code is hidden."]
+    try:
+        head += ["## The verdicts", verdict_table(figs)]
+    except (FileNotFoundError, KeyError):          # a profile without a finished evaluation
+        pass
     for name, title in (("thesis_table.md", "The thesis table"), ("thesis_claims.md", "The thesis' claims")):
         if (figs / name).exists():
             head += [f"## {title}", (figs / name).read_text()]
