@@ -12,14 +12,12 @@ import pandas as pd
 import seaborn as sns
 
 from .evaluation import best_methods, gain_of, speedup_of
+from .report import THESIS
 from .stages import result_note
 from .stats import ci, speed_verdict, verdict
 from .utils import atomic_write_text, note_written
 
 sns.set_theme(style="whitegrid", context="notebook")
-THESIS = {"ntp": {"speedup": 1.00, "perplexity": 17.45, "memory_gb": 3.2},
-          "mtp": {"speedup": 1.61, "perplexity": 15.23, "memory_gb": 3.4},
-          "medusa": {"speedup": 1.27, "perplexity": 16.85, "memory_gb": 3.3}}
 
 
 def _save(fig, out_dir, name):
