@@ -101,7 +101,7 @@ def test_heads_trained_on_features_learn_and_save_a_whole_model(loaders, tmp_pat
 
 def test_a_profile_trains_its_frozen_model_heads_on_features_cached_once_per_model_and_text(tmp_path, monkeypatch):
     from multitoken import __main__ as cli
-    from multitoken import pipeline
+    from multitoken import pipeline, plots
     from test_training import _ntp_of_a_profile
 
     params = _ntp_of_a_profile(tmp_path, monkeypatch, profile="feat", max_new_tokens=12, medusa_max_examples=16,
@@ -150,17 +150,33 @@ def test_acceptance_counts_the_run_of_leading_hits():
 
 def test_a_profile_measures_its_drafters_against_training_tokens(tmp_path, monkeypatch):
     from multitoken import __main__ as cli
-    from multitoken import pipeline
+    from multitoken import pipeline, plots
     from test_training import _ntp_of_a_profile
 
     params = _ntp_of_a_profile(tmp_path, monkeypatch, profile="scal", max_new_tokens=12, medusa_max_examples=16,
                                mtpseq_n=3, medusa_heads=2, medusa_features=True, mtpseq_features=True,
-                               drafter_scaling_tokens=[40, 10 ** 9])
+                               drafter_scaling_tokens=[40, 10 ** 9], drafter_scaling_reference=True)
     for v in ("medusa", "mtp_seq"):
         assert cli.main(["train", "--variant", v, "-f", str(params)]) == 0
     cfg = pipeline.profile_config(str(params))
     df = pipeline.run_drafter_scaling(cfg)
-    assert list(df.variant) == ["medusa", "medusa", "mtp_seq", "mtp_seq"]   # 10**9: more than there is, so "all"
+    # 10**9: more than there is, so "all" for the model's own text; the reference text only at the sizes asked for
+    assert list(zip(df.variant, df.text)) == [("medusa", "self-distilled")] * 2 + [("medusa", "reference")] + [
+        ("mtp_seq", "self-distilled")] * 2 + [("mtp_seq", "reference")]
+    assert (df[df.text == "reference"].train_tokens == 40).all()
+    prep = pipeline.loaders(cfg)[3]
+    ref = pipeline.distill_prompts(cfg, prep)["train"]       # the distilled prompts, with their reference solutions
+    assert len(ref) == 16 and ref["query"] == prep["raw"]["train"]["query"][:16]
+    assert ref["response"] == prep["raw"]["train"]["response"][:16]
+    tok = prep["tokenizer"]
+
+    def texts(split):
+        fs = T.FeatureSet.load(tmp_path / "runs" / "scal" / "data" / "features" / "medusa" / f"{split}.safetensors")
+        return [tok.decode(ex["labels"][ex["labels"] != -100]) for ex in fs]
+    start = ref["response"][0][:25]
+    assert any(start in t for t in texts("reference")) and not any(start in t for t in texts("train"))
+    assert plots.drafter_scaling(df, tmp_path).saved.exists()
+    df = df[df.text == "self-distilled"]
     small, full = df.train_tokens.iloc[0], df.train_tokens.iloc[1]
     assert 40 <= small < full and set(df.columns) >= {"first_token", "tau", "head1_top1", "head2_top1"}
     assert ((df.tau >= 1) & (df.tau <= 3) & df.first_token.between(0, 1)).all()

@@ -237,7 +237,9 @@ def run_drafter_scaling(cfg, models: dict | None = None) -> pd.DataFrame:
     (``medusa_features``, ``mtpseq_features``), heads trained afresh with the profile's recipe on the first N
     training tokens (each N of ``drafter_scaling_tokens`` below the total) beside the stage's own model (all of them),
     each scored on the validation text (the model's own continuations where self-distilled): every head's top-1, the
-    first draft's acceptance and the chain's τ (``T.acceptance``). Writes ``results/drafter_scaling.csv``."""
+    first draft's acceptance and the chain's τ (``T.acceptance``). With ``drafter_scaling_reference`` the same on
+    the reference solutions of the distilled prompts (column ``text``; each N only, no model on all of them), scored
+    on the same validation text: which training text helps. Writes ``results/drafter_scaling.csv``."""
     p = paths(cfg)
     rows = []
     for variant, prefix in (("medusa", "medusa"), ("mtp_seq", "mtpseq")):
@@ -250,15 +252,21 @@ def run_drafter_scaling(cfg, models: dict | None = None) -> pd.DataFrame:
         full = (models or {}).get(variant) or load_variant(cfg, variant)
         train, val = (head_features(cfg, full, loader, variant, split) for split, loader in (("train", tr),
                                                                                               ("validation", va)))
-        total = train.num_tokens
-        runs = [(n, None) for n in cfg["drafter_scaling_tokens"] if n < total] + [(total, full)]
-        for n, model in runs:
-            if model is None:
-                model = _heads_on_features(cfg, variant, base, tr, va, tok, scratch, None, n_tokens=n,
-                                           feats=(train, val))
-            acc = T.acceptance(T.head_hits(model, val))
-            top1 = {f"head{k}_top1": a for k, a in enumerate(acc.pop("per_head_top1"), 1)}
-            rows.append({"variant": variant, "train_tokens": n, **acc, **top1})
+        texts = [("self-distilled" if cfg[f"{prefix}_self_distill"] else "reference", tr, train, full)]
+        if cfg["drafter_scaling_reference"] and cfg[f"{prefix}_self_distill"]:
+            ref = D.make_dataloader(D.tokenize_dataset(distill_prompts(cfg, prep)["train"], tok, cfg["max_seq_len"]),
+                                    tok, cfg["batch_size"], True)
+            texts.append(("reference", ref, head_features(cfg, full, ref, variant, "reference"), None))
+        for text, loader, feats, whole in texts:
+            total = feats.num_tokens
+            runs = [(n, None) for n in cfg["drafter_scaling_tokens"] if n < total] + ([(total, whole)] if whole else [])
+            for n, model in runs:
+                if model is None:
+                    model = _heads_on_features(cfg, variant, base, loader, va, tok, scratch, None, n_tokens=n,
+                                               feats=(feats, val))
+                acc = T.acceptance(T.head_hits(model, val))
+                top1 = {f"head{k}_top1": a for k, a in enumerate(acc.pop("per_head_top1"), 1)}
+                rows.append({"variant": variant, "text": text, "train_tokens": n, **acc, **top1})
     df = pd.DataFrame(rows)
     write_csv(p["results"] / "drafter_scaling.csv", df)
     return df
@@ -359,6 +367,21 @@ def mtpseq_fields(cfg) -> dict:
                 loss_weighting=cfg["mtpseq_weighting"], memory_efficient_loss=cfg["mtp_memory_efficient"])
 
 
+def distill_prompts(cfg, prep) -> dict:
+    """The records whose prompts self-distillation continues: the first ``medusa_max_examples`` training records
+    (beyond the fine-tuning sample: more of the source's train pool) and every validation record; their
+    ``response`` is still the reference solution."""
+    out = {}
+    for split in ("train", "validation"):
+        raw, n = prep["raw"][split], cfg["medusa_max_examples"] if split == "train" else None
+        if n and len(raw) > n:
+            raw = raw.select(range(n))  # already shuffled by the split
+        elif n and len(raw) < n:
+            raw = D.more_prompts(cfg["source"], prep["raw"], n, cfg["seed"])
+        out[split] = raw
+    return out
+
+
 def distilled_loaders(cfg, prep, tok):
     """Medusa's self-distillation data: the frozen NTP model's greedy continuations of the first
     ``medusa_max_examples`` training prompts and of the validation prompts, as long as decoding will verify
@@ -384,12 +407,7 @@ def distilled_loaders(cfg, prep, tok):
             write_json(parts / "key.json", key)
         dev, model = device(cfg), None
         per_part = 8 * cfg["distill_batch"]
-        for split in ("train", "validation"):
-            raw, n = prep["raw"][split], cfg["medusa_max_examples"] if split == "train" else None
-            if n and len(raw) > n:
-                raw = raw.select(range(n))  # already shuffled by the split
-            elif n and len(raw) < n:
-                raw = D.more_prompts(cfg["source"], prep["raw"], n, cfg["seed"])
+        for split, raw in distill_prompts(cfg, prep).items():
             done = []
             for i in range(0, len(raw), per_part):
                 part = parts / f"{split}_{i // per_part:05d}"

@@ -66,16 +66,17 @@ def per_head_accuracy(acc: dict, out_dir, name="per_head_accuracy"):
 
 
 def drafter_scaling(df: pd.DataFrame, out_dir, name="drafter_scaling"):
-    """First-draft acceptance, chain τ and each head's top-1 against the training tokens the drafters saw."""
+    """First-draft acceptance, chain τ and each head's top-1 against the training tokens the drafters saw, one panel
+    per family; dashed where they trained on reference solutions instead of the model's own text (column ``text``)."""
+    df = df.assign(text=df.text if "text" in df else "self-distilled")
     long = pd.concat([df.assign(measure="first draft accepted", value=df.first_token),
                       df.assign(measure="chain τ - 1", value=df.tau - 1)]
                      + [df.assign(measure=f"head {c[4:-5]} top-1", value=df[c]) for c in df if c.endswith("_top1")])
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    sns.lineplot(long, x="train_tokens", y="value", hue="measure", style="variant", markers=True, ax=ax)
-    ax.set(xscale="log", xlabel="training tokens (head-1 targets)", ylabel="",
-           title="Drafters against training text (validation, teacher-forced)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
-    return _save(fig, out_dir, name)
+    g = sns.relplot(long, x="train_tokens", y="value", hue="measure", style="text", col="variant", kind="line",
+                    markers=True, height=3.4, aspect=1.1, facet_kws={"sharey": True})
+    g.set(xscale="log", xlabel="training tokens (head-1 targets)", ylabel="")
+    g.set_titles("{col_name} (validation, teacher-forced)")
+    return _save(g.figure, out_dir, name)
 
 
 def decoding_speed(per_prompt: pd.DataFrame, out_dir):

@@ -133,6 +133,8 @@ class Medusa:
                                           "epochs of the heads alone")
     drafter_scaling_tokens: list[int] = _f([], ge=1, doc="notebook 03 also trains the drafters of cached features "
                                                         "on the first N training tokens, for each N")
+    drafter_scaling_reference: bool = _f(False, doc="the same on GSM8K's reference solutions of the distilled "
+                                                    "prompts, scored on the same validation text: which text helps")
 
 
 @dataclass(frozen=True)
