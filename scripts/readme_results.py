@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from multitoken.report import verdict_table
+from multitoken.report import controls_table, verdict_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,6 +132,7 @@ def block(profile: str) -> str:
              ("Decoding (`decoding_benchmark.json`)", lambda: decoding(fig, "decoding_benchmark.json")),
              ("Decoding in bf16 (`decoding_benchmark_bfloat16.json`)",
               lambda: decoding(fig, "decoding_benchmark_bfloat16.json")),
+             ("MTP under controls (`mtp_controls_quality.json`)", lambda: controls_table(fig)),
              ("Speed targets (`speed_targets.json`)", lambda: targets(fig)),
              ("The thesis table (`thesis_table.md`)", lambda: (fig / "thesis_table.md").read_text().strip()),
              ("The claims ledger (`thesis_claims.md`)", lambda: (fig / "thesis_claims.md").read_text().strip()),
@@ -154,12 +155,17 @@ def replace_block(path: Path, tag: str, body: str, required: bool = True) -> Non
             sys.exit(f"{path.relative_to(ROOT)} has no block {start} ... {end}")
         return
     head, rest = text.split(start, 1)
-    path.write_text(head + start + "\n" + body.rstrip() + "\n" + end + rest.split(end, 1)[1])
+    path.write_text(head + start + "\n" + (body.rstrip() + "\n" if body.strip() else "") + end + rest.split(end, 1)[1])
 
 
 def write(profile: str) -> None:
     replace_block(ROOT / "docs" / "RESULTS.md", f"results:{profile}", block(profile))
-    replace_block(ROOT / "README.md", f"answer:{profile}", verdict_table(ROOT / "figures" / profile), required=False)
+    fig = ROOT / "figures" / profile
+    replace_block(ROOT / "README.md", f"answer:{profile}", verdict_table(fig), required=False)
+    controls = ("MTP under controls (`mtp_controls_quality.json`), each run on the test problems; notebook 04 measures "
+                "as `mtp` the run\nwith the lowest validation perplexity among those whose heads train:\n\n"
+                + controls_table(fig)) if (fig / "mtp_controls_quality.json").exists() else ""
+    replace_block(ROOT / "README.md", f"controls:{profile}", controls, required=False)
 
 
 if __name__ == "__main__":

@@ -147,12 +147,16 @@ def verdict_table(fig: Path) -> str:
     for v, name in (("mtp", "MTP"), ("medusa", "MEDUSA-1")):
         g, claimed = gain_of(best[v]), THESIS[v]["speedup"]
         out.append(f"| {name} speedup | {claimed}x | {g.fmt(2)} | {speed_verdict(g, claimed)} |")
+    rests = ""                                          # the MTP run the perplexity verdict rests on
+    if (fig / "mtp_controls_quality.json").exists():
+        rests = " (run `{}`)".format(next(k for k, r in json.loads((fig / "mtp_controls_quality.json").read_text())
+                                          .items() if r["measured_as_mtp"]))
     ntp = THESIS["ntp"]["perplexity"]
     for v, name in (("mtp", "MTP"), ("medusa", "MEDUSA-1")):
         d = CI(q[v]["diff_vs_ntp"]["perplexity"])
         word = ("not reproducible: frozen backbone" if v == "medusa" else
                 {"lower": "lower, as claimed", "higher": "higher (thesis: lower)",
-                 "no detectable difference": "no detectable difference"}[verdict(d)])
+                 "no detectable difference": "no detectable difference"}[verdict(d)] + rests)
         out.append(f"| {name} perplexity, Δ vs NTP | {THESIS[v]['perplexity'] - ntp:+.2f} | "
                    f"{d.fmt(2) if v == 'mtp' else d.fmt(3)} | {word} |")
     same = min(r["identical_to_greedy"] for r in rows if r["method"] not in ("hf_greedy", "greedy_kv"))
@@ -174,6 +178,25 @@ def verdict_table(fig: Path) -> str:
     return "\n".join(out)
 
 
+def controls_table(fig: Path) -> str:
+    """MTP under controls, from ``mtp_controls_quality.json``: each run (the recipe, then each control with what it
+    changed) with its next-token perplexity on the test problems, its paired differences against NTP and the base
+    model, its heads' top-1 (t+2, t+3, ...), and which run notebook 04 measured as ``mtp``. FileNotFoundError when
+    the profile ran no controls."""
+    import json
+
+    runs = json.loads((fig / "mtp_controls_quality.json").read_text())
+    out = ["| MTP run | changed | perplexity | Δ vs NTP | Δ vs base | heads' top-1 | measured |",
+           "|:--|:--|:--|:--|:--|:--|:--|"]
+    for name, r in runs.items():
+        changed = ", ".join(f"{k.removeprefix('mtp_')} {v}" for k, v in r["changes"].items()) or "(the recipe)"
+        diff = [ci(r[f"diff_vs_{ref}"]).fmt(2) if f"diff_vs_{ref}" in r else "—" for ref in ("ntp", "base")]
+        heads = " / ".join(f"{a:.2f}" for a in r["head_top1"][1:])
+        out.append(f"| `{name}` | {changed} | {ci(r['perplexity']).fmt(2)} | {diff[0]} | {diff[1]} | {heads} | "
+                   f"{'as `mtp`' if r['measured_as_mtp'] else ''} |")
+    return "\n".join(out)
+
+
 # --- the HTML report ---------------------------------------------------------------------------------------------
 
 def build_report(profile: str, root: Path | None = None, runs: str | None = None) -> Path:
@@ -190,10 +213,11 @@ def build_report(profile: str, root: Path | None = None, runs: str | None = None
     figs = run / "figures" if profile == "smoke" else root / "figures" / profile
     head = [f"# Faster LLMs with Multi-Token Prediction and MEDUSA-1 — workbook report, profile `{profile}`",
             "Every number below was computed by the notebooks that follow; code is hidden."]
-    try:
-        head += ["## The verdicts", verdict_table(figs)]
-    except (FileNotFoundError, KeyError):          # a profile without a finished evaluation
-        pass
+    for title, table in (("The verdicts", verdict_table), ("MTP under controls", controls_table)):
+        try:
+            head += [f"## {title}", table(figs)]
+        except (FileNotFoundError, KeyError):      # a profile without a finished evaluation, or without controls
+            pass
     for name, title in (("thesis_table.md", "The thesis table"), ("thesis_claims.md", "The thesis' claims")):
         if (figs / name).exists():
             head += [f"## {title}", (figs / name).read_text()]
