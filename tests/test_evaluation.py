@@ -206,15 +206,17 @@ def test_verdict_table_reads_the_published_files_and_draws_verdicts_from_interva
     assert "| MTP speedup | 1.61x | 1.69 [0.90, 1.79] | no detectable speedup (the interval holds" in verdict_table(tmp_path)
     c = lambda x: {"value": x, "lo": x - 0.1, "hi": x + 0.1}  # noqa: E731
     controls = {"recipe": {"perplexity": c(4.5), "diff_vs_ntp": c(1.8), "diff_vs_base": c(0.8),
-                           "head_top1": [0.65, 0.11, 0.07], "changes": {}, "measured_as_mtp": False},
+                           "head_top1": [0.65, 0.11, 0.07], "changes": {}, "measured_as_mtp": False,
+                           "tau_reference": 1.123},
                 "slow_trunk": {"perplexity": c(3.0), "diff_vs_ntp": c(0.3), "diff_vs_base": c(-0.7),
                                "head_top1": [0.7, 0.09, 0.05], "changes": {"mtp_trunk_lr_scale": 0.1},
                                "measured_as_mtp": True}}
     (tmp_path / "mtp_controls_quality.json").write_text(json.dumps(controls))
     assert "| higher (thesis: lower) (run `slow_trunk`) |" in verdict_table(tmp_path)
     rows = controls_table(tmp_path).splitlines()
-    assert rows[2] == "| `recipe` | (the recipe) | 4.50 [4.40, 4.60] | 1.80 [1.70, 1.90] | 0.80 [0.70, 0.90] | 0.11 / 0.07 |  |"
-    assert rows[3].startswith("| `slow_trunk` | trunk_lr_scale 0.1 | 3.00") and rows[3].endswith("| 0.09 / 0.05 | as `mtp` |")
+    assert rows[2] == ("| `recipe` | (the recipe) | 4.50 [4.40, 4.60] | 1.80 [1.70, 1.90] | 0.80 [0.70, 0.90] | "
+                       "0.11 / 0.07 | 1.12 |  |")
+    assert rows[3].startswith("| `slow_trunk` | trunk_lr_scale 0.1 | 3.00") and rows[3].endswith("| 0.09 / 0.05 | — | as `mtp` |")
     (tmp_path / "memory.json").unlink()
     with pytest.raises(FileNotFoundError):
         verdict_table(tmp_path)

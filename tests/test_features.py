@@ -139,6 +139,8 @@ def test_teacher_forced_hits_on_cached_states_are_the_heads_top1(loaders, kind):
     hits = T.head_hits(model, T.cache_head_features(model, va, dtype=torch.float32), batch_size=5)
     top1 = [row[0] for row in pipeline.head_topk_accuracy(model, va, k=1, max_batches=len(va))]
     torch.testing.assert_close(hits.float().mean(0), torch.tensor(top1), rtol=0, atol=1e-6)
+    # the same hits through the model's own forward over the loader: what the MTP controls' τ is computed with
+    assert torch.equal(T.loader_head_hits(model, va), hits)
 
 
 def test_acceptance_counts_the_run_of_leading_hits():

@@ -307,6 +307,8 @@ def test_mtp_controls_train_beside_the_recipe_and_the_selected_run_is_what_mtp_l
     assert list(rows) == ["recipe", "lambda0", "n2", "slow_trunk"] and "diff_vs_base" not in rows["recipe"]
     assert abs(rows["lambda0"]["diff_vs_ntp"]["value"]) < 1e-4 < abs(rows["recipe"]["diff_vs_ntp"]["value"])
     assert [r["measured_as_mtp"] for r in rows.values()] == [k == chosen["run"] for k in rows]
+    assert all(1 <= r["tau_reference"] <= 1 + len(r["head_top1"]) - 1 for r in rows.values())
+    assert rows["n2"]["first_token"] == pytest.approx(rows["n2"]["tau_reference"] - 1)   # one head: τ = 1 + its hits
     with pytest.raises(ValueError, match=r"no MTP control 'lambda'; the profile's mtp_controls: \['lambda0', 'n2'"):
         pipeline.train_variant(cfg, "mtp", control="lambda")
 

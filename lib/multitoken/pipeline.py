@@ -855,8 +855,9 @@ def run_quality(cfg, models=None, prep=None):
 
 def _controls_quality(cfg, ev, per) -> dict:
     """Every MTP run (the recipe and each control) on the evaluation problems: next-token perplexity with its
-    interval, paired differences vs NTP and vs the base model (where the profile has one), each head's top-1; which
-    run notebook 04 measures as ``mtp``."""
+    interval, paired differences vs NTP and vs the base model (where the profile has one), each head's top-1, the
+    first draft's acceptance and a chain's τ teacher-forced on the reference solutions (``tau_reference``: decoding
+    verifies against the model's own text, so its τ differs); which run notebook 04 measures as ``mtp``."""
     chosen = paths(cfg)["results"] / "mtp_selection.json"
     measured = json.loads(chosen.read_text())["run"] if cfg["mtp_select"] and chosen.exists() else "recipe"
     out = {}
@@ -864,7 +865,9 @@ def _controls_quality(cfg, ev, per) -> dict:
         model = _load_checkpoint(cfg, mtp_run_dir(cfg, run) / "final", MultiTokenMixin, "mtp",
                                  cfg["quality_dtype"] or None)
         nll, ntok = E.token_nll(model, ev["loader"])
+        acc = T.acceptance(T.loader_head_hits(model, ev["loader"], max_batches=20))
         row = {"perplexity": S.perplexity_ci(nll, ntok).as_dict(), "head_top1": head_accuracy(model, ev["loader"]),
+               "first_token": acc["first_token"], "tau_reference": acc["tau"],
                "changes": cfg["mtp_controls"].get(run, {}), "measured_as_mtp": run == measured}
         for ref in ("ntp", "base"):
             if ref in per:

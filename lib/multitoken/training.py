@@ -469,6 +469,17 @@ def train_heads_on_features(model, train: FeatureSet, val: FeatureSet, tokenizer
     return model.eval(), trainer
 
 
+def _hits(model, logits, lab) -> torch.Tensor:
+    """Per position whose head-1 target is a label, whether head k's top-1 is the token at t+k+1."""
+    T_ = lab.shape[1]
+    at = torch.nn.functional.pad(lab[:, 2:] != -100, (0, 2))                  # head 1 has a target at t
+    hits = []
+    for k, lg in enumerate(logits, 1):
+        tgt = torch.nn.functional.pad(lab[:, k + 1:], (0, k + 1), value=-100)[:, :T_]
+        hits.append((model.head_token_ids(lg.argmax(-1)) == tgt) & (tgt != -100))
+    return torch.stack(hits, -1)[at].cpu()
+
+
 @torch.no_grad()
 def head_hits(model, feats: FeatureSet, batch_size: int = 16) -> torch.Tensor:
     """``(positions, S)`` bool: whether head k's top-1 at position t is the token at t+k+1 (teacher-forced on the
@@ -479,14 +490,22 @@ def head_hits(model, feats: FeatureSet, batch_size: int = 16) -> torch.Tensor:
     for i in range(0, len(feats), batch_size):
         b = feats.collate([feats[j] for j in range(i, min(i + batch_size, len(feats)))])
         ids, lab = b["input_ids"].to(dev), b["labels"].to(dev)
-        logits = model.all_head_logits(b["h0"].to(dev, dtype), ids)
-        T_ = lab.shape[1]
-        at = torch.nn.functional.pad(lab[:, 2:] != -100, (0, 2))                  # head 1 has a target at t
-        hits = []
-        for k, lg in enumerate(logits, 1):
-            tgt = torch.nn.functional.pad(lab[:, k + 1:], (0, k + 1), value=-100)[:, :T_]
-            hits.append((model.head_token_ids(lg.argmax(-1)) == tgt) & (tgt != -100))
-        out.append(torch.stack(hits, -1)[at].cpu())
+        out.append(_hits(model, model.all_head_logits(b["h0"].to(dev, dtype), ids), lab))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def loader_head_hits(model, loader, max_batches: int | None = None) -> torch.Tensor:
+    """:func:`head_hits` for any model with heads (jointly trained ones too) over a loader's batches (the first
+    ``max_batches``), teacher-forced on the loader's text through the model's own forward."""
+    model.eval()
+    dev, out = next(model.parameters()).device, []
+    for i, b in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        ids, mask, lab = (b[k].to(dev) for k in ("input_ids", "attention_mask", "labels"))
+        res = model(input_ids=ids, attention_mask=mask, output_head_logits=True)
+        out.append(_hits(model, res.head_logits, lab))
     return torch.cat(out)
 
 
