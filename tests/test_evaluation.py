@@ -178,7 +178,7 @@ def test_figure_functions_return_figures_and_write_files(tmp_path):
     t = plots.thesis_table(q, noisy, mem, tmp_path / "noisy", "fixture").set_index("variant")
     assert t.loc["mtp", "reproduced?"].startswith("speed: no detectable speedup")
     # an interval that holds 1x supports no speedup, even where it also holds the thesis' number
-    assert t.loc["medusa", "reproduced?"].startswith("speed: no detectable speedup (the interval holds the claimed 1.27x")
+    assert t.loc["medusa", "reproduced?"].startswith("speed: no detectable speedup (the interval holds 1.27x too)")
     slow = [dict(r, speedup_vs_greedy_kv=0.8, speedup_vs_greedy_kv_lo=0.7, speedup_vs_greedy_kv_hi=0.9) for r in bench]
     assert plots.thesis_table(q, slow, mem, tmp_path / "slow", "fixture").set_index("variant").loc[
         "mtp", "reproduced?"].startswith("speed: slower")
@@ -204,6 +204,16 @@ def test_verdict_table_reads_the_published_files_and_draws_verdicts_from_interva
     noisy = [dict(r, speedup_vs_greedy_kv_lo=0.9) for r in bench]
     (tmp_path / "decoding_benchmark.json").write_text(json.dumps(noisy))
     assert "| MTP speedup | 1.61x | 1.69 [0.90, 1.79] | no detectable speedup (the interval holds" in verdict_table(tmp_path)
+    assert "second independent" not in verdict_table(tmp_path)                      # one run: nothing to say
+    two = [dict(r, runs_gain_vs_greedy_kv=[[1.7, 1.6, 1.8], [1.7, 1.6, 1.8]]) for r in bench]
+    (tmp_path / "decoding_benchmark.json").write_text(json.dumps(two))
+    assert "A second independent benchmark run gives the same speed verdicts." in " ".join(
+        verdict_table(tmp_path).splitlines())
+    two = [dict(r, runs_gain_vs_greedy_kv=[[1.7, 1.6, 1.8], [1.1, 0.9, 1.3]]) for r in bench]
+    (tmp_path / "decoding_benchmark.json").write_text(json.dumps(two))
+    assert ("gives MTP 1.10: no detectable speedup; MEDUSA-1 1.10: no detectable speedup (the interval holds 1.27x "
+            "too).") in " ".join(
+        verdict_table(tmp_path).splitlines())
     c = lambda x: {"value": x, "lo": x - 0.1, "hi": x + 0.1}  # noqa: E731
     controls = {"recipe": {"perplexity": c(4.5), "diff_vs_ntp": c(1.8), "diff_vs_base": c(0.8),
                            "head_top1": [0.65, 0.11, 0.07], "changes": {}, "measured_as_mtp": False,
@@ -495,15 +505,19 @@ def test_independent_benchmark_runs_stand_beside_the_table_and_test_times_only_t
 
     def bench(cfg, ms, prompts, trees, chosen, everything=True):
         calls.append(everything)
-        return [{"method": m, "speedup_vs_hf_greedy": len(calls) + k} for k, m in enumerate(("greedy_kv", "x"))], None
+        n = len(calls)
+        gain = {"speedup_vs_greedy_kv": n, "speedup_vs_greedy_kv_lo": n - 0.5, "speedup_vs_greedy_kv_hi": n + 0.5}
+        return [{"method": "greedy_kv", "speedup_vs_hf_greedy": n}, {"method": "x", "speedup_vs_hf_greedy": n + 1,
+                                                                      **gain}], None
 
     _stub_benchmark_inputs(monkeypatch, PL, bench)
     cfg = PL.config(device="cpu", bench_runs=3, bench_selected_only=True)
     rows, _ = PL.run_decoding_benchmark(cfg, models, {"tokenizer": None, "tokenized": {"validation": None}},
                                         write=False)
     assert calls == [False, False, False]
-    assert rows == [{"method": "greedy_kv", "speedup_vs_hf_greedy": 1, "runs_speedup_vs_hf": [1, 2, 3]},
-                    {"method": "x", "speedup_vs_hf_greedy": 2, "runs_speedup_vs_hf": [2, 3, 4]}]
+    assert rows[0] == {"method": "greedy_kv", "speedup_vs_hf_greedy": 1, "runs_speedup_vs_hf": [1, 2, 3]}
+    assert rows[1]["runs_speedup_vs_hf"] == [2, 3, 4] and rows[1]["speedup_vs_greedy_kv"] == 1
+    assert rows[1]["runs_gain_vs_greedy_kv"] == [[1, 0.5, 1.5], [2, 1.5, 2.5], [3, 2.5, 3.5]]   # each run's interval
 
 
 def test_the_bf16_probe_reads_the_cpus_flags_and_times_only_where_pytorch_cannot_tell(monkeypatch):

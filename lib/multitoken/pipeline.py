@@ -705,8 +705,11 @@ def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="note
                 record_bench_run(cfg, again, source)
             runs.append(again)
         for r in rows:
-            r["runs_speedup_vs_hf"] = [next(x["speedup_vs_hf_greedy"] for x in run if x["method"] == r["method"])
-                                       for run in runs]
+            same = [next(x for x in run if x["method"] == r["method"]) for run in runs]
+            r["runs_speedup_vs_hf"] = [x["speedup_vs_hf_greedy"] for x in same]
+            if "speedup_vs_greedy_kv" in r:     # each run's interval, so a verdict can be checked run by run
+                r["runs_gain_vs_greedy_kv"] = [[x[f"speedup_vs_greedy_kv{k}"] for k in ("", "_lo", "_hi")]
+                                               for x in same]
         if write:
             write_result(cfg, "decoding_benchmark.json" if i == 0 else f"decoding_benchmark_{name}.json", rows, source)
         if i == 0:

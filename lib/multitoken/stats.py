@@ -105,7 +105,7 @@ def speed_verdict(ci: CI, claimed: float) -> str:
     else it holds: 'no detectable speedup' (naming the claim when the interval holds it too); otherwise 'consistent
     with', 'faster than' or 'faster, but below' the claim, or 'slower'."""
     if ci.covers(1.0):
-        also = f" (the interval holds the claimed {claimed}x too)" if ci.covers(claimed) and claimed != 1 else ""
+        also = f" (the interval holds {claimed}x too)" if ci.covers(claimed) and claimed != 1 else ""
         return "no detectable speedup" + also
     if ci.hi < 1.0:
         return "slower"
