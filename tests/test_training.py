@@ -1,3 +1,5 @@
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -224,6 +226,9 @@ def test_answers_cover_the_first_answer_examples_and_perplexity_every_problem(tm
     assert asked == [2] and (n["n_eval"], n["n_ppl"], n["n_answers"]) == (6, 6, 2)
     hits = pd.read_csv(tmp_path / "runs/anstest/results/answers_per_problem.csv")["ntp"]
     assert len(hits) == 2 and n["correct"] == hits.sum() and n["accuracy"]["value"] == hits.mean()
+    nll = pd.read_csv(tmp_path / "runs/anstest/results/nll_per_problem.csv")       # every problem's answer NLL
+    assert len(nll) == 6 and (nll.tokens > 0).all()
+    assert math.exp((nll.ntp * nll.tokens).sum() / nll.tokens.sum()) == pytest.approx(n["perplexity"]["value"])
     everything = pipeline.run_quality(pipeline.profile_config(str(params), answer_examples=None),
                                       {"ntp": pipeline.load_variant(cfg, "ntp")})[0]["ntp"]
     assert asked == [2, 6] and everything["n_answers"] == 6 and everything["perplexity"] == n["perplexity"]

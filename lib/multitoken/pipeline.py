@@ -790,7 +790,8 @@ def run_quality(cfg, models=None, prep=None):
     the engine, row by row), perplexities and head accuracies in ``quality_dtype``; with ``reuse_frozen`` MEDUSA-1 and
     the MTP modules take NTP's answers and NLLs, which a frozen backbone and lossless decoding make identical
     (checked: their NLLs on the first batches must equal NTP's exactly). Writes ``results/quality.json``,
-    ``results/answers_per_problem.csv`` (1 = right) and qualitative samples."""
+    ``results/answers_per_problem.csv`` (1 = right), ``results/nll_per_problem.csv`` (each problem's mean NLL per
+    token of its reference solution, per variant, and its number of tokens) and qualitative samples."""
     import copy
 
     if models is None:
@@ -853,6 +854,8 @@ def run_quality(cfg, models=None, prep=None):
     write_json(res / "quality.json", quality)
     write_csv(res / "samples.csv", samples)
     write_csv(res / "answers_per_problem.csv", pd.DataFrame({v: d["hit"] for v, d in per.items()}))
+    write_csv(res / "nll_per_problem.csv", pd.DataFrame(
+        {"tokens": per["ntp"]["ntok"], **{v: [n / t for n, t in zip(d["nll"], d["ntok"])] for v, d in per.items()}}))
     return quality, samples
 
 
