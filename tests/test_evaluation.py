@@ -232,6 +232,26 @@ def test_verdict_table_reads_the_published_files_and_draws_verdicts_from_interva
         verdict_table(tmp_path)
 
 
+def test_findings_of_the_drafter_scaling_and_the_mtp_controls(tmp_path):
+    from multitoken import report
+
+    df = pd.DataFrame([{"variant": "medusa", "text": t, "train_tokens": n, "first_token": a, "tau": 1 + a}
+                       for t, pts in (("self-distilled", ((100, 0.3), (1000, 0.5))), ("reference", ((100, 0.2),)))
+                       for n, a in pts])
+    s = report.scaling_summary(df)
+    assert "- MEDUSA-1 (self-distilled text): 100 tokens 0.30 / 1.30; 1,000 tokens 0.50 / 1.50" in s
+    assert "on the reference solutions instead: 100 tokens 0.20 / 1.20 (the model's own text ahead at 1 of 1 sizes)" in s
+    assert report.scaling_summary(df.iloc[:0]) == ""
+    assert report.controls_summary(tmp_path) == ""                      # a profile without controls
+    c = lambda x: {"value": x, "lo": x - 0.1, "hi": x + 0.1}  # noqa: E731
+    (tmp_path / "mtp_controls_quality.json").write_text(json.dumps({
+        "recipe": {"perplexity": c(4.5), "diff_vs_ntp": c(1.8), "diff_vs_base": c(0.8), "measured_as_mtp": False},
+        "lambda0": {"perplexity": c(2.7), "diff_vs_ntp": c(0.0), "diff_vs_base": c(-1.0), "measured_as_mtp": True}}))
+    s = report.controls_summary(tmp_path)
+    assert "- `recipe`: perplexity 4.500 [4.400, 4.600], higher than NTP, higher than base" in s
+    assert "- `lambda0` (measured as `mtp`): perplexity 2.700 [2.600, 2.800], no detectable difference from NTP, lower than base" in s
+
+
 def test_missing_results_name_the_notebook(tmp_path, monkeypatch):
     from multitoken import pipeline
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .stats import CI, ci
+from .stats import CI, ci, verdict
 from .utils import atomic_write_text, repo_root
 
 # The thesis' Table 1: speedup over NTP, perplexity, memory.
@@ -109,6 +109,50 @@ def speed_targets(rows: list[dict], targets: dict | None) -> dict:
     return out
 
 
+def scaling_summary(df: pd.DataFrame) -> str:
+    """What notebook 03's drafter scaling found, per family: the first draft's acceptance and τ at each amount of
+    training text (and, where both texts ran, the model's own text against the reference solutions at equal
+    tokens)."""
+    if df.empty:
+        return ""
+    df = df.assign(text=df.text if "text" in df else "self-distilled")
+    lines = ["**How much text the drafters need** (validation text, teacher-forced; first draft accepted / chain τ):",
+             ""]
+    for v, g in df.groupby("variant", sort=False):
+        own = g[g.text == g.text.iloc[0]]
+        pts = "; ".join(f"{int(r.train_tokens):,} tokens {r.first_token:.2f} / {r.tau:.2f}" for r in own.itertuples())
+        line = f"- {NAMES[v]} ({own.text.iloc[0]} text): {pts}"
+        ref = g[g.text == "reference"]
+        if len(ref) and own.text.iloc[0] != "reference":
+            same = own.merge(ref, on="train_tokens", suffixes=("", "_ref"))
+            line += "; on the reference solutions instead: " + "; ".join(
+                f"{int(r.train_tokens):,} tokens {r.first_token_ref:.2f} / {r.tau_ref:.2f}" for r in same.itertuples())
+            better = (same.first_token > same.first_token_ref).sum()
+            line += (f" (the model's own text ahead at {better} of {len(same)} sizes)" if len(same) else "")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def controls_summary(results: Path) -> str:
+    """What the MTP controls found (``results/mtp_controls_quality.json``): each run's perplexity Δ vs NTP and vs
+    the base model, and which run notebook 04 measures as ``mtp``; "" where the profile ran none."""
+    import json
+
+    f = Path(results) / "mtp_controls_quality.json"
+    if not f.exists():
+        return ""
+    runs = json.loads(f.read_text())
+    parts = []
+    for name, r in runs.items():
+        d = {ref: verdict(ci(r[f"diff_vs_{ref}"])) for ref in ("ntp", "base") if f"diff_vs_{ref}" in r}
+        said = ", ".join(f"{w} than {ref.upper() if ref == 'ntp' else ref}" if w != "no detectable difference"
+                         else f"no detectable difference from {ref.upper() if ref == 'ntp' else ref}"
+                         for ref, w in d.items())
+        parts.append(f"- `{name}`{' (measured as `mtp`)' if r['measured_as_mtp'] else ''}: perplexity "
+                     f"{ci(r['perplexity']).fmt(3)}, {said}")
+    return "**MTP under controls** (next-token perplexity on the test problems):\n\n" + "\n".join(parts)
+
+
 def targets_summary(res: dict) -> str:
     if not res:
         return ""
@@ -136,7 +180,7 @@ def verdict_table(fig: Path) -> str:
     import json
 
     from .evaluation import best_methods, gain_of, speedup_of
-    from .stats import speed_verdict, verdict
+    from .stats import speed_verdict
     CI = ci
 
     q = json.loads((fig / "quality.json").read_text())
