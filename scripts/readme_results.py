@@ -124,6 +124,29 @@ def ablations(fig: Path) -> str:
     return df[cols].round({"val_ppl": 3, "mean_head_acc": 3}).to_markdown(index=False)
 
 
+def step_costs(bench: Path) -> str:
+    """One decoding step of the pretrained model for 1..16 new tokens, from the newest `make bench-steps` file with
+    the fast step: transformers' forward, the engine's eager and fast steps, and the memory limit."""
+    files = [f for f in bench.glob("step_costs_*.json") if "fast_ms" in json.loads(f.read_text())["steps"][0]]
+    if not files:
+        raise FileNotFoundError("no step_costs_*.json with the fast step: run `make bench-steps`")
+    f = max(files, key=lambda f: json.loads(f.read_text()).get("run", {}).get("finished", ""))
+    d = json.loads(f.read_text())
+    out = []
+    for dt in dict.fromkeys(r["dtype"] for r in d["steps"]):
+        rows = [r for r in d["steps"] if r["dtype"] == dt]
+        out += [f"| {dt}, new tokens | " + " | ".join(str(r["tokens"]) for r in rows) + " |",
+                "|:--|" + "--:|" * len(rows),
+                "| transformers' forward (ms) | " + " | ".join(f"{r['hf_ms']:.1f}" for r in rows) + " |",
+                "| engine, fast step (ms) | " + " | ".join(f"{r['fast_ms']:.1f}" for r in rows) + " |",
+                "| fast step / one-token step | " + " | ".join(f"{r['fast_vs_1_token']:.2f}" for r in rows) + " |",
+                f"| memory limit (ms) | {rows[0]['memory_limit_ms']:.1f} |" + " |" * (len(rows) - 1), ""]
+    run = d.get("run", {})
+    out.append(f"{d['model']}, {d['context']}-token cache, {d['torch_threads']} threads, {d['cpu_capability']} CPU, "
+               f"{run.get('finished', '?')[:10]}:\n`figures/bench/{f.name}`.")
+    return "\n".join(out)
+
+
 def block(profile: str) -> str:
     fig = ROOT / ("runs/smoke/figures" if profile == "smoke" else f"figures/{profile}")
     parts = [("Which runs made these files", lambda: provenance(fig)),
@@ -166,6 +189,7 @@ def write(profile: str) -> None:
                 "as `mtp` the run\nwith the lowest validation perplexity among those whose heads train:\n\n"
                 + controls_table(fig)) if (fig / "mtp_controls_quality.json").exists() else ""
     replace_block(ROOT / "README.md", f"controls:{profile}", controls, required=False)
+    replace_block(ROOT / "README.md", "steps", step_costs(ROOT / "figures" / "bench"), required=False)
 
 
 if __name__ == "__main__":
