@@ -538,6 +538,19 @@ def test_independent_benchmark_runs_stand_beside_the_table_and_test_times_only_t
     assert rows[0] == {"method": "greedy_kv", "speedup_vs_hf_greedy": 1, "runs_speedup_vs_hf": [1, 2, 3]}
     assert rows[1]["runs_speedup_vs_hf"] == [2, 3, 4] and rows[1]["speedup_vs_greedy_kv"] == 1
     assert rows[1]["runs_gain_vs_greedy_kv"] == [[1, 0.5, 1.5], [2, 1.5, 2.5], [3, 2.5, 3.5]]   # each run's interval
+    kept = {}                          # each independent run a part of its own: a resumed stage times only the rest
+
+    def keep(cfg, key, fn):
+        kept[key] = kept[key] if key in kept else fn()
+        return kept[key]
+    calls.clear()
+    again, _ = PL.run_decoding_benchmark(cfg, models, {"tokenizer": None, "tokenized": {"validation": None}},
+                                         write=False, keep=keep)
+    assert list(kept) == ["bench_float32_run1", "bench_float32_run2", "bench_float32_run3"] and len(calls) == 3
+    del kept["bench_float32_run3"]
+    resumed, _ = PL.run_decoding_benchmark(cfg, models, {"tokenizer": None, "tokenized": {"validation": None}},
+                                           write=False, keep=keep)
+    assert len(calls) == 4 and resumed[1]["runs_speedup_vs_hf"] == [2, 3, 5]       # only the third run again
 
 
 def test_the_bf16_probe_reads_the_cpus_flags_and_times_only_where_pytorch_cannot_tell(monkeypatch):

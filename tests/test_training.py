@@ -229,9 +229,21 @@ def test_answers_cover_the_first_answer_examples_and_perplexity_every_problem(tm
     nll = pd.read_csv(tmp_path / "runs/anstest/results/nll_per_problem.csv")       # every problem's answer NLL
     assert len(nll) == 6 and (nll.tokens > 0).all()
     assert math.exp((nll.ntp * nll.tokens).sum() / nll.tokens.sum()) == pytest.approx(n["perplexity"]["value"])
+    kept = {}                          # each variant a part of its own: a resumed stage answers only the rest
+
+    def keep(cfg, key, fn):
+        kept[key] = kept[key] if key in kept else fn()
+        return kept[key]
+    models = {v: pipeline.load_variant(cfg, "ntp") for v in ("base", "ntp")}
+    first = pipeline.run_quality(cfg, models, keep=keep)[0]
+    assert list(kept) == ["quality_base", "quality_ntp"] and asked == [2, 2, 2]
+    monkeypatch.setattr(E, "generate_responses", lambda *a, **k: pytest.fail("answered again"))
+    assert pipeline.run_quality(cfg, models, keep=keep)[0] == first
+    monkeypatch.setattr(E, "generate_responses", lambda m, t, prompts, *a, **k: asked.append(len(prompts)) or real(
+        m, t, prompts, *a, **k))
     everything = pipeline.run_quality(pipeline.profile_config(str(params), answer_examples=None),
                                       {"ntp": pipeline.load_variant(cfg, "ntp")})[0]["ntp"]
-    assert asked == [2, 6] and everything["n_answers"] == 6 and everything["perplexity"] == n["perplexity"]
+    assert asked == [2, 2, 2, 6] and everything["n_answers"] == 6 and everything["perplexity"] == n["perplexity"]
 
 
 def _base_dir(tmp_path, tok):

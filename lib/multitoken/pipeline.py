@@ -673,12 +673,15 @@ def bench_spread(cfg, dtype: str | None = None) -> dict:
     return out
 
 
-def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="notebook 04"):
+def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="notebook 04", keep=None):
     """The decoding benchmark table (see ``make bench``) on the evaluation split's prompts, trees and chain-vs-tree
     chosen on the validation split; in ``inference_dtype`` (``results/decoding_benchmark.json``, with the per-prompt
     times and, where an output left greedy, ``results/divergences.csv``) and in each of ``bench_extra_dtypes``
-    (``results/decoding_benchmark_<dtype>.json``, the same models converted)."""
+    (``results/decoding_benchmark_<dtype>.json``, the same models converted). ``keep``: ``stages.section`` in a
+    notebook, so each independent run is a part an interrupted stage keeps."""
     import copy
+
+    keep = keep or (lambda cfg, key, fn: fn())
 
     models, prep = _setup(cfg, models, prep)
     models = {v: models[v] for v in VARIANTS}
@@ -695,15 +698,15 @@ def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="note
             ms = models if i == 0 else {v: copy.deepcopy(m).to(dt) for v, m in models.items()}
         # the extra dtypes time the baselines and each family's selected method (all methods when nothing is selected)
         everything = (i == 0 and not cfg["bench_selected_only"]) or not chosen
-        rows, per = _benchmark(cfg, ms, prompts, trees, chosen, everything=everything)
-        if write:
-            record_bench_run(cfg, rows, source)
-        runs = [rows]
-        for _ in range(1, cfg["bench_runs"] if i == 0 else 1):      # independent repeats: their speedups beside
-            again = _benchmark(cfg, ms, prompts, trees, chosen, everything=everything)[0]
+        def timed(ms=ms, everything=everything):
+            rows, per = _benchmark(cfg, ms, prompts, trees, chosen, everything=everything)
             if write:
-                record_bench_run(cfg, again, source)
-            runs.append(again)
+                record_bench_run(cfg, rows, source)
+            return rows, per
+        rows, per = keep(cfg, f"bench_{name}_run1", timed)
+        runs = [rows]
+        for k in range(1, cfg["bench_runs"] if i == 0 else 1):      # independent repeats: their speedups beside
+            runs.append(keep(cfg, f"bench_{name}_run{k + 1}", timed)[0])
         for r in rows:
             same = [next(x for x in run if x["method"] == r["method"]) for run in runs]
             r["runs_speedup_vs_hf"] = [x["speedup_vs_hf_greedy"] for x in same]
@@ -782,7 +785,7 @@ def run_tree_sweep(cfg, models, loader, prompts=None, prep=None):
     return pd.DataFrame(out)
 
 
-def run_quality(cfg, models=None, prep=None):
+def run_quality(cfg, models=None, prep=None, keep=None):
     """Perplexity (on the first ``eval_examples`` problems of the evaluation split), answer accuracy and BLEU (on the
     first ``answer_examples`` of them, all by default) per variant, each with a 95% bootstrap interval over problems
     and the number of right answers, and the paired differences vs NTP (same problems, resampled together); ``base`` (the pretrained
@@ -791,8 +794,12 @@ def run_quality(cfg, models=None, prep=None):
     the MTP modules take NTP's answers and NLLs, which a frozen backbone and lossless decoding make identical
     (checked: their NLLs on the first batches must equal NTP's exactly). Writes ``results/quality.json``,
     ``results/answers_per_problem.csv`` (1 = right), ``results/nll_per_problem.csv`` (each problem's mean NLL per
-    token of its reference solution, per variant, and its number of tokens) and qualitative samples."""
+    token of its reference solution, per variant, and its number of tokens) and qualitative samples. ``keep``:
+    ``stages.section`` in a notebook, so each variant's answers and perplexities (and each MTP run's) are parts an
+    interrupted stage keeps."""
     import copy
+
+    keep = keep or (lambda cfg, key, fn: fn())
 
     if models is None:
         models = {v: load_variant(cfg, v) for v in variants(cfg)}
@@ -803,14 +810,15 @@ def run_quality(cfg, models=None, prep=None):
     n_ans = min(cfg["answer_examples"] or len(refs), len(refs))  # answers cost ~100x a perplexity pass
     quality, samples, per, texts_of = {}, [], {}, {}
     qdt = resolve_dtype(cfg["quality_dtype"], device(cfg)) if cfg["quality_dtype"] else None
-    for v, model in models.items():
+
+    def measure(v, model):
         with torch.no_grad():
             q = model if qdt is None or qdt == next(model.parameters()).dtype else copy.deepcopy(model).to(qdt)
         if cfg["reuse_frozen"] and v in FROZEN and "ntp" in per:
             nll, ntok = E.token_nll(q, ev["loader"], max_batches=2)
             if nll != per["ntp"]["nll"][: len(nll)] or ntok != per["ntp"]["ntok"][: len(ntok)]:
                 raise AssertionError(f"{v}'s NLLs differ from NTP's: its backbone is not NTP's frozen one")
-            per[v], texts = dict(per["ntp"], reused="ntp"), texts_of["ntp"]
+            got, texts = dict(per["ntp"], reused="ntp"), texts_of["ntp"]
         else:
             # in batches every variant's answers take the same greedy path, without drafts: at 32 rows a forward is
             # already compute-bound on a CPU (drafts would cost more than they save), and drafts change bf16's
@@ -819,11 +827,13 @@ def run_quality(cfg, models=None, prep=None):
                                             batch_size=cfg["quality_batch"], engine=cfg["quality_engine"],
                                             tree="none" if cfg["quality_batch"] > 1 else None)
             nll, ntok = E.token_nll(q, ev["loader"])
-            per[v] = {"hit": E.answer_hits(texts, refs[:n_ans]), "bleu": S.bleu_stats(texts, refs[:n_ans]), "nll": nll,
-                      "ntok": ntok}
+            got = {"hit": E.answer_hits(texts, refs[:n_ans]), "bleu": S.bleu_stats(texts, refs[:n_ans]), "nll": nll,
+                   "ntok": ntok}
         top1 = head_accuracy(q, ev["loader"]) if v not in ("ntp", "base") else None
-        qdtype = str(next(q.parameters()).dtype).removeprefix("torch.")
-        del q
+        return got, texts, top1, str(next(q.parameters()).dtype).removeprefix("torch.")
+
+    for v, model in models.items():
+        per[v], texts, top1, qdtype = keep(cfg, f"quality_{v}", lambda v=v, model=model: measure(v, model))
         texts_of[v] = texts
         log = paths(cfg)["results"] / f"{v}_train_log.csv"
         quality[v] = {"perplexity": S.perplexity_ci(per[v]["nll"], per[v]["ntok"]).as_dict(),
@@ -850,7 +860,7 @@ def run_quality(cfg, models=None, prep=None):
                                               [base["nll"], base["ntok"]]).as_dict()}
     res = paths(cfg)["results"]
     if cfg["mtp_controls"]:
-        write_json(res / "mtp_controls_quality.json", _controls_quality(cfg, ev, per))
+        write_json(res / "mtp_controls_quality.json", _controls_quality(cfg, ev, per, keep))
     write_json(res / "quality.json", quality)
     write_csv(res / "samples.csv", samples)
     write_csv(res / "answers_per_problem.csv", pd.DataFrame({v: d["hit"] for v, d in per.items()}))
@@ -859,15 +869,16 @@ def run_quality(cfg, models=None, prep=None):
     return quality, samples
 
 
-def _controls_quality(cfg, ev, per) -> dict:
+def _controls_quality(cfg, ev, per, keep=None) -> dict:
     """Every MTP run (the recipe and each control) on the evaluation problems: next-token perplexity with its
     interval, paired differences vs NTP and vs the base model (where the profile has one), each head's top-1, the
     first draft's acceptance and a chain's τ teacher-forced on the reference solutions (``tau_reference``: decoding
     verifies against the model's own text, so its τ differs); which run notebook 04 measures as ``mtp``."""
     chosen = paths(cfg)["results"] / "mtp_selection.json"
     measured = json.loads(chosen.read_text())["run"] if cfg["mtp_select"] and chosen.exists() else "recipe"
-    out = {}
-    for run in ["recipe", *cfg["mtp_controls"]]:
+    keep = keep or (lambda cfg, key, fn: fn())
+
+    def measure(run):
         model = _load_checkpoint(cfg, mtp_run_dir(cfg, run) / "final", MultiTokenMixin, "mtp",
                                  cfg["quality_dtype"] or None)
         nll, ntok = E.token_nll(model, ev["loader"])
@@ -879,9 +890,9 @@ def _controls_quality(cfg, ev, per) -> dict:
             if ref in per:
                 row[f"diff_vs_{ref}"] = S.paired_difference(S.perplexity_of, [nll, ntok],
                                                             [per[ref]["nll"], per[ref]["ntok"]]).as_dict()
-        out[run] = row
-        del model
-    return out
+        return row
+    return {run: keep(cfg, f"quality_mtp_{run}", lambda run=run: measure(run))
+            for run in ["recipe", *cfg["mtp_controls"]]}
 
 
 def one_resident(models: dict, fn, dev) -> dict:
