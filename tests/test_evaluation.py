@@ -553,6 +553,25 @@ def test_independent_benchmark_runs_stand_beside_the_table_and_test_times_only_t
     assert len(calls) == 4 and resumed[1]["runs_speedup_vs_hf"] == [2, 3, 5]       # only the third run again
 
 
+def test_timing_only_the_selection_keeps_every_peer_and_every_training_free_or_hybrid_drafter(monkeypatch):
+    from multitoken import pipeline as PL
+
+    names = ["hf_greedy", "hf_greedy_mtp", "hf_compiled", "hf_prompt_lookup", "greedy_kv", "prompt_lookup",
+             "mtp_chain", "mtp_tree", "mtp_hybrid", "medusa_chain", "medusa_tree", "medusa_hybrid", "mtp_seq_chain",
+             "mtp_seq_tree"]
+    monkeypatch.setattr(PL, "decoding_methods", lambda cfg, models, trees: [E.Method(n, None, None) for n in names])
+    timed = []
+    monkeypatch.setattr(PL.E, "benchmark_decoding", lambda meths, *a, **k: timed.append([m.name for m in meths]) or (
+        [], None))
+    models = {"ntp": torch.nn.Linear(2, 2)}
+    chosen = {"mtp": {"method": "mtp_tree"}, "medusa": {"method": "medusa_chain"}, "mtp_seq": {"method": "mtp_seq_tree"}}
+    PL._benchmark(PL.config(device="cpu"), models, [], {}, chosen, everything=False)
+    assert timed[0] == ["hf_greedy", "hf_greedy_mtp", "hf_compiled", "hf_prompt_lookup", "greedy_kv", "prompt_lookup",
+                        "mtp_tree", "mtp_hybrid", "medusa_chain", "medusa_hybrid", "mtp_seq_tree"]
+    PL._benchmark(PL.config(device="cpu"), models, [], {}, chosen, everything=True)
+    assert timed[1] == names
+
+
 def test_the_bf16_probe_reads_the_cpus_flags_and_times_only_where_pytorch_cannot_tell(monkeypatch):
     """cpu_bf16_fast: PyTorch's AVX-512 BF16 / AMX checks decide; without them (private API gone) a warm one-thread
     timing does, and on this machine the timing agrees with the flags."""

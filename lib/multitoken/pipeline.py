@@ -736,9 +736,9 @@ def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="note
 def _benchmark(cfg, models, prompts, trees, chosen, everything=True):
     dtype = next(models["ntp"].parameters()).dtype
     meths = decoding_methods(cfg, models, trees)
-    if not everything:
-        keep = {c["method"] for c in chosen.values()} | {"greedy_kv"}
-        meths = [mt for mt in meths if mt.name in keep or mt.name.startswith("hf_")]   # every peer
+    if not everything:  # every peer, the engine's greedy, prompt lookup and hybrids, each family's choice
+        keep = {c["method"] for c in chosen.values()} | {"greedy_kv", "prompt_lookup"}
+        meths = [mt for mt in meths if mt.name in keep or mt.name.startswith("hf_") or mt.name.endswith("_hybrid")]
     rows, per = E.benchmark_decoding(meths, prompts, bench_tokens(cfg), warmup=cfg["bench_warmup"],
                                      desc=f"decoding benchmark ({str(dtype).replace('torch.', '')})")
     dev = E.model_device(models["ntp"])

@@ -178,8 +178,8 @@ class Benchmark:
     bench_extra_dtypes: list[Dtype] = _f([])
     bench_compiled_peer: bool = _f(False, doc="time transformers' static-cache + torch.compile generate as a peer")
     bench_runs: int = _f(1, ge=1, doc="independent benchmark runs (the table is the first; each run's speedups beside it)")
-    bench_selected_only: bool = _f(False, doc="on the test prompts time the peers, the engine's greedy and prompt lookup "
-                                              "and each family's method chosen on validation, not every method")
+    bench_selected_only: bool = _f(False, doc="on the test prompts time the peers, the engine's greedy, prompt lookup, "
+                                              "the hybrids and each family's method chosen on validation, not every method")
     sweep_prompts: Optional[int] = _f(None, ge=1, doc="validation prompts that choose trees and chain vs tree "
                                                       "(None: half of bench_prompts, at least 2)")
     frozen_hf_baselines: bool = True
