@@ -284,13 +284,27 @@ def test_an_interrupted_stage_takes_the_sections_it_finished_and_only_under_the_
     cfg = stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)  # finished runs leave nothing to take
     assert stages.section(cfg, "quality", lambda: quality(cfg)) == {"ppl": 5.0}
     stages._CURRENT = None
-    set_profile(workbook, ntp_lr=1.0e-4, mtp_n=4)           # any setting of the profile: computed anew
+    set_profile(workbook, ntp_lr=1.0e-4, mtp_n=4)           # a setting the stage had not read: the part stands
+    cfg = stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)
+    assert stages.section(cfg, "quality", lambda: quality(cfg)) == {"ppl": 5.0} and len(calls) == 2
+    stages._CURRENT = None
+    set_profile(workbook, ntp_lr=2.0e-4, mtp_n=4)           # one it had read (inside the part): computed anew
     cfg = stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)
     assert stages.section(cfg, "quality", lambda: quality(cfg)) == {"ppl": 7.5}
     stages._CURRENT = None
+    set_profile(workbook, ntp_lr=1.0e-4, mtp_n=4)
+    cfg = stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)
+    cfg["eval_examples"]                                     # ntp_lr back to the first value: computed anew
+    assert stages.section(cfg, "quality", lambda: quality(cfg)) == {"ppl": 10.0}
+    stages._CURRENT = None
+    set_profile(workbook, ntp_lr=1.0e-4, mtp_n=4, eval_examples=7)
+    cfg = stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)
+    cfg["eval_examples"]                                     # read before the part, and changed: computed anew
+    assert stages.section(cfg, "quality", lambda: quality(cfg)) == {"ppl": 12.5}
+    stages._CURRENT = None
     (stages.partial_dir("t", "01_b", workbook) / "quality.pkl").write_bytes(b"half-writ")
     cfg = stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)
-    assert stages.section(cfg, "quality", lambda: quality(cfg)) == {"ppl": 10.0}
+    assert stages.section(cfg, "quality", lambda: quality(cfg)) == {"ppl": 15.0}
     assert "resumed" not in stages.finish(cfg)
     assert stages.section(cfg, "quality", lambda: "ran") == "ran"          # outside a stage: just runs
     stages.begin("01_b", "t", after=GRAPH["01_b"], root=workbook)

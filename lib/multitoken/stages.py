@@ -222,21 +222,20 @@ def partial_dir(profile: str, name: str, root: Path | None = None) -> Path:
 
 
 def section(cfg: Tracked, key: str, fn):
-    """``fn()``, or its value kept from an interrupted run of this stage: one that had finished this section under
-    the same settings (all of the profile's, not only those read so far), notebook and upstream runs, whose written
-    files still exist. The kept section counts as run: the settings it read and the files it wrote are noted for the
-    stamp as if ``fn`` had run now, and the stamp's ``resumed`` names it with the time and commit that made it.
-    ``fn``'s value must pickle. A value that cannot be read back (a half-written or foreign file) is computed anew.
-    Outside a stage (a library call, a test) ``fn()`` simply runs."""
+    """``fn()``, or its value kept from an interrupted run of this stage: one that had finished this section with
+    the same notebook and upstream runs, where every setting the stage had read up to the section's end (before it
+    and inside it) still has the value it had then, and whose written files still exist; a setting nobody had read
+    yet (another stage's, a new one) does not matter. The kept section counts as run: the settings it read and the
+    files it wrote are noted for the stamp as if ``fn`` had run now, and the stamp's ``resumed`` names it with the
+    time and commit that made it. ``fn``'s value must pickle. A value that cannot be read back (a half-written or
+    foreign file) is computed anew. Outside a stage (a library call, a test) ``fn()`` simply runs."""
     run = _CURRENT
     if run is None:
         return fn()
     if run.cfg is not cfg:
         raise StageError("section(cfg, ...) needs the settings that the running stage's stages.begin returned")
-    full = {k: _jsonable(dict.__getitem__(cfg, k)) for k in dict.keys(cfg)}
     nb = notebook_path(run.name, run.root)
-    fingerprint = settings_hash({"settings": full, "upstream": run.upstream,
-                                 "notebook": notebook_sha256(nb) if nb.exists() else None})
+    fingerprint = settings_hash({"upstream": run.upstream, "notebook": notebook_sha256(nb) if nb.exists() else None})
     path = partial_dir(run.profile, run.name, run.root) / f"{key}.pkl"
     kept = None
     if path.exists():
@@ -244,7 +243,11 @@ def section(cfg: Tracked, key: str, fn):
             kept = pickle.loads(path.read_bytes())
         except Exception:  # noqa: BLE001 - anything unreadable is recomputed
             kept = None
+
+    def same_settings(read: dict) -> bool:
+        return all(k in cfg and _jsonable(dict.__getitem__(cfg, k)) == v for k, v in read.items())
     if (isinstance(kept, dict) and kept.get("fingerprint") == fingerprint
+            and same_settings({**kept.get("read_before", {"": None}), **kept["reads"]})
             and all(Path(w).exists() for w in kept["written"])):
         for k, v in kept["reads"].items():
             cfg.reads.setdefault(k, v)
@@ -257,6 +260,7 @@ def section(cfg: Tracked, key: str, fn):
     reads_before, written_before = set(cfg.reads), utils.noted_writes()
     value = fn()
     kept = {"fingerprint": fingerprint, "value": value, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **run.code,
+            "read_before": {k: v for k, v in cfg.reads.items() if k in reads_before},
             "reads": {k: v for k, v in cfg.reads.items() if k not in reads_before},
             "written": sorted(utils.noted_writes() - written_before)}
     path.parent.mkdir(parents=True, exist_ok=True)
