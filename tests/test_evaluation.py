@@ -439,8 +439,9 @@ def test_the_sweep_times_frozen_families_against_ntps_generate_and_extra_dtypes_
               "medusa": {"method": "medusa_chain", "validation_speedup": 1.3},
               "mtp_seq": {"method": "mtp_seq_tree", "validation_speedup": 0.9}}
     rows, _ = PL._benchmark(cfg, models, [torch.arange(3)], trees, chosen, everything=False)
-    assert [r["method"] for r in rows] == ["hf_greedy", "hf_greedy_mtp", "hf_prompt_lookup", "greedy_kv", "mtp_tree",
-                                           "medusa_chain", "mtp_seq_tree"]           # every peer, the selection
+    assert [r["method"] for r in rows] == ["hf_greedy", "hf_greedy_mtp", "hf_prompt_lookup", "greedy_kv",
+                                           "prompt_lookup", "mtp_tree", "mtp_hybrid", "medusa_chain", "medusa_hybrid",
+                                           "mtp_seq_tree"]     # every peer, the training-free drafters, the selection
     assert [r["method"] for r in rows if r["selected"]] == ["mtp_tree", "medusa_chain", "mtp_seq_tree"]
     rows, _ = PL._benchmark(cfg, models, [torch.arange(3)], trees, chosen)
     names = [r["method"] for r in rows]
@@ -503,7 +504,7 @@ def test_the_extra_dtype_benchmark_times_only_the_selection_where_there_is_one(b
     models = {v: torch.nn.Linear(2, 2) for v in PL.VARIANTS}
     calls = []
 
-    def bench(cfg, ms, prompts, trees, chosen, everything=True):
+    def bench(cfg, ms, prompts, trees, chosen, everything=True, hybrids=None):
         calls.append((next(ms["ntp"].parameters()).dtype, everything, ms["ntp"] is models["ntp"]))
         return [], None
 
@@ -523,7 +524,7 @@ def test_independent_benchmark_runs_stand_beside_the_table_and_test_times_only_t
     models = {v: torch.nn.Linear(2, 2) for v in PL.VARIANTS}
     calls = []
 
-    def bench(cfg, ms, prompts, trees, chosen, everything=True):
+    def bench(cfg, ms, prompts, trees, chosen, everything=True, hybrids=None):
         calls.append(everything)
         n = len(calls)
         gain = {"speedup_vs_greedy_kv": n, "speedup_vs_greedy_kv_lo": n - 0.5, "speedup_vs_greedy_kv_hi": n + 0.5}
@@ -559,7 +560,8 @@ def test_timing_only_the_selection_keeps_every_peer_and_every_training_free_or_h
     names = ["hf_greedy", "hf_greedy_mtp", "hf_compiled", "hf_prompt_lookup", "greedy_kv", "prompt_lookup",
              "mtp_chain", "mtp_tree", "mtp_hybrid", "medusa_chain", "medusa_tree", "medusa_hybrid", "mtp_seq_chain",
              "mtp_seq_tree"]
-    monkeypatch.setattr(PL, "decoding_methods", lambda cfg, models, trees: [E.Method(n, None, None) for n in names])
+    monkeypatch.setattr(PL, "decoding_methods", lambda cfg, models, trees, hybrids=None: [E.Method(n, None, None)
+                                                                                          for n in names])
     timed = []
     monkeypatch.setattr(PL.E, "benchmark_decoding", lambda meths, *a, **k: timed.append([m.name for m in meths]) or (
         [], None))
@@ -570,6 +572,35 @@ def test_timing_only_the_selection_keeps_every_peer_and_every_training_free_or_h
                         "mtp_tree", "mtp_hybrid", "medusa_chain", "medusa_hybrid", "mtp_seq_tree"]
     PL._benchmark(PL.config(device="cpu"), models, [], {}, chosen, everything=True)
     assert timed[1] == names
+
+
+def test_the_hybrids_budget_is_chosen_on_validation_apart_from_each_familys_chain_or_tree(tmp_path, monkeypatch):
+    from multitoken import pipeline as PL
+    from multitoken.decoding.trees import fitted_tree
+
+    rows = [("mtp", "chain", 3, 0.9), ("mtp", "fitted", 4, 1.1), ("mtp", "hybrid", 4, 1.3), ("mtp", "hybrid", 8, 1.6),
+            ("medusa", "chain", 4, 1.2), ("medusa", "fitted", 8, 1.0), ("medusa", "hybrid", 4, 1.9),
+            ("medusa", "hybrid", 8, 1.4), ("mtp_seq", "chain", 3, 0.8), ("mtp_seq", "fitted", 4, 0.7)]
+    pd.DataFrame([dict(variant=v, tree=t, budget=b, speedup=x, prompts=16) for v, t, b, x in rows]).to_csv(
+        tmp_path / "tree_sweep.csv", index=False)
+    acc = {v: [[0.6, 0.2], [0.3, 0.1], [0.2, 0.1]] for v in ("mtp", "medusa", "mtp_seq")}
+    (tmp_path / "head_topk_accuracy.json").write_text(json.dumps(acc))
+    monkeypatch.setattr(PL, "paths", lambda cfg: {"results": tmp_path})
+    cfg = PL.config(device="cpu", tree_budgets=[4, 8], hybrid_budgets=[4, 8])
+    models = {v: None for v in PL.VARIANTS}
+    sel = PL.selection(cfg, models, None)                # a hybrid never stands for its family's chain or tree
+    assert {v: c["method"] for v, c in sel.items()} == {"mtp": "mtp_tree", "medusa": "medusa_chain",
+                                                          "mtp_seq": "mtp_seq_chain"}
+    assert {v: t.name for v, t in PL.bench_trees(cfg, models, None, "auto").items()} == {
+        "mtp": "fitted4", "medusa": "fitted8", "mtp_seq": "fitted4"}
+    hyb = PL.bench_hybrids(cfg, models, None)
+    assert {v: spec for v, (_, spec) in hyb.items()} == {"mtp": "hybrid:4:8", "medusa": "hybrid:4:4"}
+    assert all(t.paths == fitted_tree(acc[v], 8).paths for v, (t, _) in hyb.items())   # the largest fitted tree
+    assert PL.bench_hybrids(PL.config(device="cpu"), models, None) == {}              # no budgets: no choice
+    meths = {m.name: m for m in PL.decoding_methods(cfg, {v: torch.nn.Linear(1, 1) for v in PL.VARIANTS},
+                                                    PL.bench_trees(cfg, models, None, "auto"), hyb)}
+    assert meths["medusa_hybrid"].drafter == "hybrid:4:4" and meths["mtp_hybrid"].drafter == "hybrid:4:8"
+    assert "mtp_seq_hybrid" not in meths
 
 
 def test_the_bf16_probe_reads_the_cpus_flags_and_times_only_where_pytorch_cannot_tell(monkeypatch):

@@ -551,7 +551,9 @@ def baseline_variant(cfg, v: str) -> str:
     return "ntp" if v in FROZEN and not cfg["frozen_hf_baselines"] else v
 
 
-def decoding_methods(cfg, models: dict, trees: dict):
+def decoding_methods(cfg, models: dict, trees: dict, hybrids: dict | None = None):
+    """Every method the benchmark can time (``hybrids``: each family's ``(tree, spec)`` chosen on validation, see
+    :func:`bench_hybrids`; otherwise the family's tree and an uncapped hybrid)."""
     M = E.Method
     meths = [M.hf("hf_greedy", models["ntp"])]
     for v in HEADED:
@@ -568,7 +570,8 @@ def decoding_methods(cfg, models: dict, trees: dict):
         meths += [M.engine(f"{v}_chain", models[v], "chain", baseline=base),
                   M.engine(f"{v}_tree", models[v], trees[v], baseline=base)]
         if v != "mtp_seq":  # the MTP modules' caches follow their own tree: no hybrid
-            meths.append(M.engine(f"{v}_hybrid", models[v], trees[v], "hybrid", base))
+            tree, spec = (hybrids or {}).get(v, (trees[v], "hybrid"))
+            meths.append(M.engine(f"{v}_hybrid", models[v], tree, spec, base))
     return meths
 
 
@@ -583,12 +586,37 @@ def bench_trees(cfg, models, loader, budget, prep=None):
     accs = json.loads(acc_file.read_text()) if acc_file.exists() else {}
     trees = {}
     for v in HEADED:
-        best = sweep[(sweep.variant == v) & (sweep.tree != "chain")].sort_values("speedup").iloc[-1]
+        best = sweep[(sweep.variant == v) & ~sweep.tree.isin(["chain", "hybrid"])].sort_values("speedup").iloc[-1]
         if best.tree == "fitted":
             trees[v] = fitted_tree(accs[v] if v in accs else head_topk_accuracy(models[v], loader), int(best.budget))
         else:
             trees[v] = medusa_tree(int(best.budget), models[v].num_heads)
     return trees
+
+
+def hybrid_tree(cfg, acc):
+    """The heads' tree inside a hybrid whose node budget is chosen on validation: the largest fitted tree of
+    ``tree_budgets`` (the budget then cuts it to the nodes left beside the lookup's chain)."""
+    return fitted_tree(acc, max(cfg["tree_budgets"]))
+
+
+def bench_hybrids(cfg, models, loader, prep=None) -> dict:
+    """Each head family's hybrid for the benchmark, ``{variant: (tree, drafter spec)}``: with ``hybrid_budgets`` the
+    budget that was fastest in the validation sweep (``results/tree_sweep.csv``) over :func:`hybrid_tree`; without,
+    ``{}`` (the family's tree, no cap)."""
+    if not cfg["hybrid_budgets"]:
+        return {}
+    sweep = tree_sweep(cfg, models, loader, prep)
+    acc_file = paths(cfg)["results"] / "head_topk_accuracy.json"
+    accs = json.loads(acc_file.read_text()) if acc_file.exists() else {}
+    out = {}
+    for v in HEADED:
+        rows = sweep[(sweep.variant == v) & (sweep.tree == "hybrid")]
+        if len(rows):
+            n = int(rows.sort_values("speedup").iloc[-1].budget)
+            out[v] = (hybrid_tree(cfg, accs[v] if v in accs else head_topk_accuracy(models[v], loader)),
+                      f"hybrid:4:{n}")
+    return out
 
 
 def selection(cfg, models, loader, prep=None) -> dict:
@@ -597,7 +625,7 @@ def selection(cfg, models, loader, prep=None) -> dict:
     sweep = tree_sweep(cfg, models, loader, prep)
     out = {}
     for v in HEADED:
-        best = sweep[sweep.variant == v].sort_values("speedup").iloc[-1]
+        best = sweep[(sweep.variant == v) & (sweep.tree != "hybrid")].sort_values("speedup").iloc[-1]
         out[v] = {"method": f"{v}_chain" if best.tree == "chain" else f"{v}_tree",
                   "validation_speedup": float(best.speedup), "on": f"{int(best.prompts)} validation prompts"}
     return out
@@ -694,6 +722,7 @@ def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="note
     prompts = bench_prompts(cfg, eval_set(cfg, tok, prep)["prompts"], cfg["bench_prompts"])
     trees = bench_trees(cfg, models, val, cfg["tree_budget"], prep)
     chosen = selection(cfg, models, val, prep) if cfg["tree_budget"] == "auto" else {}
+    hybrids = bench_hybrids(cfg, models, val, prep)
     out = None
     extra = [d for d in cfg["bench_extra_dtypes"] if d != cfg["inference_dtype"]]
     for i, name in enumerate([cfg["inference_dtype"], *extra]):
@@ -703,7 +732,7 @@ def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="note
         # the extra dtypes time the baselines and each family's selected method (all methods when nothing is selected)
         everything = (i == 0 and not cfg["bench_selected_only"]) or not chosen
         def timed(ms=ms, everything=everything):
-            rows, per = _benchmark(cfg, ms, prompts, trees, chosen, everything=everything)
+            rows, per = _benchmark(cfg, ms, prompts, trees, chosen, everything=everything, hybrids=hybrids)
             if write:
                 record_bench_run(cfg, rows, source)
             return rows, per
@@ -733,9 +762,9 @@ def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="note
     return out
 
 
-def _benchmark(cfg, models, prompts, trees, chosen, everything=True):
+def _benchmark(cfg, models, prompts, trees, chosen, everything=True, hybrids=None):
     dtype = next(models["ntp"].parameters()).dtype
-    meths = decoding_methods(cfg, models, trees)
+    meths = decoding_methods(cfg, models, trees, hybrids)
     if not everything:  # every peer, the engine's greedy, prompt lookup and hybrids, each family's choice
         keep = {c["method"] for c in chosen.values()} | {"greedy_kv", "prompt_lookup"}
         meths = [mt for mt in meths if mt.name in keep or mt.name.startswith("hf_") or mt.name.endswith("_hybrid")]
@@ -745,15 +774,18 @@ def _benchmark(cfg, models, prompts, trees, chosen, everything=True):
     info = dict(device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 dtype=str(dtype).replace("torch.", ""), torch_threads=torch.get_num_threads())
     sel = {c["method"]: c for c in chosen.values()}
-    rows = [dict(r, tree=str(trees[variant_of(r["method"])].name) if r["method"].endswith("_tree") else None,
+    specs = {f"{v}_hybrid": spec for v, (_, spec) in (hybrids or {}).items()}   # the budget chosen on validation
+    rows = [dict(r, tree=str(trees[variant_of(r["method"])].name) if r["method"].endswith("_tree") else
+                 specs.get(r["method"]),
                  selected=r["method"] in sel, validation_speedup=sel.get(r["method"], {}).get("validation_speedup"),
                  **info) for r in rows]
     return rows, per
 
 
 def run_tree_sweep(cfg, models, loader, prompts=None, prep=None):
-    """Speedup vs tree node budget (fitted trees and Medusa's sparse tree) and the chain over every head, for each
-    head family, on the validation prompts (``prompts`` overrides); against HF generate of the same model (for the
+    """Speedup vs tree node budget (fitted trees and Medusa's sparse tree), the chain over every head and the hybrid
+    drafter under each of ``hybrid_budgets``, for each head family, on the validation prompts (``prompts``
+    overrides); against HF generate of the same model (for the
     frozen-backbone families, NTP's, unless ``frozen_hf_baselines``: the same weights, the same outputs), every
     method of every family interleaved in one run. Writes ``results/tree_sweep.csv`` and the top-k accuracies the
     fitted trees were built from (``results/head_topk_accuracy.json``, which ``bench_trees`` reuses)."""
@@ -773,6 +805,10 @@ def run_tree_sweep(cfg, models, loader, prompts=None, prep=None):
                 meths.append(M.engine(f"{v}/fitted_{b}", models[v], fitted_tree(acc, b), baseline=hf))
             if "medusa" in cfg["tree_kinds"]:
                 meths.append(M.engine(f"{v}/medusa_{b}", models[v], medusa_tree(b, models[v].num_heads), baseline=hf))
+        if v != "mtp_seq":                   # the MTP modules draft alone: no hybrid
+            for n in cfg["hybrid_budgets"]:
+                meths.append(M.engine(f"{v}/hybrid_{n}", models[v], hybrid_tree(cfg, acc), f"hybrid:4:{n}",
+                                      baseline=hf))
     rows, _ = E.benchmark_decoding(meths, prompts, bench_tokens(cfg), warmup=1, desc="tree sweep (validation)")
     out = []
     for r in rows:

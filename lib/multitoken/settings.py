@@ -180,6 +180,9 @@ class Benchmark:
     bench_runs: int = _f(1, ge=1, doc="independent benchmark runs (the table is the first; each run's speedups beside it)")
     bench_selected_only: bool = _f(False, doc="on the test prompts time the peers, the engine's greedy, prompt lookup, "
                                               "the hybrids and each family's method chosen on validation, not every method")
+    hybrid_budgets: list[int] = _f([], ge=1, doc="node budgets N of the hybrid drafter (the heads' largest fitted "
+                                              "tree and prompt lookup, hybrid:4:N) tried on the validation prompts; "
+                                              "the fastest is each family's hybrid on test (empty: no cap)")
     sweep_prompts: Optional[int] = _f(None, ge=1, doc="validation prompts that choose trees and chain vs tree "
                                                       "(None: half of bench_prompts, at least 2)")
     frozen_hf_baselines: bool = True
