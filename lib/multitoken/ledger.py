@@ -25,7 +25,7 @@ from . import stats as S
 from . import thesis as TH
 from . import training as T
 from .stages import result_note
-from .utils import atomic_write_text, write_csv, write_json
+from .utils import atomic_write_text, run_part, write_csv, write_json
 
 ARMS = ("ntp", "thesis_mtp", "thesis_mtp_leak")
 LABEL = {"ntp": "NTP (trained on, same recipe)", "thesis_mtp": "thesis-layout MTP, causal",
@@ -50,10 +50,9 @@ def _arm_dir(cfg, arm):
     return PL.paths(cfg)["models"] / "thesis" / arm
 
 
-def train_arms(cfg, keep=None):
+def train_arms(cfg, keep=run_part):
     """Fine-tune the three arms from the NTP checkpoint with the thesis' recipe; logs in results/thesis_<arm>_*.csv.
     ``keep``: ``stages.section`` in a notebook, so an interrupted stage resumes after the last arm it trained."""
-    keep = keep or (lambda cfg, key, fn: fn())
     p = PL.paths(cfg)
     base = cfg["model_name"] or p["models"] / "ntp" / "final"
     if not cfg["model_name"] and not base.exists():

@@ -24,7 +24,7 @@ from .core.medusa import MedusaMixin
 from .core.models import HEAD_TYPES, MultiTokenMixin
 from .decoding.trees import fitted_tree, medusa_tree
 from .utils import (atomic_dir, commit, in_stage, models_run, record_output, repo_root, resolve_device, resolve_dtype,
-                    sha256_of, write_csv, write_json)
+                    run_part, sha256_of, write_csv, write_json)
 
 VARIANTS = ("ntp", "mtp", "medusa", "mtp_seq")
 HEADED = VARIANTS[1:]  # the variants with heads that draft
@@ -324,7 +324,7 @@ def mtp_run_dir(cfg, run: str):
     return paths(cfg)["models"] / ("mtp" if run == "recipe" else f"mtp_{run}")
 
 
-def run_mtp_controls(cfg, models: dict | None = None, keep=None) -> pd.DataFrame:
+def run_mtp_controls(cfg, models: dict | None = None, keep=run_part) -> pd.DataFrame:
     """Train every control of ``mtp_controls`` (the recipe trained before, in ``models["mtp"]`` or on disk) and
     tabulate each MTP run on the validation problems: next-token perplexity, each head's top-1, and whether its heads
     train (some auxiliary weight above 0: not the lambda = 0 control). With ``mtp_select`` the run with the lowest
@@ -332,7 +332,6 @@ def run_mtp_controls(cfg, models: dict | None = None, keep=None) -> pd.DataFrame
     (``results/mtp_selection.json``). Writes ``results/mtp_controls.csv``. ``keep``: ``stages.section`` in a
     notebook, so an interrupted stage resumes after the last control it trained."""
     val = loaders(cfg)[1]
-    keep = keep or (lambda cfg, key, fn: fn())
     runs = {"recipe": (models or {}).get("mtp")}
     for name in cfg["mtp_controls"]:
         keep(cfg, f"mtp_{name}", lambda name=name: train_variant(cfg, "mtp", control=name) and None)
@@ -705,15 +704,13 @@ def bench_spread(cfg, dtype: str | None = None) -> dict:
     return out
 
 
-def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="notebook 04", keep=None):
+def run_decoding_benchmark(cfg, models=None, prep=None, write=True, source="notebook 04", keep=run_part):
     """The decoding benchmark table (see ``make bench``) on the evaluation split's prompts, trees and chain-vs-tree
     chosen on the validation split; in ``inference_dtype`` (``results/decoding_benchmark.json``, with the per-prompt
     times and, where an output left greedy, ``results/divergences.csv``) and in each of ``bench_extra_dtypes``
     (``results/decoding_benchmark_<dtype>.json``, the same models converted). ``keep``: ``stages.section`` in a
     notebook, so each independent run is a part an interrupted stage keeps."""
     import copy
-
-    keep = keep or (lambda cfg, key, fn: fn())
 
     models, prep = _setup(cfg, models, prep)
     models = {v: models[v] for v in VARIANTS}
@@ -825,7 +822,7 @@ def run_tree_sweep(cfg, models, loader, prompts=None, prep=None):
     return pd.DataFrame(out)
 
 
-def run_quality(cfg, models=None, prep=None, keep=None):
+def run_quality(cfg, models=None, prep=None, keep=run_part):
     """Perplexity (on the first ``eval_examples`` problems of the evaluation split), answer accuracy and BLEU (on the
     first ``answer_examples`` of them, all by default) per variant, each with a 95% bootstrap interval over problems
     and the number of right answers, and the paired differences vs NTP (same problems, resampled together); ``base`` (the pretrained
@@ -838,8 +835,6 @@ def run_quality(cfg, models=None, prep=None, keep=None):
     ``stages.section`` in a notebook, so each variant's answers and perplexities (and each MTP run's) are parts an
     interrupted stage keeps."""
     import copy
-
-    keep = keep or (lambda cfg, key, fn: fn())
 
     if models is None:
         models = {v: load_variant(cfg, v) for v in variants(cfg)}
@@ -909,15 +904,13 @@ def run_quality(cfg, models=None, prep=None, keep=None):
     return quality, samples
 
 
-def _controls_quality(cfg, ev, per, keep=None) -> dict:
+def _controls_quality(cfg, ev, per, keep=run_part) -> dict:
     """Every MTP run (the recipe and each control) on the evaluation problems: next-token perplexity with its
     interval, paired differences vs NTP and vs the base model (where the profile has one), each head's top-1, the
     first draft's acceptance and a chain's τ teacher-forced on the reference solutions (``tau_reference``: decoding
     verifies against the model's own text, so its τ differs); which run notebook 04 measures as ``mtp``."""
     chosen = paths(cfg)["results"] / "mtp_selection.json"
     measured = json.loads(chosen.read_text())["run"] if cfg["mtp_select"] and chosen.exists() else "recipe"
-    keep = keep or (lambda cfg, key, fn: fn())
-
     def measure(run):
         model = _load_checkpoint(cfg, mtp_run_dir(cfg, run) / "final", MultiTokenMixin, "mtp",
                                  cfg["quality_dtype"] or None)

@@ -56,6 +56,12 @@ def in_stage() -> bool:
     return _WRITTEN is not None
 
 
+def run_part(cfg, key: str, fn):
+    """``fn()``, kept nowhere: what a long computation's ``keep`` is outside a notebook; a notebook passes
+    ``stages.section`` (same signature), which keeps each finished part for an interrupted stage to resume from."""
+    return fn()
+
+
 def noted_writes() -> set:
     """The files and folders noted so far by the running stage (empty outside a stage)."""
     return set(_WRITTEN or ())
