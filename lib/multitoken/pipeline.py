@@ -574,6 +574,14 @@ def decoding_methods(cfg, models: dict, trees: dict, hybrids: dict | None = None
     return meths
 
 
+def _sweep_accuracy(cfg, models, loader):
+    """``acc(variant)``: the top-k accuracies the validation sweep fitted its trees from
+    (``results/head_topk_accuracy.json``, on the same loader), measured on ``loader`` for a family it lacks."""
+    f = paths(cfg)["results"] / "head_topk_accuracy.json"
+    accs = json.loads(f.read_text()) if f.exists() else {}
+    return lambda v: accs[v] if v in accs else head_topk_accuracy(models[v], loader)
+
+
 def bench_trees(cfg, models, loader, budget, prep=None):
     """The tree per head family for the benchmark: fitted to measured top-k accuracy (on ``loader``, the validation
     split) under ``budget`` nodes; or with ``"auto"`` the tree that was fastest in this machine's sweep on the
@@ -581,13 +589,12 @@ def bench_trees(cfg, models, loader, budget, prep=None):
     if budget != "auto":
         return {v: fitted_tree(head_topk_accuracy(models[v], loader), budget) for v in HEADED}
     sweep = tree_sweep(cfg, models, loader, prep)
-    acc_file = paths(cfg)["results"] / "head_topk_accuracy.json"       # the sweep's own, on the same loader
-    accs = json.loads(acc_file.read_text()) if acc_file.exists() else {}
+    acc = _sweep_accuracy(cfg, models, loader)
     trees = {}
     for v in HEADED:
         best = sweep[(sweep.variant == v) & ~sweep.tree.isin(["chain", "hybrid"])].sort_values("speedup").iloc[-1]
         if best.tree == "fitted":
-            trees[v] = fitted_tree(accs[v] if v in accs else head_topk_accuracy(models[v], loader), int(best.budget))
+            trees[v] = fitted_tree(acc(v), int(best.budget))
         else:
             trees[v] = medusa_tree(int(best.budget), models[v].num_heads)
     return trees
@@ -606,15 +613,12 @@ def bench_hybrids(cfg, models, loader, prep=None) -> dict:
     if not cfg["hybrid_budgets"]:
         return {}
     sweep = tree_sweep(cfg, models, loader, prep)
-    acc_file = paths(cfg)["results"] / "head_topk_accuracy.json"
-    accs = json.loads(acc_file.read_text()) if acc_file.exists() else {}
+    acc = _sweep_accuracy(cfg, models, loader)
     out = {}
     for v in HEADED:
         rows = sweep[(sweep.variant == v) & (sweep.tree == "hybrid")]
         if len(rows):
-            n = int(rows.sort_values("speedup").iloc[-1].budget)
-            out[v] = (hybrid_tree(cfg, accs[v] if v in accs else head_topk_accuracy(models[v], loader)),
-                      f"hybrid:4:{n}")
+            out[v] = (hybrid_tree(cfg, acc(v)), f"hybrid:4:{int(rows.sort_values('speedup').iloc[-1].budget)}")
     return out
 
 
