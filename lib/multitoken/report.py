@@ -2,11 +2,12 @@
 
 Each ``*_summary`` returns Markdown written from the results themselves, so an executed notebook ends with its
 findings in words (shown with ``IPython.display.Markdown``). ``build_report`` joins the executed notebooks of a
-profile into ``runs/<profile>/report.html``: the verdicts and the thesis table first, then every notebook's prose, tables and figures
-(code hidden, images embedded, no external resources), so it opens offline in any browser.
+profile into ``runs/<profile>/report.html``: the verdicts and the thesis table first, then every notebook's prose,
+tables and figures (code hidden, images embedded, no external resources), so it opens offline in any browser.
 """
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 from pathlib import Path
@@ -136,8 +137,6 @@ def scaling_summary(df: pd.DataFrame) -> str:
 def controls_summary(results: Path) -> str:
     """What the MTP controls found (``results/mtp_controls_quality.json``): each run's perplexity Δ vs NTP and vs
     the base model, and which run notebook 04 measures as ``mtp``; "" where the profile ran none."""
-    import json
-
     f = Path(results) / "mtp_controls_quality.json"
     if not f.exists():
         return ""
@@ -177,11 +176,8 @@ def verdict_table(fig: Path) -> str:
     verdict drawn from the interval (speed from speculation's own gain over this engine without drafts, `greedy_kv`),
     then a note on what was measured. Markdown with lines of at most 120 characters; FileNotFoundError when a file is
     missing."""
-    import json
-
     from .evaluation import best_methods, gain_of, speedup_of
     from .stats import speed_verdict
-    CI = ci
 
     q = json.loads((fig / "quality.json").read_text())
     rows = json.loads((fig / "decoding_benchmark.json").read_text())
@@ -193,7 +189,7 @@ def verdict_table(fig: Path) -> str:
         g, claimed = gain_of(best[v]), THESIS[v]["speedup"]
         out.append(f"| {name} speedup | {claimed}x | {g.fmt(2)} | {speed_verdict(g, claimed)} |")
         for i, run in enumerate(best[v].get("runs_gain_vs_greedy_kv", [])[1:], 2):
-            other = speed_verdict(CI(dict(zip(("value", "lo", "hi"), run))), claimed)
+            other = speed_verdict(ci(dict(zip(("value", "lo", "hi"), run))), claimed)
             again.append("the same" if other == speed_verdict(g, claimed) else f"{name} {run[0]:.2f}: {other}")
     rests = ""                                          # the MTP run the perplexity verdict rests on
     if (fig / "mtp_controls_quality.json").exists():
@@ -201,7 +197,7 @@ def verdict_table(fig: Path) -> str:
                                           .items() if r["measured_as_mtp"]))
     ntp = THESIS["ntp"]["perplexity"]
     for v, name in (("mtp", "MTP"), ("medusa", "MEDUSA-1")):
-        d = CI(q[v]["diff_vs_ntp"]["perplexity"])
+        d = ci(q[v]["diff_vs_ntp"]["perplexity"])
         word = ("not reproducible: frozen backbone" if v == "medusa" else
                 {"lower": "lower, as claimed", "higher": "higher (thesis: lower)",
                  "no detectable difference": "no detectable difference"}[verdict(d)] + rests)
@@ -217,15 +213,18 @@ def verdict_table(fig: Path) -> str:
     top = max(rows, key=lambda r: r["speedup_vs_hf_greedy"] if r["identical_to_greedy"] == 1 else 0)
     r0, pq = rows[0], q["ntp"]["perplexity"]
     sp = {v: speedup_of(best[v]).fmt(2) for v in ("mtp", "medusa")}
-    out += [""] + textwrap.wrap(f"Speed: speculation's own gain over this engine decoding without drafts, for the method chosen on "
+    n_ppl = q["ntp"].get("n_ppl", q["ntp"].get("n_eval"))
+    second = [a for a in again if a != "the same"]
+    note = (f"Speed: speculation's own gain over this engine decoding without drafts, for the method chosen on "
             f"validation prompts (`{best['mtp']['method']}`, `{best['medusa']['method']}`; over HF `generate`: "
             f"{sp['mtp']} and {sp['medusa']}), {r0['dtype']} on {r0['device_name']}, batch 1, {r0['prompts']} test "
             f"prompts. The fastest lossless method is `{top['method']}`: {speedup_of(top).fmt(2)} over HF `generate`, "
-            f"τ {top['mean_accepted_length']:.2f}. Perplexity on {q['ntp'].get('n_ppl', q['ntp'].get('n_eval'))} test problems (NTP "
-            f"{CI(pq).fmt(2)}; the thesis' NTP {ntp})." + (
-                " A second independent benchmark run gives " + ("the same speed verdicts" if set(again) == {"the same"}
-                                                                 else "; ".join(a for a in again if a != "the same"))
-                + "." if again else "") + f" Files: `figures/{fig.name}/`.", 118)
+            f"τ {top['mean_accepted_length']:.2f}. Perplexity on {n_ppl} test problems (NTP {ci(pq).fmt(2)}; the "
+            f"thesis' NTP {ntp}).")
+    if again:
+        note += (" A second independent benchmark run gives "
+                 + ("; ".join(second) if second else "the same speed verdicts") + ".")
+    out += [""] + textwrap.wrap(note + f" Files: `figures/{fig.name}/`.", 118)
     return "\n".join(out)
 
 
@@ -233,10 +232,7 @@ def controls_table(fig: Path) -> str:
     """MTP under controls, from ``mtp_controls_quality.json``: each run (the recipe, then each control with what it
     changed) with its next-token perplexity on the test problems, its paired differences against NTP and the base
     model, its heads' top-1 (t+2, t+3, ...), a chain's τ teacher-forced on the reference solutions, and which run
-    notebook 04 measured as ``mtp``. FileNotFoundError when
-    the profile ran no controls."""
-    import json
-
+    notebook 04 measured as ``mtp``. FileNotFoundError when the profile ran no controls."""
     runs = json.loads((fig / "mtp_controls_quality.json").read_text())
     out = ["| MTP run | changed | perplexity | Δ vs NTP | Δ vs base | heads' top-1 | τ | measured |",
            "|:--|:--|:--|:--|:--|:--|--:|:--|"]
