@@ -127,11 +127,11 @@ def ablations(fig: Path) -> str:
 def step_costs(bench: Path) -> str:
     """One decoding step of the pretrained model for 1..16 new tokens, from the newest `make bench-steps` file with
     the fast step: transformers' forward, the engine's eager and fast steps, and the memory limit."""
-    files = [f for f in bench.glob("step_costs_*.json") if "fast_ms" in json.loads(f.read_text())["steps"][0]]
+    files = {f: json.loads(f.read_text()) for f in bench.glob("step_costs_*.json")}
+    files = {f: d for f, d in files.items() if "fast_ms" in d["steps"][0]}
     if not files:
         raise FileNotFoundError("no step_costs_*.json with the fast step: run `make bench-steps`")
-    f = max(files, key=lambda f: json.loads(f.read_text()).get("run", {}).get("finished", ""))
-    d = json.loads(f.read_text())
+    f, d = max(files.items(), key=lambda fd: fd[1].get("run", {}).get("finished", ""))
     out = []
     for dt in dict.fromkeys(r["dtype"] for r in d["steps"]):
         rows = [r for r in d["steps"] if r["dtype"] == dt]
