@@ -188,3 +188,16 @@ def test_a_profile_measures_its_drafters_against_training_tokens(tmp_path, monke
                                  "medusa", "validation")
     assert T.acceptance(T.head_hits(saved, val))["tau"] == df.tau.iloc[1]
     assert (tmp_path / "runs" / "scal" / "results" / "drafter_scaling.csv").exists()
+
+
+def test_the_first_n_head1_targets_take_the_leading_examples_that_hold_them():
+    labs = [[-100, -100, 5, 6, -100], [-100, 7, 8, 9], [1, 2, 3]]             # head-1 targets: 2, 2, 1
+    assert [T.head1_targets(x) for x in labs] == [2, 2, 1]
+    assert T.head1_targets(torch.tensor(labs[1])) == 2
+    assert [T.leading_examples(labs, n) for n in (0, 1, 2, 3, 4, 5, 99)] == [0, 1, 1, 2, 2, 3, 3]
+    n = sum(len(x) for x in labs)
+    feats = T.FeatureSet({"input_ids": torch.arange(n), "labels": torch.tensor(sum(labs, [])),
+                          "h0": torch.zeros(n, 2), "lm_nll": torch.zeros(n), "lm_hit": torch.zeros(n, dtype=torch.bool),
+                          "offsets": torch.tensor([0, 5, 9, 12])})
+    assert feats.num_tokens == 5 and len(feats.first(3)) == 2 and feats.first(3).num_tokens == 4
+    assert len(feats.first(99)) == 3

@@ -255,10 +255,7 @@ def run_drafter_scaling(cfg, models: dict | None = None) -> pd.DataFrame:
         texts = [("self-distilled" if cfg[f"{prefix}_self_distill"] else "reference", tr, train, full)]
         if cfg["drafter_scaling_reference"] and cfg[f"{prefix}_self_distill"]:
             ref = D.tokenize_dataset(distill_prompts(cfg, prep)["train"], tok, cfg["max_seq_len"])
-            seen, end = 0, 0                 # only as many solutions as the largest size asked for needs
-            while end < len(ref) and seen < max(cfg["drafter_scaling_tokens"]):
-                seen += sum(t != -100 for t in ref[end]["labels"][2:])
-                end += 1
+            end = T.leading_examples(ref["labels"], max(cfg["drafter_scaling_tokens"]))   # as many as needed
             ref = D.make_dataloader(ref.select(range(end)), tok, cfg["batch_size"], True)
             texts.append(("reference", ref, head_features(cfg, full, ref, variant, "reference"), None))
         for text, loader, feats, whole in texts:

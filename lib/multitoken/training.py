@@ -337,6 +337,21 @@ def self_distill(model, tokenizer, dataset, max_new_tokens=256, batch_size=16, e
 FEATURE_KEYS = ("input_ids", "labels", "h0", "lm_nll", "lm_hit")
 
 
+def head1_targets(labels) -> int:
+    """An example's head-1 targets: positions whose token two ahead is a label (``labels``: a list or a tensor)."""
+    return int((torch.as_tensor(labels[2:]) != -100).sum())
+
+
+def leading_examples(labels_per_example, n_tokens: int) -> int:
+    """How many leading examples hold at least ``n_tokens`` head-1 targets (all of them when fewer)."""
+    seen = e = 0
+    for labels in labels_per_example:
+        if seen >= n_tokens:
+            break
+        seen, e = seen + head1_targets(labels), e + 1
+    return e
+
+
 class FeatureSet(torch.utils.data.Dataset):
     """Per example: its tokens, labels, the states its heads read (``h0``, stored in bf16) and the frozen model's
     next-token loss and hit at each position (the log's head 0, a constant). Flat tensors with ``offsets``, so one
@@ -355,21 +370,20 @@ class FeatureSet(torch.utils.data.Dataset):
         a, b = self.flat["offsets"][i].item(), self.flat["offsets"][i + 1].item()
         return {k: self.flat[k][a:b] for k in FEATURE_KEYS}
 
+    def _labels(self):
+        lab, off = self.flat["labels"], self.flat["offsets"].tolist()
+        return (lab[a:b] for a, b in zip(off, off[1:]))
+
     def first(self, n_tokens: int) -> "FeatureSet":
         """The leading examples that hold at least ``n_tokens`` head-1 targets (all of them when fewer)."""
-        lab, off = self.flat["labels"], self.flat["offsets"].tolist()
-        seen, e = 0, 0
-        while e < len(off) - 1 and seen < n_tokens:
-            seen += int((lab[off[e] + 2: off[e + 1]] != -100).sum())
-            e += 1
-        end = off[e]
+        e = leading_examples(self._labels(), n_tokens)
+        end = self.flat["offsets"][e].item()
         return FeatureSet({**{k: self.flat[k][:end] for k in FEATURE_KEYS}, "offsets": self.flat["offsets"][: e + 1]})
 
     @property
     def num_tokens(self) -> int:
-        """Head-1 targets: positions whose token two ahead is a label."""
-        lab, off = self.flat["labels"], self.flat["offsets"].tolist()
-        return sum(int((lab[a + 2: b] != -100).sum()) for a, b in zip(off, off[1:]))
+        """Head-1 targets (:func:`head1_targets`) of every example."""
+        return sum(head1_targets(lab) for lab in self._labels())
 
     def save(self, path) -> None:
         from safetensors.torch import save_file
