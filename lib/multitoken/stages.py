@@ -246,8 +246,8 @@ def section(cfg: Tracked, key: str, fn):
 
     def same_settings(read: dict) -> bool:
         return all(k in cfg and _jsonable(dict.__getitem__(cfg, k)) == v for k, v in read.items())
-    if (isinstance(kept, dict) and kept.get("fingerprint") == fingerprint
-            and same_settings({**kept.get("read_before", {"": None}), **kept["reads"]})
+    if (isinstance(kept, dict) and kept.get("fingerprint") == fingerprint and "read_before" in kept
+            and same_settings({**kept["read_before"], **kept["reads"]})
             and all(Path(w).exists() for w in kept["written"])):
         for k, v in kept["reads"].items():
             cfg.reads.setdefault(k, v)
