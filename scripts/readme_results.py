@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from multitoken import evaluation as E
 from multitoken.report import controls_table, verdict_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +49,15 @@ def quality(res: Path) -> str:
 def decoding(res: Path, name: str) -> str:
     rows = json.loads((res / name).read_text())
     r0 = rows[0]
+    per = res / "decoding_per_prompt.csv"          # the per-prompt times of decoding_benchmark.json's first run
+    peer, vs_peer = (E.best_peer_speedups(rows, pd.read_csv(per)) if name == "decoding_benchmark.json"
+                     and per.exists() else (None, {}))
     out = [f"{r0['device_name']}, {r0['dtype']}, batch 1, {r0['prompts']} test prompts, {r0['new_tokens']} new "
-           f"tokens in all per method, {r0.get('torch_threads', '?')} threads", "",
-           "| method | tokens/s | vs HF generate [95% CI] | vs greedy_kv [95% CI] | τ | efficiency vs greedy_kv | "
-           "acceptance by depth | identical | tree | chosen on validation |",
-           "|:--|--:|:--|:--|--:|--:|:--|--:|:--|:--|"]
+           f"tokens in all per method, {r0.get('torch_threads', '?')} threads"
+           + (f"; the fastest peer is `{peer}`" if peer else ""), "",
+           "| method | tokens/s | vs HF generate [95% CI] | vs greedy_kv [95% CI] | vs fastest peer [95% CI] | τ | "
+           "efficiency vs greedy_kv | acceptance by depth | identical | tree | chosen on validation |",
+           "|:--|--:|:--|:--|:--|--:|--:|:--|--:|:--|:--|"]
     for r in rows:
         kv = (f"{r['speedup_vs_greedy_kv']:.2f} [{r['speedup_vs_greedy_kv_lo']:.2f}, {r['speedup_vs_greedy_kv_hi']:.2f}]"
               if "speedup_vs_greedy_kv" in r else "")
@@ -61,7 +66,8 @@ def decoding(res: Path, name: str) -> str:
         if r.get("validation_speedup") and r.get("selected"):
             sel = f"yes ({r['validation_speedup']:.2f}x on validation)"
         out.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf_greedy']:.2f} [{r['speedup_lo']:.2f}, "
-                   f"{r['speedup_hi']:.2f}] | {kv} | {r['mean_accepted_length']:.2f} | "
+                   f"{r['speedup_hi']:.2f}] | {kv} | {vs_peer[r['method']].fmt(2) if r['method'] in vs_peer else ''} | "
+                   f"{r['mean_accepted_length']:.2f} | "
                    f"{r.get('efficiency_vs_greedy_kv', float('nan')):.2f} | {acc} | "
                    f"{r['identical_to_greedy']:.0%} ({r.get('identical_tokens', 1):.1%} tokens) | {r.get('tree') or ''} "
                    f"| {sel} |")

@@ -214,6 +214,13 @@ def test_verdict_table_reads_the_published_files_and_draws_verdicts_from_interva
     assert ("gives MTP 1.10: no detectable speedup; MEDUSA-1 1.10: no detectable speedup (the interval holds 1.27x "
             "too).") in " ".join(
         verdict_table(tmp_path).splitlines())
+    peers = [dict(r, baseline="hf_greedy", tokens_per_s=100 * r["speedup_vs_hf_greedy"]) for r in bench]
+    peers.append(dict(peers[0], method="hf_prompt_lookup", speedup_vs_hf_greedy=1.5, tokens_per_s=150))
+    (tmp_path / "decoding_benchmark.json").write_text(json.dumps(peers))
+    pd.DataFrame([dict(method=r["method"], prompt=i, new_tokens=100, seconds=100 / r["tokens_per_s"])
+                  for r in peers for i in range(4)]).to_csv(tmp_path / "decoding_per_prompt.csv", index=False)
+    assert ("`mtp_tree`: 2.20 [2.10, 2.30] over HF `generate` and 1.47 [1.47, 1.47] over the fastest peer "
+            "(`hf_prompt_lookup`)") in " ".join(verdict_table(tmp_path).splitlines())
     c = lambda x: {"value": x, "lo": x - 0.1, "hi": x + 0.1}  # noqa: E731
     controls = {"recipe": {"perplexity": c(4.5), "diff_vs_ntp": c(1.8), "diff_vs_base": c(0.8),
                            "head_top1": [0.65, 0.11, 0.07], "changes": {}, "measured_as_mtp": False,
@@ -730,3 +737,25 @@ def test_the_compiled_static_cache_peer_runs_transformers_recipe_and_matches_gen
     by = {r["method"]: r for r in rows}
     assert by["hf_compiled"]["identical_to_greedy"] == 1.0 and by["hf_compiled"]["new_tokens"] == 18
     assert all(r["warmup_s"] > 0 for r in rows)
+
+
+def test_speedup_over_the_best_peer_is_paired_against_the_fastest_hf_method():
+    """The best peer is the fastest HF method on the NTP model (not HF greedy, not the MTP model's own HF generate);
+    each NTP-model method's speedup over it is the paired per-prompt ratio of tokens/s; other models get none."""
+    import pandas as pd
+
+    secs = {"hf_greedy": [4.0, 5.0, 6.0], "hf_prompt_lookup": [2.0, 3.0, 2.5], "hf_compiled": [3.0, 4.0, 5.0],
+            "hf_greedy_mtp": [1.0, 1.0, 1.0], "greedy_kv": [3.5, 4.5, 5.5], "prompt_lookup": [1.0, 2.0, 2.0],
+            "mtp_tree": [0.5, 0.5, 0.5]}
+    base = {"hf_greedy_mtp": "hf_greedy_mtp", "mtp_tree": "hf_greedy_mtp"}
+    per = pd.DataFrame([dict(method=m, prompt=i, new_tokens=100, seconds=s) for m, ss in secs.items()
+                        for i, s in enumerate(ss)]).sample(frac=1, random_state=0)       # the csv's order is not relied on
+    rows = [dict(method=m, baseline=base.get(m, "hf_greedy"), tokens_per_s=300 / sum(ss)) for m, ss in secs.items()]
+    peer, sp = E.best_peer_speedups(rows, per)
+    assert peer == "hf_prompt_lookup"                          # the MTP model's faster HF generate is not a peer
+    assert set(sp) == {"hf_greedy", "hf_compiled", "greedy_kv", "prompt_lookup"}
+    assert sp["prompt_lookup"].value == pytest.approx(7.5 / 5.0)
+    assert sp["prompt_lookup"].lo > 1 and sp["hf_greedy"].hi < 1
+    assert E.best_peer_speedups([r for r in rows if not r["method"].startswith("hf_")], per) == (None, {})
+    with pytest.raises(ValueError, match="different prompts"):
+        E.best_peer_speedups(rows, per[~((per.method == "greedy_kv") & (per.prompt == 0))])

@@ -388,6 +388,29 @@ def gain_of(row: dict) -> S.CI:
     return S.CI(row["speedup_vs_greedy_kv"], row["speedup_vs_greedy_kv_lo"], row["speedup_vs_greedy_kv_hi"])
 
 
+def best_peer_speedups(rows: list[dict], per: pd.DataFrame) -> tuple[str | None, dict[str, S.CI]]:
+    """The fastest peer (an HF method on the NTP model: ``hf_greedy``, the compiled recipe, prompt lookup; by
+    tokens/s on these prompts) and every other method on the NTP model's outputs against it: (tokens/s of the method)
+    / (tokens/s of the peer) with its 95% interval, resampling prompts paired, from ``per`` (the benchmark's
+    per-prompt frame or ``decoding_per_prompt.csv``: method, prompt, new_tokens, seconds). Methods of other models
+    (the MTP model's) have no peer here. (None, {}) when no peer ran."""
+    peers = [r for r in rows if r["method"].startswith("hf_") and r["baseline"] == "hf_greedy"]
+    if not peers:
+        return None, {}
+    peer = max(peers, key=lambda r: r["tokens_per_s"])["method"]
+    base = per[per.method == peer].sort_values("prompt")
+    out = {}
+    for r in rows:
+        if r["baseline"] != "hf_greedy" or r["method"] == peer:
+            continue
+        d = per[per.method == r["method"]].sort_values("prompt")
+        if list(d.prompt) != list(base.prompt):
+            raise ValueError(f"{r['method']} and the peer {peer} were timed on different prompts")
+        out[r["method"]] = S.speedup_ci(d.new_tokens.to_numpy(), d.seconds.to_numpy(), base.new_tokens.to_numpy(),
+                                        base.seconds.to_numpy())
+    return peer, out
+
+
 @torch.inference_mode()
 def first_divergences(model, prompts, per: pd.DataFrame, method: str, baseline: str) -> list[dict]:
     """Where ``method``'s output first leaves ``baseline``'s (same model), and the model's top-2 logit gap there,

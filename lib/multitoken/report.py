@@ -176,7 +176,7 @@ def verdict_table(fig: Path) -> str:
     verdict drawn from the interval (speed from speculation's own gain over this engine without drafts, `greedy_kv`),
     then a note on what was measured. Markdown with lines of at most 120 characters; FileNotFoundError when a file is
     missing."""
-    from .evaluation import best_methods, gain_of, speedup_of
+    from .evaluation import best_methods, best_peer_speedups, gain_of, speedup_of
     from .stats import speed_verdict
 
     q = json.loads((fig / "quality.json").read_text())
@@ -215,12 +215,17 @@ def verdict_table(fig: Path) -> str:
     sp = {v: speedup_of(best[v]).fmt(2) for v in ("mtp", "medusa")}
     n_ppl = q["ntp"].get("n_ppl", q["ntp"].get("n_eval"))
     second = [a for a in again if a != "the same"]
+    over_peer = ""                                      # against the fastest peer on the same prompts
+    if (fig / "decoding_per_prompt.csv").exists():
+        peer, vs = best_peer_speedups(rows, pd.read_csv(fig / "decoding_per_prompt.csv"))
+        if top["method"] in vs:
+            over_peer = f" and {vs[top['method']].fmt(2)} over the fastest peer (`{peer}`)"
     note = (f"Speed: speculation's own gain over this engine decoding without drafts, for the method chosen on "
             f"validation prompts (`{best['mtp']['method']}`, `{best['medusa']['method']}`; over HF `generate`: "
             f"{sp['mtp']} and {sp['medusa']}), {r0['dtype']} on {r0['device_name']}, batch 1, {r0['prompts']} test "
-            f"prompts. The fastest lossless method is `{top['method']}`: {speedup_of(top).fmt(2)} over HF `generate`, "
-            f"τ {top['mean_accepted_length']:.2f}. Perplexity on {n_ppl} test problems (NTP {ci(pq).fmt(2)}; the "
-            f"thesis' NTP {ntp}).")
+            f"prompts. The fastest lossless method is `{top['method']}`: {speedup_of(top).fmt(2)} over HF `generate`"
+            f"{over_peer}, τ {top['mean_accepted_length']:.2f}. Perplexity on {n_ppl} test problems (NTP "
+            f"{ci(pq).fmt(2)}; the thesis' NTP {ntp}).")
     if again:
         note += (" A second independent benchmark run gives "
                  + ("; ".join(second) if second else "the same speed verdicts") + ".")
