@@ -759,3 +759,14 @@ def test_speedup_over_the_best_peer_is_paired_against_the_fastest_hf_method():
     assert E.best_peer_speedups([r for r in rows if not r["method"].startswith("hf_")], per) == (None, {})
     with pytest.raises(ValueError, match="different prompts"):
         E.best_peer_speedups(rows, per[~((per.method == "greedy_kv") & (per.prompt == 0))])
+
+
+def test_drafter_scaling_figure_takes_families_with_different_numbers_of_heads(tmp_path):
+    """MEDUSA-1 with 4 heads beside MTP modules with 3 (no head-4 value): the figure is drawn, one line per measure."""
+    from multitoken import plots
+
+    df = pd.DataFrame([{"variant": v, "text": t, "train_tokens": n, "first_token": 0.3, "tau": 1.4,
+                        "head1_top1": 0.3, "head2_top1": 0.2, "head3_top1": 0.1, "head4_top1": h4}
+                       for v, h4 in (("medusa", 0.05), ("mtp_seq", None)) for t in ("self-distilled", "reference")
+                       for n in (100, 1000)])
+    assert plots.drafter_scaling(df, tmp_path).saved.exists()

@@ -71,7 +71,8 @@ def drafter_scaling(df: pd.DataFrame, out_dir, name="drafter_scaling"):
     df = df.assign(text=df.text if "text" in df else "self-distilled")
     long = pd.concat([df.assign(measure="first draft accepted", value=df.first_token),
                       df.assign(measure="chain τ - 1", value=df.tau - 1)]
-                     + [df.assign(measure=f"head {c[4:-5]} top-1", value=df[c]) for c in df if c.endswith("_top1")])
+                     + [df.assign(measure=f"head {c[4:-5]} top-1", value=df[c]) for c in df if c.endswith("_top1")],
+                     ignore_index=True).dropna(subset=["value"])   # a family with fewer heads has no value there
     g = sns.relplot(long, x="train_tokens", y="value", hue="measure", style="text", col="variant", kind="line",
                     markers=True, height=3.4, aspect=1.1, facet_kws={"sharey": True})
     g.set(xscale="log", xlabel="training tokens (head-1 targets)", ylabel="")
