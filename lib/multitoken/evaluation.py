@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import stats as S
+from .core import compiled
 from .core.backbones import backbone_of
-from .decoding import model_device, speculative_generate, sync
+from .decoding import model_device, precompile, speculative_generate, sync
 from .decoding.trees import parse_tree
 
 log = logging.getLogger(__name__)
@@ -234,10 +235,12 @@ class Method:
     drafter: str = "heads"
     baseline: str | None = None
     gen_kw: dict = field(default_factory=dict)
+    fast: object = True
 
     @staticmethod
-    def engine(name, model, tree, drafter="heads", baseline=None) -> "Method":
-        return Method(name, model, "engine", tree, drafter, baseline)
+    def engine(name, model, tree, drafter="heads", baseline=None, fast=True) -> "Method":
+        """This engine; ``fast``: its step (``speculative_generate``'s ``fast``: True, False or "compiled")."""
+        return Method(name, model, "engine", tree, drafter, baseline, fast=fast)
 
     @staticmethod
     def hf(name, model, baseline=None, **gen_kw) -> "Method":
@@ -267,9 +270,17 @@ class Method:
     def compared_with(self) -> str:
         return self.baseline or self.name
 
+    def prepare(self, ids, max_new_tokens) -> float:
+        """Compile what this method's decodes of such a prompt will run (a compiled engine step: every step size
+        up to :data:`PRECOMPILE_LARGEST` tokens); the seconds it took (0: nothing to compile)."""
+        if self.how == "engine" and self.fast == "compiled":
+            return precompile(self.model, ids.shape[1], max_new_tokens, PRECOMPILE_LARGEST)
+        return 0.0
+
     def __call__(self, ids, max_new_tokens):
         if self.how == "engine":
-            return speculative_generate(self.model, ids, max_new_tokens, tree=self.tree, drafter=self.drafter)
+            return speculative_generate(self.model, ids, max_new_tokens, tree=self.tree, drafter=self.drafter,
+                                        fast=self.fast)
         if self.how == "hf":
             ids = ids.to(self.device)
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -277,6 +288,9 @@ class Method:
                                       **self.gen_kw)
             return out, {"new_tokens": out.shape[1] - ids.shape[1], "forward_passes": None}
         return self.how(self.model, ids, max_new_tokens)
+
+
+PRECOMPILE_LARGEST = 17   # a compiled engine method compiles steps of up to this many tokens before it is timed
 
 
 def _identical_tokens(a: list, b: list) -> float:
@@ -309,9 +323,10 @@ def benchmark_decoding(methods: list[Method], prompts: list, max_new_tokens: int
     if missing:
         raise ValueError(f"baseline(s) {missing} are not among the methods")
     names = list(by_name)
-    warm = {}
+    warm, compile_s = {}, {}
     for name in names:  # warm-up: compilation, layout timings and packing happen here, timed apart
         t0 = time.perf_counter()
+        compile_s[name] = sum(by_name[name].prepare(p.view(1, -1), max_new_tokens) for p in prompts)
         for p in prompts[:warmup]:
             by_name[name](p.view(1, -1), max_new_tokens)
         warm[name] = time.perf_counter() - t0
@@ -323,8 +338,11 @@ def benchmark_decoding(methods: list[Method], prompts: list, max_new_tokens: int
             method = by_name[name]
             times = []
             for _ in range(repeats):
+                c0 = compiled.COMPILE_S[0]
                 seq, st, dt = timed(lambda x: method(x, max_new_tokens), ids, method.device)
-                times.append(dt)
+                late = compiled.COMPILE_S[0] - c0                  # a step size first met here: compiled now,
+                compile_s[name] += late                           # its seconds reported apart, not as decoding
+                times.append(dt - late)
             new = seq.shape[1] - ids.shape[1]
             per.append({"method": name, "prompt": i, "new_tokens": new, "seconds": statistics.median(times),
                         "forward_passes": st.get("forward_passes"), "seq": seq[0, ids.shape[1]:].tolist(),
@@ -345,6 +363,7 @@ def benchmark_decoding(methods: list[Method], prompts: list, max_new_tokens: int
         row = {"method": name, "baseline": bname, "prompts": len(d),
                "new_tokens": int(d.new_tokens.sum()), "tokens_per_s": round(tps, 1),
                "latency_s_per_seq": round(float(d.seconds.mean()), 4), "warmup_s": round(warm[name], 2),
+               "compile_s": round(compile_s[name], 1),
                "speedup_vs_hf_greedy": round(sp.value, 3), "speedup_lo": round(sp.lo, 3), "speedup_hi": round(sp.hi, 3),
                "mean_accepted_length": round(tau, 3), "efficiency": round(sp.value / tau, 3),
                "identical_to_greedy": sum(same) / len(same),

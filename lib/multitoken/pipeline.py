@@ -547,10 +547,16 @@ def baseline_variant(cfg, v: str) -> str:
     return "ntp" if v in FROZEN and not cfg["frozen_hf_baselines"] else v
 
 
+def engine_step(cfg):
+    """``speculative_generate``'s ``fast`` for the profile's ``engine_step``: True (eager, fastest layouts) or
+    "compiled" (one graph per step size, ``core.compiled``)."""
+    return "compiled" if cfg["engine_step"] == "compiled" else True
+
+
 def decoding_methods(cfg, models: dict, trees: dict, hybrids: dict | None = None):
     """Every method the benchmark can time (``hybrids``: each family's ``(tree, spec)`` chosen on validation, see
     :func:`bench_hybrids`; otherwise the family's tree and an uncapped hybrid)."""
-    M = E.Method
+    M, step = E.Method, engine_step(cfg)
     meths = [M.hf("hf_greedy", models["ntp"])]
     for v in HEADED:
         if baseline_variant(cfg, v) == "ntp":
@@ -559,15 +565,15 @@ def decoding_methods(cfg, models: dict, trees: dict, hybrids: dict | None = None
     if cfg["bench_compiled_peer"]:
         meths.append(M.hf_compiled("hf_compiled", models["ntp"], "hf_greedy"))
     meths += [M.hf("hf_prompt_lookup", models["ntp"], "hf_greedy", prompt_lookup_num_tokens=10),
-              M.engine("greedy_kv", models["ntp"], "none", baseline="hf_greedy"),
-              M.engine("prompt_lookup", models["ntp"], "none", "prompt_lookup", "hf_greedy")]
+              M.engine("greedy_kv", models["ntp"], "none", baseline="hf_greedy", fast=step),
+              M.engine("prompt_lookup", models["ntp"], "none", "prompt_lookup", "hf_greedy", fast=step)]
     for v in HEADED:
         base = "hf_greedy" if baseline_variant(cfg, v) == "ntp" else f"hf_greedy_{v}"
-        meths += [M.engine(f"{v}_chain", models[v], "chain", baseline=base),
-                  M.engine(f"{v}_tree", models[v], trees[v], baseline=base)]
+        meths += [M.engine(f"{v}_chain", models[v], "chain", baseline=base, fast=step),
+                  M.engine(f"{v}_tree", models[v], trees[v], baseline=base, fast=step)]
         if v != "mtp_seq":  # the MTP modules' caches follow their own tree: no hybrid
             tree, spec = (hybrids or {}).get(v, (trees[v], "hybrid"))
-            meths.append(M.engine(f"{v}_hybrid", models[v], tree, spec, base))
+            meths.append(M.engine(f"{v}_hybrid", models[v], tree, spec, base, fast=step))
     return meths
 
 
@@ -791,22 +797,23 @@ def run_tree_sweep(cfg, models, loader, prompts=None, prep=None):
         prep = prep if prep is not None else loaders(cfg)[3]
         prompts = validation_prompts(cfg, prep["tokenizer"], prep)
     prompts = bench_prompts(cfg, prompts, cfg["sweep_prompts"] or max(2, cfg["bench_prompts"] // 2))
-    M, meths, accs = E.Method, [], {}
+    M, meths, accs, step = E.Method, [], {}, engine_step(cfg)
     for v in HEADED:
         accs[v] = acc = head_topk_accuracy(models[v], loader)
         hf = f"hf/{baseline_variant(cfg, v)}"
         if hf not in {mt.name for mt in meths}:
             meths.append(M.hf(hf, models[baseline_variant(cfg, v)]))
-        meths.append(M.engine(f"{v}/chain_all", models[v], "chain", baseline=hf))
+        meths.append(M.engine(f"{v}/chain_all", models[v], "chain", baseline=hf, fast=step))
         for b in cfg["tree_budgets"]:
             if "fitted" in cfg["tree_kinds"]:
-                meths.append(M.engine(f"{v}/fitted_{b}", models[v], fitted_tree(acc, b), baseline=hf))
+                meths.append(M.engine(f"{v}/fitted_{b}", models[v], fitted_tree(acc, b), baseline=hf, fast=step))
             if "medusa" in cfg["tree_kinds"]:
-                meths.append(M.engine(f"{v}/medusa_{b}", models[v], medusa_tree(b, models[v].num_heads), baseline=hf))
+                meths.append(M.engine(f"{v}/medusa_{b}", models[v], medusa_tree(b, models[v].num_heads), baseline=hf,
+                                      fast=step))
         if v != "mtp_seq":                   # the MTP modules draft alone: no hybrid
             for n in cfg["hybrid_budgets"]:
                 meths.append(M.engine(f"{v}/hybrid_{n}", models[v], hybrid_tree(cfg, acc), f"hybrid:4:{n}",
-                                      baseline=hf))
+                                      baseline=hf, fast=step))
     rows, _ = E.benchmark_decoding(meths, prompts, bench_tokens(cfg), warmup=1, desc="tree sweep (validation)")
     out = []
     for r in rows:

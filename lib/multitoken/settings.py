@@ -177,6 +177,10 @@ class Benchmark:
     tree_kinds: list[Literal["fitted", "medusa"]] = _f(["fitted", "medusa"])
     bench_extra_dtypes: list[Dtype] = _f([])
     bench_compiled_peer: bool = _f(False, doc="time transformers' static-cache + torch.compile generate as a peer")
+    engine_step: Literal["fast", "compiled"] = _f("fast", doc="the engine's step in the sweep and the benchmark: "
+                                                  "'fast' (eager, each product in the fastest layout for its shape) or "
+                                                  "'compiled' (one inductor graph per step size, weights frozen; "
+                                                  "compiled in the warm-up, its time reported apart)")
     bench_runs: int = _f(1, ge=1, doc="independent benchmark runs (the table is the first; each run's speedups beside it)")
     bench_selected_only: bool = _f(False, doc="on the test prompts time the peers, the engine's greedy, prompt lookup, "
                                               "the hybrids and each family's method chosen on validation, not every method")

@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
-from . import fastpath
+from . import compiled, fastpath
 
 ATTENTION = ("sdpa", "eager", "invariant")
 
@@ -203,14 +203,17 @@ class Backbone:
         raise NotImplementedError
 
     def trunk(self, input_ids, cache=None, position_ids=None, mask=None, cut: int | None = None,
-              attention_mask=None, **kw):
+              attention_mask=None, eager: bool = False, **kw):
         """(state after layer ``cut`` (the final normed state when None), final normed state, cache).
 
         With a cache (the decoding loop) or an explicit 4D ``mask`` (the thesis' padding-only mask) the decoder
         layers are called one by one here; otherwise transformers' own forward runs (training, perplexity,
-        ``generate``), with ``attention_mask`` the usual 2D padding mask."""
+        ``generate``), with ``attention_mask`` the usual 2D padding mask. A step into a compiled
+        :class:`~multitoken.core.compiled.StepCache` of a compiled size runs the compiled graph (``eager``: not)."""
         if cache is None and mask is None:
             return self._hf_trunk(input_ids, attention_mask, position_ids, cut, **kw)
+        if not eager and getattr(cache, "compiled", False) and compiled.rung(input_ids.shape[1]) == input_ids.shape[1]:
+            return (*compiled.trunk(self, input_ids, cache, position_ids, mask, cut), cache)
         position_ids = self._position_ids(input_ids, position_ids, cache)
         h = self.embed(input_ids, position_ids)
         pos = self.positions(h, position_ids)
@@ -385,7 +388,8 @@ class LlamaBackbone(Backbone):
         return self.m.rotary_emb(h, self._position_ids(h, position_ids, cache))        # (cos, sin), (1, T, head_dim)
 
     def layer(self, block, h, pos=None, cache=None, mask=None):
-        past = self._past(cache, block.self_attn.layer_idx)
+        # the cache's length only where needed: a compiled step (positions and mask given) must not read it
+        past = self._past(cache, block.self_attn.layer_idx) if pos is None or mask is None else None
         if pos is None:
             pos = self.positions(h, torch.arange(past, past + h.shape[1], device=h.device).unsqueeze(0))
         mask = self.attn_mask(mask, h.shape[1], past, h.dtype, h.device)

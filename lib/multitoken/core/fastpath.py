@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import compiled
+
 
 def _time(f, reps=10) -> float:
     f()
@@ -180,7 +182,9 @@ def matmul(x, w, b=None, w_is_kn: bool = True):
     m, k = x2.shape
     n = w.shape[1] if w_is_kn else w.shape[0]
     lay = "row"
-    if x.device.type == "cpu" and not _EAGER and not (torch.is_grad_enabled() and w.requires_grad):
+    if torch.compiler.is_compiling():          # inside a compiled step inductor picks its own kernels
+        pass
+    elif x.device.type == "cpu" and not _EAGER and not (torch.is_grad_enabled() and w.requires_grad):
         if _INVARIANT:
             lay = "row"                                    # the one layout measured row-count-invariant (docstring)
         elif m <= MAX_ROWS:
@@ -202,16 +206,20 @@ def matmul(x, w, b=None, w_is_kn: bool = True):
 
 
 def linear(module, x):
-    """An ``nn.Linear`` (e.g. the LM head) through :func:`matmul`."""
+    """An ``nn.Linear`` (e.g. the LM head) through :func:`matmul`; the unembedding of a compiled decoding
+    (``decoding(compiled=...)``), for a step's row count, through its compiled product."""
+    if not torch.compiler.is_compiling() and _COMPILED and id(module) in _COMPILED[-1] and compiled.rung(x.numel() // x.shape[-1]) == x.numel() // x.shape[-1]:
+        return compiled.unembed(module, x)
     return matmul(x, module.weight, module.bias, w_is_kn=False)
 
 
 _EAGER: list = []      # non-empty while every product takes the row-major layout (``decoding(fast=False)``)
+_COMPILED: list = []   # the ids of the modules whose products are compiled (``decoding(compiled=...)``), innermost last
 _INVARIANT: list = []  # non-empty while every product takes the row-major layout (``decoding(invariant=True)``)
 
 
 @contextlib.contextmanager
-def decoding(*models, fast: bool = True, invariant: bool = False):
+def decoding(*models, fast: bool = True, invariant: bool = False, compiled: tuple = (), skip: tuple = ()):
     """The decoding engine's products. With ``fast``, every ``nn.Linear`` of ``models`` on the CPU computes through
     :func:`matmul` (the fastest layout for its row count, outside autograd), so a family whose decoder layers are
     transformers' own (Llama) gets the same products as one whose layers the workbook writes (GPT-2's lean forward).
@@ -219,14 +227,22 @@ def decoding(*models, fast: bool = True, invariant: bool = False):
     compares with. ``invariant``: every product takes the row-major layout whatever its row count, so a row's
     result does not depend on how many rows share the product where that kernel is batch-invariant (bf16 on the CPUs
     measured; fp32's MKL products are not). The transposed bf16 product is not: on SmolLM2 a one-row and a five-row
-    product of the same MLP input differed. Restored on exit; nests."""
+    product of the same MLP input differed. ``compiled``: modules (the unembedding) whose products of a compiled
+    step's row count are compiled (``core.compiled.unembed``); ``skip``: modules whose products are left as they are
+    (a compiled trunk's: its graphs must see the same modules at every call). Restored on exit; nests."""
+    skipped = {id(m) for s in skip for m in s.modules()}
     mods = [m for model in models for m in model.modules()
-            if type(m) is nn.Linear and m.weight.device.type == "cpu" and "forward" not in m.__dict__] if fast else []
-    for m in mods:
-        m.forward = functools.partial(linear, m)
+            if type(m) is nn.Linear and m.weight.device.type == "cpu" and "forward" not in m.__dict__
+            and id(m) not in skipped] if fast else []
+    for m in mods:   # one partial per module, kept: a compiled step's guards see the same forward every decoding
+        m.forward = m.__dict__.get("_fastpath_forward") or m.__dict__.setdefault(
+            "_fastpath_forward", functools.partial(linear, m))
     flags = [f for f, on in ((_EAGER, not fast), (_INVARIANT, invariant)) if on]
     for f in flags:
         f.append(True)
+    if compiled:
+        _COMPILED.append({id(m) for m in compiled})
+        flags.append(_COMPILED)
     try:
         yield
     finally:

@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
-from ..core import fastpath
+from ..core import compiled, fastpath
 from ..core.backbones import Backbone, backbone_of, invariant_attention
 from . import drafters
 from .trees import Tree, parse_tree
@@ -202,7 +203,10 @@ def _compact(caches, L: list[int], W: int, keeps: list[list[int]]) -> int:
             if len(b_idx):
                 for t in (layer.keys, layer.values):
                     t[b_idx, :, dst] = t[b_idx, :, src]                     # gathered first: slots may overlap
-            layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
+            if not isinstance(cache, compiled.StepCache):                   # a fixed-capacity cache keeps its slots
+                layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
+        if isinstance(cache, compiled.StepCache):
+            cache.set_length(width)
     return width
 
 
@@ -271,10 +275,11 @@ def _checked(draft, n: int, vocab: int, limits: list[int]):
     return draft
 
 
-def _step_inputs(x0: list[int], draft, L: list[int], width: int, dev):
+def _step_inputs(x0: list[int], draft, L: list[int], width: int, dev, pad_to: int = 0, capacity: int = 0):
     """The step's tokens ``(n, N + 1)``, position ids and 4D bool mask (None: plain causal) for rows of committed
     lengths ``L`` in a cache ``width`` wide. Rows whose trees are smaller than the largest are padded with nodes that
-    see only the prefix and themselves (computed, never kept)."""
+    see only the prefix and themselves (computed, never kept). A compiled step: ``pad_to`` nodes at least (the same
+    padding), the mask always explicit and ``capacity`` slots wide (the slots past the step masked)."""
     trees, n = draft.trees, len(x0)
     N = max(len(t) for t in trees)
     x0t = torch.tensor(x0, device=dev)[:, None]
@@ -294,25 +299,36 @@ def _step_inputs(x0: list[int], draft, L: list[int], width: int, dev):
                 tt = t.on(dev)
                 steps_pos[i, : len(t) + 1], anc[i, : len(t) + 1, : len(t) + 1] = tt.steps_pos, tt.ancestors
             pos = Lt + steps_pos
-    if min(L) == width:                                                     # no junk slots: the whole cache is seen
+    if pad_to > N:                                       # a compiled step's size: nodes that see only the prefix
+        extra = pad_to - N                               # and themselves, and whose logits nobody reads
+        own = anc if anc is not None else torch.ones(n, 1, 1, dtype=torch.bool, device=dev)
+        anc = torch.eye(pad_to + 1, dtype=torch.bool, device=dev).repeat(n, 1, 1)
+        anc[:, : N + 1, : N + 1] = own
+        step, pos = torch.cat([step, x0t.expand(n, extra)], 1), torch.cat([pos, Lt.expand(n, extra)], 1)
+        N = pad_to
+    if min(L) == width and not capacity:                                     # no junk slots: the whole cache is seen
         mask = None if anc is None else torch.cat([anc.new_ones(n, N + 1, width), anc], 2)[:, None]
     else:
         prefix = torch.arange(width, device=dev)[None] < Lt                  # (n, W) each row's committed slots
         own = anc if anc is not None else prefix.new_ones(n, 1, 1)
         mask = torch.cat([prefix[:, None, :].expand(-1, N + 1, -1), own], 2)[:, None]
+        if capacity:
+            mask = F.pad(mask, (0, capacity - mask.shape[-1]), value=False)
     return step, pos, mask
 
 
 @torch.inference_mode()
 def _decode(model, rows, max_new_tokens, sampling: Sampling, drafter, eos, n_pos, stats: StepStats,
-            finished: str = "drop") -> list[list[int]]:
+            finished: str = "drop", compiled_step: bool = False) -> list[list[int]]:
     """Decode the prompts ``rows`` (1-D tensors on the model's device) together; returns each row's new tokens.
 
     Every row keeps its own committed length: slots past it are junk no query sees. A step appends each row's
     ``[x0, drafts...]`` at the cache's width, verifies all rows in one forward, accepts per row, and compacts each
     row's kept slots in place. A row that ends leaves the batch (``finished="drop"``) or stays as a masked no-op
     (``"masked"``: computed and drafted for, nothing kept). A drafter with state of one row (``accept``) decodes one
-    row at a time and hears every accepted step."""
+    row at a time and hears every accepted step. ``compiled_step``: the caches are fixed-capacity
+    (``core.compiled.StepCache``, the trunk's kept for the next decode of the same shape), every mask explicit and as
+    wide as they are, and each step padded to a compiled size (the padding's logits never read)."""
     if finished not in ("drop", "masked"):
         raise ValueError(f"finished must be 'drop' or 'masked', got {finished!r}")
     masked, dev, B = finished == "masked", rows[0].device, len(rows)
@@ -324,8 +340,15 @@ def _decode(model, rows, max_new_tokens, sampling: Sampling, drafter, eos, n_pos
     foreign = not isinstance(drafter, drafters.BUILT_IN)
     L = [int(r.numel()) for r in rows]
     width, plen, hist = max(L), list(L), [r.tolist() for r in rows]
-    caches = model.spec_new_cache()
-    if min(L) == width:                                                     # no padding: a plain causal prefill
+    caches, cap = model.spec_new_cache(), 0
+    if compiled_step:
+        cap = compiled.capacity_for(width + max_new_tokens + compiled.LADDER[-1])
+        caches = [compiled.compiled_of(backbone_of(model)).cache(B, cap, dev)] + [
+            compiled.StepCache(cap, dev) for _ in caches[1:]]
+        for c in caches:
+            c.compiled = False                                              # the prefill runs eagerly
+            c.set_length(0)
+    if min(L) == width and not cap:                                         # no padding: a plain causal prefill
         logits, ctx = model.spec_forward(torch.stack(rows), caches)
         last = logits[:, -1]
     else:                                                                   # right-padded, the pads masked
@@ -334,8 +357,14 @@ def _decode(model, rows, max_new_tokens, sampling: Sampling, drafter, eos, n_pos
             ids[b, : L[b]] = r
         ar, lens = torch.arange(width, device=dev), torch.tensor(L, device=dev)
         mask = (ar[:, None] >= ar[None, :])[None] & (ar[None, None, :] < lens[:, None, None])
+        if cap:
+            mask = F.pad(mask, (0, cap - width), value=False)
         logits, ctx = model.spec_forward(ids, caches, ar.expand(B, width), mask[:, None])
         last = logits[torch.arange(B, device=dev), lens - 1]
+    if cap:
+        for c in caches:
+            c.set_length(width)
+        caches[0].compiled = True
     stats.forward_passes += 1
     x0 = sampling.draw(last)
     if stateful:
@@ -364,8 +393,13 @@ def _decode(model, rows, max_new_tokens, sampling: Sampling, drafter, eos, n_pos
             draft = _checked(draft, n, logits.shape[-1], limits)
         trees = draft.trees
         N = max(len(t) for t in trees)
-        step, pos, mask = _step_inputs(x0, draft, L, width, dev)
+        size = compiled.rung(N + 1) if cap else None
+        step, pos, mask = _step_inputs(x0, draft, L, width, dev, pad_to=size - 1 if size else 0, capacity=cap)
+        if cap and width + step.shape[1] > cap:
+            raise ValueError(f"a step of {step.shape[1]} tokens after {width} overflows the compiled decoding's cache "
+                             f"of {cap} slots: a tree of at most {compiled.LADDER[-1] - 1} nodes")
         logits, ctx = model.spec_forward(step, caches, pos, mask)           # (n, N+1, V)
+        logits = logits[:, : N + 1]                                         # a compiled step's padding: not read
         stats.forward_passes += 1
         stats.row_steps += n
         if sampling.greedy:
@@ -441,7 +475,9 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     allows it (not one that keeps one row's state, as the MTP modules' does); ``"masked"``: together, finished rows
     kept in the batch as masked no-ops instead of leaving it (a measurement, not faster). ``fast``: every product of
     the step in the fastest weight layout this CPU offers for its shape (``core.fastpath.decoding``; False: the
-    row-major products a plain forward computes, for comparison). ``exact``: every position computed with the same
+    row-major products a plain forward computes, for comparison; ``"compiled"``: each step one compiled graph,
+    its weights frozen and packed by inductor for this CPU's GEMM kernels, ``core.compiled``; one row at a time, the
+    first decode of each step size pays its compilation). ``exact``: every position computed with the same
     arithmetic whatever else shares its step (invariant attention, one product layout per weight), so speculation
     returns token for token what this engine's greedy decoding returns in bf16 too, where transformers' kernels
     round a 5-token step differently from 5 one-token steps; None: for 16-bit models on the CPU (fp32 ones stay on
@@ -492,8 +528,12 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     if pad_token_id is None:
         pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
         pad_token_id = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+    if fast == "compiled" and batched:
+        raise ValueError("compiled steps decode one row at a time (batched=False)")
+    if fast not in (True, False, "compiled"):
+        raise ValueError(f"fast must be True, False or 'compiled', got {fast!r}")
     if batched is None:
-        batched = len(rows) > 1 and drafters.batchable(drafter)
+        batched = len(rows) > 1 and drafters.batchable(drafter) and fast != "compiled"
     elif batched and not drafters.batchable(drafter):
         raise ValueError(f"the {drafter.name} drafter keeps one row's state (the MTP modules' caches): it decodes "
                          "row by row (batched=False)")
@@ -504,14 +544,22 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     sync(dev)
     t0 = time.perf_counter()
     nets = [m for m in (model, getattr(model, "model", None)) if isinstance(m, torch.nn.Module)][:1]
+    compiled_step = fast == "compiled"
+    if compiled_step and exact:
+        raise ValueError("exact=True computes every position with one arithmetic whatever shares its step; a "
+                         "compiled step does not promise that: decode with fast=True")
     if exact is None:
-        exact = dev.type == "cpu" and next(iter(model.parameters())).dtype in (torch.bfloat16, torch.float16)
+        exact = not compiled_step and dev.type == "cpu" and next(iter(model.parameters())).dtype in (
+            torch.bfloat16, torch.float16)
+    bb = backbone_of(model)
+    unembed, trunk = ((bb.unembed,), (bb.layers,)) if compiled_step else ((), ())
     try:
-        with fastpath.decoding(*nets, fast=fast, invariant=exact), \
+        with fastpath.decoding(*nets, fast=bool(fast), invariant=exact, compiled=unembed, skip=trunk), \
                 (invariant_attention(model) if exact else contextlib.nullcontext()):
             finished = "masked" if batched == "masked" else "drop"
             outs = (_decode(model, rows, max_new_tokens, sampling, drafter, eos, n_pos, stats, finished) if batched
-                    else [_decode(model, [r], max_new_tokens, sampling, drafter, eos, n_pos, stats)[0] for r in rows])
+                    else [_decode(model, [r], max_new_tokens, sampling, drafter, eos, n_pos, stats,
+                                  compiled_step=compiled_step)[0] for r in rows])
     finally:
         model.train(was_training)
     sync(dev)
@@ -528,6 +576,44 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
                  tree=tree.name, tree_nodes=len(tree), drafter=getattr(drafter, "name", type(drafter).__name__),
                  tokens_per_s=n_new / wall if wall > 0 else 0.0)
     return torch.cat([input_ids, new], 1), stats
+
+
+class _FixedChain(drafters.RowDrafter):
+    """``k`` drafts every step (the root token repeated): steps of one size, whatever the model says."""
+
+    def __init__(self, k: int):
+        self.k, self.name = k, f"fixed{k}"
+
+    def propose_row(self, model, ctx, j, x0, history, limit):
+        k = min(self.k, limit)
+        return (drafters.chain(k), torch.full((k,), x0, dtype=torch.long, device=drafters._device(model))) if k \
+            else (drafters.NONE, None)
+
+
+def precompile(model, prompt_len: int, max_new_tokens: int, largest: int = compiled.LADDER[-1]) -> float:
+    """Compile, before anything is timed, every step a compiled decoding (``fast="compiled"``) of a prompt of
+    ``prompt_len`` tokens and ``max_new_tokens`` new ones can take, up to ``largest`` tokens a step (every rung of
+    ``core.compiled.LADDER`` up to it): one decode of a random prompt per rung. Returns the seconds spent compiling
+    (graphs compiled before, for this model's weights or equal ones, cost nothing)."""
+    before, bb = compiled.COMPILE_S[0], backbone_of(model)
+    cap = compiled.capacity_for(prompt_len + max_new_tokens + compiled.LADDER[-1])   # as ``_decode`` sizes it
+    key = (compiled.fingerprint(bb.lm.base_model), compiled.fingerprint(bb.unembed), cap, compiled.rung(largest),
+           getattr(model, "_trunk_cut", None), str(model_device(model)), next(model.parameters()).dtype)
+    if key in _PRECOMPILED:
+        return 0.0
+    dev = model_device(model)
+    vocab = bb.config.vocab_size
+    ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
+    for r in compiled.LADDER:
+        if r > compiled.rung(largest):
+            break
+        kw = dict(tree="none") if r == 1 else dict(drafter=_FixedChain(r - 1))
+        speculative_generate(model, ids, max_new_tokens, fast="compiled", eos_token_id=-1, **kw)
+    _PRECOMPILED.add(key)
+    return compiled.COMPILE_S[0] - before
+
+
+_PRECOMPILED: set = set()   # what precompile has compiled: (weights, unembedding, capacity, largest rung, cut, ...)
 
 
 def greedy_generate(model, input_ids, max_new_tokens, **kw):

@@ -1,0 +1,163 @@
+"""The compiled step (``fast="compiled"``): one inductor graph per step size over a fixed-capacity cache, weights
+frozen. It must return what the eager engine returns, token for token, whatever the drafts; recompile for weights
+that changed; share graphs between models of equal weights; decode steps the ladder lacks without them; and say
+what it refuses."""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from multitoken import wrap_model_with_medusa
+from multitoken.core import compiled
+from multitoken.decoding import precompile, speculative_generate
+from multitoken.decoding.engine import _step_inputs
+from multitoken.decoding.drafters import Draft, RowDrafter
+from multitoken.decoding.trees import chain
+from multitoken.evaluation import Method, benchmark_decoding
+
+VOCAB = 64
+
+
+def llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                      eos_token_id=None, bos_token_id=None, initializer_range=0.1)
+    m = LlamaForCausalLM(cfg).eval()
+    m.generation_config.eos_token_id = None
+    return m
+
+
+def gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=256, initializer_range=0.1,
+                     bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    m = GPT2LMHeadModel(cfg).eval()
+    m.generation_config.eos_token_id = None
+    return m
+
+
+class Known(RowDrafter):
+    """The known greedy continuation, ``depth`` drafts a step, the last one wrong every third step."""
+
+    def __init__(self, reference, depth):
+        self.ref, self.depth, self.name, self.n = reference.tolist(), depth, "known", 0
+
+    def propose_row(self, model, ctx, j, x0, history, limit):
+        k = min(self.depth, limit)
+        if k < 1:
+            return chain(0), None
+        self.n += 1
+        toks = [self.ref[i] if i < len(self.ref) else 0 for i in range(len(history), len(history) + k)]
+        if self.n % 3 == 0:
+            toks[-1] = (toks[-1] + 1) % VOCAB
+        return chain(k), torch.tensor(toks)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def quick_compile():
+    """The kernels as compiled without timing inductor's own C++ GEMM against ATen's (minutes saved; what is tested
+    here is the engine around the graphs; the benchmark checks every output of the timed configuration)."""
+    compiled.AUTOTUNE[0] = False
+    yield
+    compiled.AUTOTUNE[0] = True
+
+
+def prompt(seed=0, length=16):
+    return torch.randint(1, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", [llama, gpt2])
+def test_compiled_steps_return_what_the_eager_engine_returns(family):
+    model = family()
+    for i in range(2):
+        x = prompt(i)
+        ref, _ = speculative_generate(model, x, 24, tree="none")
+        got, _ = speculative_generate(model, x, 24, tree="none", fast="compiled")
+        assert torch.equal(got, ref), f"greedy, prompt {i}"
+        spec, st = speculative_generate(model, x, 24, drafter=Known(ref[0], 4), fast="compiled")
+        assert torch.equal(spec, ref), f"chain of 4 (padded to 5 tokens a step), prompt {i}"
+        assert st["mean_accepted_length"] > 1.5
+        if family is llama:                   # steps of 2-5 tokens, padded to 3 or 5
+            xx = torch.cat([x, x], 1)
+            assert torch.equal(speculative_generate(model, xx, 24, drafter="prompt_lookup", fast="compiled")[0],
+                               speculative_generate(model, xx, 24, tree="none")[0]), f"prompt lookup, prompt {i}"
+
+
+def test_medusa_trees_and_models_of_equal_weights_share_the_graphs():
+    base = llama()
+    medusa = wrap_model_with_medusa(llama(), num_medusa_heads=2).eval()
+    x = prompt(3)
+    ref, _ = speculative_generate(base, x, 20, tree="none")
+    spent = precompile(base, x.shape[1], 20, largest=5)
+    before = compiled.COMPILE_S[0]
+    for tree in ("medusa:4", "chain"):
+        assert torch.equal(speculative_generate(medusa, x, 20, tree=tree, fast="compiled")[0], ref), tree
+    assert compiled.COMPILE_S[0] == before, "MEDUSA-1's frozen backbone has the base model's weights: no compiling"
+    assert spent >= 0 and precompile(base, x.shape[1], 20, largest=5) == 0.0       # done once
+
+
+def test_weights_changed_after_compiling_are_the_ones_decoded():
+    model = llama()                                  # the graphs of these weights may exist: they must not be used
+    x = prompt(4)
+    first = speculative_generate(model, x, 20, tree="none", fast="compiled")[0]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.7)                                                 # training after an evaluation, in place
+    ref = speculative_generate(model, x, 20, tree="none")[0]
+    assert not torch.equal(ref, first)
+    assert torch.equal(speculative_generate(model, x, 20, tree="none", fast="compiled")[0], ref)
+
+
+class Wide(RowDrafter):
+    """40 drafts a step (none where fewer tokens are left): larger than every compiled step size."""
+    name = "wide"
+
+    def propose_row(self, model, ctx, j, x0, history, limit):
+        if limit < 40:
+            return chain(0), None
+        return chain(40), torch.full((40,), x0, dtype=torch.long)
+
+
+def test_a_step_larger_than_every_compiled_size_decodes_without_a_graph():
+    model = llama(seed=0)
+    x = prompt(5)
+    ref = speculative_generate(model, x, 100, tree="none")[0]
+    assert torch.equal(speculative_generate(model, x, 100, drafter=Wide(), fast="compiled")[0], ref)
+
+
+def test_what_compiled_steps_refuse():
+    model = llama(seed=0)
+    x = prompt(6)
+    with pytest.raises(ValueError, match="one row at a time"):
+        speculative_generate(model, torch.cat([x, x]), 4, tree="none", fast="compiled", batched=True)
+    with pytest.raises(ValueError, match="exact=True"):
+        speculative_generate(model, x, 4, tree="none", fast="compiled", exact=True)
+    with pytest.raises(ValueError, match="fast must be"):
+        speculative_generate(model, x, 4, tree="none", fast="yes")
+
+
+def test_a_padded_step_sees_the_prefix_its_tree_and_nothing_past_the_step():
+    x0, L, width, cap = [7], [10], 12, 32
+    draft = Draft([chain(2)], torch.tensor([[3, 4]]))
+    step, pos, mask = _step_inputs(x0, draft, L, width, torch.device("cpu"), pad_to=4, capacity=cap)
+    assert step.tolist() == [[7, 3, 4, 7, 7]] and pos.tolist() == [[10, 11, 12, 10, 10]]
+    m = mask[0, 0]
+    assert m.shape == (5, cap)
+    assert m[:, :10].all() and not m[:, 10:width].any() and not m[:, width + 5:].any()   # junk slots unseen
+    own = m[:, width: width + 5]
+    assert own[:3, :3].equal(torch.ones(3, 3, dtype=torch.bool).tril())                  # the chain, causal
+    assert own[3:].equal(torch.eye(5, dtype=torch.bool)[3:])                             # padding: itself only
+
+
+def test_the_benchmark_reports_compilation_apart_from_decoding(monkeypatch):
+    import multitoken.evaluation as E
+    monkeypatch.setattr(E, "PRECOMPILE_LARGEST", 1)                # greedy steps only: one graph
+    model = llama()
+    prompts = [prompt(i, 12)[0] for i in range(2)]
+    meths = [Method.hf("hf_greedy", model), Method.engine("greedy_kv", model, "none", baseline="hf_greedy"),
+             Method.engine("compiled", model, "none", baseline="hf_greedy", fast="compiled")]
+    rows, _ = benchmark_decoding(meths, prompts, 12, warmup=1, reference="greedy_kv")
+    by = {r["method"]: r for r in rows}
+    assert by["compiled"]["identical_to_greedy"] == 1.0
+    assert by["greedy_kv"]["compile_s"] == 0 and by["hf_greedy"]["compile_s"] == 0
+    assert by["compiled"]["compile_s"] >= 0 and "compile_s" in by["compiled"]
