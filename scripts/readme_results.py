@@ -132,7 +132,8 @@ def ablations(fig: Path) -> str:
 
 def step_costs(bench: Path) -> str:
     """One decoding step of the pretrained model for 1..16 new tokens, from the newest `make bench-steps` file with
-    the fast step: transformers' forward, the engine's eager and fast steps, and the memory limit."""
+    the fast step: transformers' forward, the engine's fast step, its compiled step (where the file has it) and the
+    memory limit."""
     files = {f: json.loads(f.read_text()) for f in bench.glob("step_costs_*.json")}
     files = {f: d for f, d in files.items() if "fast_ms" in d["steps"][0]}
     if not files:
@@ -145,8 +146,12 @@ def step_costs(bench: Path) -> str:
                 "|:--|" + "--:|" * len(rows),
                 "| transformers' forward (ms) | " + " | ".join(f"{r['hf_ms']:.1f}" for r in rows) + " |",
                 "| engine, fast step (ms) | " + " | ".join(f"{r['fast_ms']:.1f}" for r in rows) + " |",
-                "| fast step / one-token step | " + " | ".join(f"{r['fast_vs_1_token']:.2f}" for r in rows) + " |",
-                f"| memory limit (ms) | {rows[0]['memory_limit_ms']:.1f} |" + " |" * (len(rows) - 1), ""]
+                "| fast step / one-token step | " + " | ".join(f"{r['fast_vs_1_token']:.2f}" for r in rows) + " |"]
+        if "compiled_ms" in rows[0]:
+            out += ["| engine, compiled step (ms) | " + " | ".join(f"{r['compiled_ms']:.1f}" for r in rows) + " |",
+                    "| compiled step / one-token step | "
+                    + " | ".join(f"{r['compiled_vs_1_token']:.2f}" for r in rows) + " |"]
+        out += [f"| memory limit (ms) | {rows[0]['memory_limit_ms']:.1f} |" + " |" * (len(rows) - 1), ""]
     run = d.get("run", {})
     out.append(f"{d['model']}, {d['context']}-token cache, {d['torch_threads']} threads, {d['cpu_capability']} CPU, "
                f"{run.get('finished', '?')[:10]}:\n`figures/bench/{f.name}`.")

@@ -703,16 +703,19 @@ def test_step_costs_time_every_path_against_the_memory_limit(tmp_path, monkeypat
             return type("Enc", (), dict(input_ids=torch.randint(2, 64, (1, 5))))()
     monkeypatch.setattr(pretrained, "load", lambda name: (model, Tok()))
     monkeypatch.setattr(bench, "read_bandwidth", lambda: 2e9)
+    from multitoken.core import compiled
+    monkeypatch.setattr(compiled, "AUTOTUNE", [False])     # minutes of kernel timing saved; the same graphs
     res = bench.step_costs("tiny", dtypes=("float32",), context=8, sizes=(1, 2), reps=2, prompts=2, new_tokens=3,
                            out=tmp_path / "s.json")
     assert torch.is_grad_enabled()                        # the benchmark left autograd as it found it
     assert json.loads((tmp_path / "s.json").read_text())["steps"] == res["steps"]
     limit = bench.weight_bytes(model) / 2e9 * 1e3
     assert [(r["tokens"], r["memory_limit_ms"]) for r in res["steps"]] == [(1, round(limit, 2)), (2, round(limit, 2))]
-    assert all(r[k] > 0 for r in res["steps"] for k in ("hf_ms", "eager_ms", "fast_ms"))
+    assert all(r[k] > 0 for r in res["steps"] for k in ("hf_ms", "eager_ms", "fast_ms", "compiled_ms"))
+    assert [r["compiled_step_tokens"] for r in res["steps"]] == [1, 3]    # 2 tokens run in a 3-token graph
     assert res["steps"][0]["fast_vs_1_token"] == 1.0 and res["read_bandwidth_gb_s"] == 2.0
     assert set(res["generation"][0]) == {"dtype", "hf_generate_tokens_per_s", "engine_greedy_eager_tokens_per_s",
-                                         "engine_greedy_fast_tokens_per_s"}
+                                         "engine_greedy_fast_tokens_per_s", "engine_greedy_compiled_tokens_per_s"}
     assert res["layouts"]                                  # the fast step asked for layouts, recorded with the result
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["s.json"]["stage"] == "make bench-steps" == res["run"]["stage"] and "commit" in res["run"]

@@ -10,10 +10,11 @@ import sys
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from . import pipeline, report, stages
-from .core import fastpath
+from .core import compiled, fastpath
 from .core.backbones import backbone_of
 from .evaluation import batch_rows
 from .utils import write_json
@@ -179,12 +180,14 @@ def weight_bytes(model) -> int:
 
 @torch.no_grad()
 def step_costs(name: str, dtypes=None, context: int = 300, sizes=(1, 2, 4, 8, 16), reps: int = 20,
-               prompts: int = 6, new_tokens: int = 64, out=None) -> dict:
+               prompts: int = 6, new_tokens: int = 64, out=None, compiled_step: bool = True) -> dict:
     """What one decoding step of a pretrained model costs on this machine: a forward of T new tokens on top of a
     ``context``-token KV cache, for each T in ``sizes`` (median of ``reps``), in each dtype, three ways: transformers'
     own forward (``hf``), the engine's step with the row-major products a plain forward computes (``eager``) and with
-    its fast products (``fast``: every weight in the fastest layout this CPU offers, ``core.fastpath``); every
-    combination once per round in a fresh random order (this machine's speed drifts). Beside them the memory limit:
+    its fast products (``fast``: every weight in the fastest layout this CPU offers, ``core.fastpath``) and, with
+    ``compiled_step``, the compiled step (``compiled``: T tokens in a step of the next compiled size,
+    ``core.compiled``; its compilation in the warm-up, seconds in ``compile_s``); every combination once per round
+    in a fresh random order (this machine's speed drifts). Beside them the memory limit:
     the model's weight bytes over the measured read bandwidth, the least a step can cost. Then HF ``generate``'s and
     the engine's greedy tokens/s (eager, fast) on GSM8K test prompts, interleaved (``prompts`` x ``new_tokens``).
     ``dtypes``: fp32, and bf16 where this CPU has native bf16 products (emulated bf16 measures the emulation).
@@ -215,10 +218,21 @@ def step_costs(name: str, dtypes=None, context: int = 300, sizes=(1, 2, 4, 8, 16
         limit_ms = weight_bytes(model) / bandwidth * 1e3
         g = torch.Generator().manual_seed(0)
         cache = bb.new_cache()
-        model(torch.randint(0, model.config.vocab_size, (1, context), generator=g), past_key_values=cache,
-              use_cache=True)
-        combos = [(T, via) for T in sizes for via in ("hf", "eager", "fast")]
+        prefix = torch.randint(0, model.config.vocab_size, (1, context), generator=g)
+        model(prefix, past_key_values=cache, use_cache=True)
+        paths = ("hf", "eager", "fast") + (("compiled",) if compiled_step else ())
+        combos = [(T, via) for T in sizes for via in paths]
         times = {c: [] for c in combos}
+        if compiled_step:                             # the compiled step's own cache: the same prefix, fixed capacity
+            cap = compiled.capacity_for(context + compiled.LADDER[-1])
+            ccache = compiled.compiled_of(bb).cache(1, cap, model.device)
+            ccache.compiled = False
+            ccache.set_length(0)
+            causal = F.pad(torch.ones(context, context, dtype=torch.bool).tril(), (0, cap - context))[None, None]
+            bb.trunk(prefix, ccache, torch.arange(context)[None], causal, eager=True)
+            ccache.set_length(context)
+            ccache.compiled = True
+            compile_s = {}
         order = random.Random(0)
         for rep in range(reps + 2):                   # every (tokens, path) once per round, in a fresh order
             for T, via in order.sample(combos, len(combos)):
@@ -226,6 +240,20 @@ def step_costs(name: str, dtypes=None, context: int = 300, sizes=(1, 2, 4, 8, 16
                 t0 = time.perf_counter()
                 if via == "hf":
                     model(x, past_key_values=cache, use_cache=True)
+                elif via == "compiled":                   # T tokens in a step of the ladder's next size
+                    r = compiled.rung(T)
+                    xs = torch.cat([x, x.new_zeros(1, r - T)], 1)
+                    mask = torch.zeros(1, 1, r, cap, dtype=torch.bool)
+                    mask[..., :context] = True
+                    mask[0, 0, :, context: context + r] = torch.ones(r, r, dtype=torch.bool).tril()
+                    c0 = compiled.COMPILE_S[0]
+                    with fastpath.decoding(model, compiled=(bb.unembed,), skip=(bb.layers,)):
+                        fastpath.linear(bb.unembed, bb.trunk(xs, ccache, torch.arange(context, context + r)[None],
+                                                             mask)[1])
+                    compile_s[T] = compile_s.get(T, 0.0) + compiled.COMPILE_S[0] - c0
+                    if rep >= 2:
+                        times[(T, via)].append(time.perf_counter() - t0)
+                    continue                              # its cache is rewritten at the same slots each time
                 else:
                     with fastpath.decoding(model, fast=via == "fast"):
                         fastpath.linear(bb.unembed, bb.trunk(x, cache)[1])
@@ -242,11 +270,19 @@ def step_costs(name: str, dtypes=None, context: int = 300, sizes=(1, 2, 4, 8, 16
                              eager_vs_1_token=round(ms[(T, "eager")] / ms[(1, "eager")], 2),
                              fast_vs_1_token=round(ms[(T, "fast")] / ms[(1, "fast")], 2),
                              fast_vs_limit=round(ms[(T, "fast")] / limit_ms, 2)))
+            if compiled_step:
+                rows[-1].update(compiled_ms=round(ms[(T, "compiled")], 2), compiled_step_tokens=compiled.rung(T),
+                                compiled_vs_1_token=round(ms[(T, "compiled")] / ms[(1, "compiled")], 2),
+                                compiled_vs_limit=round(ms[(T, "compiled")] / limit_ms, 2),
+                                compile_s=round(compile_s.get(T, 0.0), 1))
         hf = Method.hf("hf_generate", model)
         runs = {"hf_generate": lambda ids: hf(ids, new_tokens)[0],
                 "engine_greedy_eager": lambda ids: speculative_generate(model, ids, new_tokens, tree="none",
                                                                         fast=False)[0],
                 "engine_greedy_fast": lambda ids: speculative_generate(model, ids, new_tokens, tree="none")[0]}
+        if compiled_step:
+            runs["engine_greedy_compiled"] = lambda ids: speculative_generate(model, ids, new_tokens, tree="none",
+                                                                              fast="compiled")[0]
         tot = {k: [0, 0.0] for k in runs}
         for f in runs.values():
             f(texts[0])
