@@ -161,3 +161,13 @@ def test_the_benchmark_reports_compilation_apart_from_decoding(monkeypatch):
     assert by["compiled"]["identical_to_greedy"] == 1.0
     assert by["greedy_kv"]["compile_s"] == 0 and by["hf_greedy"]["compile_s"] == 0
     assert by["compiled"]["compile_s"] >= 0 and "compile_s" in by["compiled"]
+
+
+def test_heads_with_caches_of_their_own_decode_into_fixed_capacity_caches_too():
+    """An MTP model with transformer heads keeps a cache per head beside the trunk's: every cache is a fixed-capacity
+    one, masked alike."""
+    from conftest import mtp
+    model = mtp(head_type="transformer")
+    x = torch.randint(2, 24, (1, 10), generator=torch.Generator().manual_seed(0))
+    ref = speculative_generate(model, x, 20, tree="none", eos_token_id=-1)[0]
+    assert torch.equal(speculative_generate(model, x, 20, tree="chain", fast="compiled", eos_token_id=-1)[0], ref)
