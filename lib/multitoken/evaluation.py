@@ -271,11 +271,14 @@ class Method:
         return self.baseline or self.name
 
     def prepare(self, ids, max_new_tokens) -> float:
-        """Compile what this method's decodes of such a prompt will run (a compiled engine step: every step size
-        up to :data:`PRECOMPILE_LARGEST` tokens); the seconds it took (0: nothing to compile)."""
-        if self.how == "engine" and self.fast == "compiled":
-            return precompile(self.model, ids.shape[1], max_new_tokens, PRECOMPILE_LARGEST)
-        return 0.0
+        """Compile what this method's decodes of such a prompt will run (a compiled engine step: every step size up
+        to its largest step, the heads' tree and its root, or :data:`PRECOMPILE_LARGEST` tokens for a drafter whose
+        steps vary); the seconds it took (0: nothing to compile)."""
+        if self.how != "engine" or self.fast != "compiled":
+            return 0.0
+        largest = (len(parse_tree(self.tree, getattr(self.model, "num_heads", 0))) + 1 if self.drafter == "heads"
+                   else PRECOMPILE_LARGEST)
+        return precompile(self.model, ids.shape[1], max_new_tokens, largest)
 
     def __call__(self, ids, max_new_tokens):
         if self.how == "engine":

@@ -272,6 +272,33 @@ def decoding(ck: Check, d: dict, dtype: torch.dtype, oracle: bool) -> dict:
                 speedup_vs_greedy_kv=best.get("speedup_vs_greedy_kv"), tokens_per_s=best["tokens_per_s"])
 
 
+def compiled_step(ck: Check, d: dict, dtype: torch.dtype) -> dict:
+    """The engine's compiled step (``fast="compiled"``: CUDA graphs on a GPU) beside its eager step and HF
+    ``generate``: greedy and MEDUSA-1's chain, on the decoding phases' prompts; compilation reported apart. A phase of
+    its own, last, so that a failure here costs nothing else."""
+    from .core import compiled
+
+    with torch.no_grad():
+        ms = {k: copy.deepcopy(d["models"][k]).to(dtype).eval() for k in ("ntp", "medusa")}
+    meths = [Method.hf("hf_greedy", ms["ntp"]),
+             Method.engine("greedy_kv", ms["ntp"], "none", baseline="hf_greedy"),
+             Method.engine("greedy_kv_compiled", ms["ntp"], "none", baseline="hf_greedy", fast="compiled"),
+             Method.engine("medusa_chain", ms["medusa"], "chain", baseline="hf_greedy"),
+             Method.engine("medusa_chain_compiled", ms["medusa"], "chain", baseline="hf_greedy", fast="compiled")]
+    if ck.dry:                                           # the dry run proves the phase runs: greedy is enough
+        meths = meths[:3]
+    before = compiled.AUTOTUNE[0]
+    compiled.AUTOTUNE[0] = not ck.dry                    # the CPU dry run: the same graphs without kernel timing
+    try:
+        rows, _ = benchmark_decoding(meths, [p.to(ck.dev) for p in d["prompts"]], ck.S["new_tokens"], warmup=1,
+                                     desc=f"compiled step {str(dtype)[6:]}")
+    finally:
+        compiled.AUTOTUNE[0] = before
+    keep = ("method", "tokens_per_s", "speedup_vs_hf_greedy", "speedup_lo", "speedup_hi", "speedup_vs_greedy_kv",
+            "mean_accepted_length", "identical_to_greedy", "compile_s")
+    return dict(dtype=str(dtype).replace("torch.", ""), rows=[{k: r.get(k) for k in keep} for r in rows])
+
+
 def batch(ck: Check, d: dict) -> dict:
     """The batch section on this GPU, in bf16: batched MEDUSA-1 speculation against HF's batched greedy
     ``generate``, the engine without drafts and speculation row by row (:func:`evaluation.batch_rows`, one round), at
@@ -411,6 +438,7 @@ def main(argv=None) -> int:
         ck.phase("train_bench", train_bench, ck, d)
         if "models" in d:
             ck.phase("batch_bf16", batch, ck, d)
+            ck.phase("compiled_step", compiled_step, ck, d, torch.bfloat16 if ck.dev.type == "cuda" else torch.float32)
     ck.save()
     failed = [k for k, v in ck.report["phases"].items() if str(v.get("status", "")).startswith("FAILED")]
     print(json.dumps(ck.report["targets"], indent=1))
