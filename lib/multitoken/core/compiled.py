@@ -2,10 +2,9 @@
 fixed capacity, its weights frozen into the graph so that inductor packs them for its own CPU GEMM kernels.
 
 Why: a step multiplies a few rows by every weight, and PyTorch's eager kernels for a few rows stream the weights far
-below the machine's read bandwidth (on the 2-core AVX2 EPYC here a 4-token step of SmolLM2-135M cost 1.5x a
-1-token step, each 3-4x the memory limit). Inductor with ``freezing`` and ``max_autotune`` (its C++ GEMM template,
-chosen per shape by timing it against the ATen kernel) ran 30 of SmolLM2's MLPs at the memory limit for one row and
-the whole 1-token and 4-token steps at about the same cost (docs/BENCHMARKS.md).
+below the machine's read bandwidth, so a step of several tokens costs well over a one-token step. Inductor with
+``freezing`` and ``max_autotune`` (its C++ GEMM template, chosen per shape by timing it against the ATen kernel)
+streams them near the bandwidth for a few rows (measurements: docs/BENCHMARKS.md, docs/LOG.md).
 
 How: compilation needs fixed shapes and fixed addresses, so the engine decodes into a :class:`StepCache` (one
 buffer of ``capacity`` slots per layer, allocated once and reused by every decode of the same shape) and pads each
@@ -80,7 +79,7 @@ class StepCache(Cache):
         self.capacity = capacity
         self.at = torch.zeros((), dtype=torch.long, device=device)
         Cache.__init__(self, layer_class_to_replicate=lambda: StepLayer(capacity, self.at))
-        self.length, self.compiled = 0, False   # compiled: steps of a rung's size run the compiled trunk
+        self.length, self.compiled, self.owner = 0, False, None   # compiled: steps run the owner's graphs
 
     def set_length(self, width: int) -> None:
         if width > self.capacity:
@@ -108,8 +107,7 @@ def _params_stamp(module) -> tuple:
 
 def _options(device) -> dict:
     """``torch.compile``'s arguments: CUDA graphs on CUDA; nothing on the CPU, whose settings :func:`_compiling`
-    sets around the first call (passed as ``options``, ``freezing`` did not reach the compiler: 45 ms a step
-    instead of 25 on SmolLM2)."""
+    sets around each call (passed as ``options``, ``freezing`` did not reach the compiler)."""
     return dict(mode="reduce-overhead") if torch.device(device).type == "cuda" else {}
 
 
@@ -148,9 +146,12 @@ class _Compiled:
         self.owner_stamp = _params_stamp(backbone.lm.base_model)   # the graphs may read the owner's tensors
 
     def cache(self, batch: int, capacity: int, device) -> StepCache:
+        """The cache this decode writes (one per batch size and capacity, reused by every decode): it names these
+        graphs, so a step finds them without checking the weights again (they cannot change within a decode)."""
         key = (batch, capacity)
         if key not in self.caches:
             self.caches[key] = StepCache(capacity, device)
+            self.caches[key].owner = self
         return self.caches[key]
 
     def graph(self, cache: StepCache, tokens: int, cut):
@@ -182,8 +183,10 @@ def compiled_of(backbone) -> _Compiled:
 
 def trunk(backbone, input_ids, cache: StepCache, position_ids, mask, cut):
     """The compiled trunk for this step's shape: ``(state after layer cut, final normed state)``. The step must
-    already be padded to a rung; the first call of a shape compiles it (its seconds add to :data:`COMPILE_S`)."""
-    state = compiled_of(backbone)
+    already be padded to a rung; the first call of a shape compiles it (its seconds add to :data:`COMPILE_S`). The
+    graphs are those of the cache's owner (:meth:`_Compiled.cache`, chosen by the weights at the decode's start,
+    so the weights' versions are not digested again at every step)."""
+    state = getattr(cache, "owner", None) or compiled_of(backbone)
     entry = state.graph(cache, input_ids.shape[1], cut)
     if entry[1]:
         with _compiling(input_ids.device):          # a recompilation (a guard that failed) keeps the settings

@@ -208,7 +208,8 @@ def matmul(x, w, b=None, w_is_kn: bool = True):
 def linear(module, x):
     """An ``nn.Linear`` (e.g. the LM head) through :func:`matmul`; the unembedding of a compiled decoding
     (``decoding(compiled=...)``), for a step's row count, through its compiled product."""
-    if not torch.compiler.is_compiling() and _COMPILED and id(module) in _COMPILED[-1] and compiled.rung(x.numel() // x.shape[-1]) == x.numel() // x.shape[-1]:
+    rows = x.numel() // x.shape[-1]
+    if not torch.compiler.is_compiling() and _COMPILED and id(module) in _COMPILED[-1] and compiled.rung(rows) == rows:
         return compiled.unembed(module, x)
     return matmul(x, module.weight, module.bias, w_is_kn=False)
 
