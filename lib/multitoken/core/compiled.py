@@ -17,8 +17,8 @@ benchmarks report its time apart from decoding's. On CUDA the same graphs are co
 (``mode="reduce-overhead"``) instead of frozen weights.
 
 Frozen weights are a copy: a model whose weights change after compilation (training after an evaluation) would
-decode with stale ones, so every call first compares the weights' versions with those compiled and recompiles when
-they differ. A model that cannot be compiled (no C++ compiler, an unsupported op) raises at the first call, naming
+decode with stale ones, so every decode first looks its graphs up by a digest of its weights and compiles anew
+where they differ. A model that cannot be compiled (no C++ compiler, an unsupported op) raises at the first call, naming
 the cause; ``fast=True`` decodes without compilation.
 """
 from __future__ import annotations
@@ -188,14 +188,12 @@ def trunk(backbone, input_ids, cache: StepCache, position_ids, mask, cut):
     so the weights' versions are not digested again at every step)."""
     state = getattr(cache, "owner", None) or compiled_of(backbone)
     entry = state.graph(cache, input_ids.shape[1], cut)
-    if entry[1]:
-        with _compiling(input_ids.device):          # a recompilation (a guard that failed) keeps the settings
-            return entry[0](input_ids, position_ids, mask)
     t = time.perf_counter()
-    with _compiling(input_ids.device):
+    with _compiling(input_ids.device):              # every call: a recompilation (a failed guard) keeps the settings
         out = entry[0](input_ids, position_ids, mask)
-    entry[1] = True
-    COMPILE_S[0] += time.perf_counter() - t
+    if not entry[1]:
+        entry[1] = True
+        COMPILE_S[0] += time.perf_counter() - t
     return out
 
 
@@ -210,14 +208,14 @@ def unembed(module, x):
     fn, owner, stamp = _UNEMBED.get(key, (None, None, None))
     if fn is not None and _params_stamp(owner) != stamp:                # its owner was trained since
         fn = None
-    if fn is None:
+    new = fn is None
+    if new:
         fn = torch.compile(_own_code(lambda h: F.linear(h, module.weight, module.bias), f"unembed_{len(_UNEMBED)}"),
                            dynamic=False, **_options(x.device))
-        t = time.perf_counter()
-        with _compiling(x.device):
-            out = fn(x2)
-        COMPILE_S[0] += time.perf_counter() - t
         _UNEMBED[key] = (fn, module, _params_stamp(module))
-        return out.reshape(*x.shape[:-1], -1)
+    t = time.perf_counter()
     with _compiling(x.device):
-        return fn(x2).reshape(*x.shape[:-1], -1)
+        out = fn(x2)
+    if new:
+        COMPILE_S[0] += time.perf_counter() - t
+    return out.reshape(*x.shape[:-1], -1)

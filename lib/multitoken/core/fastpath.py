@@ -182,9 +182,9 @@ def matmul(x, w, b=None, w_is_kn: bool = True):
     m, k = x2.shape
     n = w.shape[1] if w_is_kn else w.shape[0]
     lay = "row"
-    if torch.compiler.is_compiling():          # inside a compiled step inductor picks its own kernels
-        pass
-    elif x.device.type == "cpu" and not _EAGER and not (torch.is_grad_enabled() and w.requires_grad):
+    # inside a compiled step inductor picks its own kernels (asked first: the graph then reads no flag of this module)
+    if (not torch.compiler.is_compiling() and x.device.type == "cpu" and not _EAGER
+            and not (torch.is_grad_enabled() and w.requires_grad)):
         if _INVARIANT:
             lay = "row"                                    # the one layout measured row-count-invariant (docstring)
         elif m <= MAX_ROWS:
@@ -208,9 +208,10 @@ def matmul(x, w, b=None, w_is_kn: bool = True):
 def linear(module, x):
     """An ``nn.Linear`` (e.g. the LM head) through :func:`matmul`; the unembedding of a compiled decoding
     (``decoding(compiled=...)``), for a step's row count, through its compiled product."""
-    rows = x.numel() // x.shape[-1]
-    if not torch.compiler.is_compiling() and _COMPILED and id(module) in _COMPILED[-1] and compiled.rung(rows) == rows:
-        return compiled.unembed(module, x)
+    if _COMPILED and id(module) in _COMPILED[-1] and not torch.compiler.is_compiling():
+        rows = x.numel() // x.shape[-1]
+        if compiled.rung(rows) == rows:
+            return compiled.unembed(module, x)
     return matmul(x, module.weight, module.bias, w_is_kn=False)
 
 
@@ -236,8 +237,7 @@ def decoding(*models, fast: bool = True, invariant: bool = False, compiled: tupl
             if type(m) is nn.Linear and m.weight.device.type == "cpu" and "forward" not in m.__dict__
             and id(m) not in skipped] if fast else []
     for m in mods:   # one partial per module, kept: a compiled step's guards see the same forward every decoding
-        m.forward = m.__dict__.get("_fastpath_forward") or m.__dict__.setdefault(
-            "_fastpath_forward", functools.partial(linear, m))
+        m.forward = m.__dict__.setdefault("_fastpath_forward", functools.partial(linear, m))
     flags = [f for f, on in ((_EAGER, not fast), (_INVARIANT, invariant)) if on]
     for f in flags:
         f.append(True)

@@ -509,7 +509,8 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     input_ids = input_ids.to(dev)
     if attention_mask is not None:
         attention_mask = attention_mask.to(dev)
-    n_pos, eos = backbone_of(model).context_size, _eos_set(model, eos_token_id)
+    bb = backbone_of(model)
+    n_pos, eos = bb.context_size, _eos_set(model, eos_token_id)
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
@@ -551,7 +552,6 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     if exact is None:
         exact = not compiled_step and dev.type == "cpu" and next(iter(model.parameters())).dtype in (
             torch.bfloat16, torch.float16)
-    bb = backbone_of(model)
     unembed, trunk = ((bb.unembed,), (bb.layers,)) if compiled_step else ((), ())
     try:
         with fastpath.decoding(*nets, fast=bool(fast), invariant=exact, compiled=unembed, skip=trunk), \
