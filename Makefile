@@ -17,7 +17,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 export THP_MEM_ALLOC_ENABLE ?= 1
 
-.PHONY: all test notebook figures report lab bench bench-length bench-batch bench-train bench-steps gpu-check gpu-wheels clean venv
+.PHONY: all test notebook figures report lab bench bench-length bench-batch bench-train bench-steps bench-peers gpu-check gpu-wheels clean venv
 # The stages (notebooks 00..07) in order, each only when something it read changed or its outputs are missing (an
 # interrupted run resumes where it stopped); FORCE=1 runs every stage, FROM=04_evaluate that one and the later ones,
 # DRY=1 says what would run and why without running it.
@@ -81,6 +81,12 @@ bench-train: $(STAMP)
 MODEL ?= smollm2-135m-instruct
 bench-steps: $(STAMP)
 	$(PY) -m multitoken bench-steps --model $(MODEL)
+
+# Greedy decoding of the installed model every way, no training: HF generate (eager, static cache + torch.compile,
+# prompt lookup) beside this engine's greedy and prompt lookup, fast and compiled steps, 16 GSM8K prompts x 128
+# tokens: figures/bench/peers_<MODEL>_<DTYPE>_<CPU>.json
+bench-peers: $(STAMP)
+	$(PY) -m multitoken bench-peers --model $(MODEL) $(if $(DTYPE),--dtype $(DTYPE))
 
 # A ~10-minute GPU benchmark for any CUDA machine (docs/GPU.md), with the workbook's environment;
 # GPU_CHECK_DRY=1 runs it on the CPU at a toy size. Results in OUT=... (runs/gpu_check by default).

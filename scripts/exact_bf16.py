@@ -42,13 +42,14 @@ def main(profile="pretrained", n_prompts=8, new_tokens=64):
         same_hf, tau = [], {k: [] for k in methods}
         for p in prompts:
             ids = p.view(1, -1)
-            greedy = speculative_generate(ntp, ids, new_tokens, tree="none", exact=exact)[0][0, ids.shape[1]:]
+            kw = dict(exact=exact, step_tokens=17 if exact else None)      # one shape: 16-node trees and greedy
+            greedy = speculative_generate(ntp, ids, new_tokens, tree="none", **kw)[0][0, ids.shape[1]:]
             if exact:
                 hf = ntp.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                                   pad_token_id=ntp.generation_config.pad_token_id)[0, ids.shape[1]:]
                 same_hf.append(_same_tokens(greedy.tolist(), hf.tolist()))
             for name, (model, tree, drafter) in methods.items():
-                out, st = speculative_generate(model, ids, new_tokens, tree=tree, drafter=drafter, exact=exact)
+                out, st = speculative_generate(model, ids, new_tokens, tree=tree, drafter=drafter, **kw)
                 same[name].append(torch.equal(out[0, ids.shape[1]:], greedy))
                 tau[name].append(st["mean_accepted_length"])
         for name in methods:

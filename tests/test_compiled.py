@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from multitoken import wrap_model_with_medusa
 from multitoken.core import compiled
 from multitoken.decoding import precompile, speculative_generate
-from multitoken.decoding.engine import _step_inputs
+from multitoken.decoding.engine import EXACT_STEP, _FixedChain, _step_inputs
 from multitoken.decoding.drafters import Draft, RowDrafter
 from multitoken.decoding.trees import chain
 from multitoken.evaluation import Method, benchmark_decoding
@@ -130,8 +130,12 @@ def test_what_compiled_steps_refuse():
     x = prompt(6)
     with pytest.raises(ValueError, match="one row at a time"):
         speculative_generate(model, torch.cat([x, x]), 4, tree="none", fast="compiled", batched=True)
-    with pytest.raises(ValueError, match="exact=True"):
-        speculative_generate(model, x, 4, tree="none", fast="compiled", exact=True)
+    with pytest.raises(ValueError, match="one of the compiled step sizes"):
+        speculative_generate(model, x, 4, tree="none", fast="compiled", step_tokens=4)
+    with pytest.raises(ValueError, match="positive number of tokens"):
+        speculative_generate(model, x, 4, tree="none", step_tokens=0)
+    with pytest.raises(ValueError, match="every step holds 5 tokens"):
+        speculative_generate(model, x, 12, drafter=_FixedChain(8), fast="compiled", step_tokens=5)
     with pytest.raises(ValueError, match="fast must be"):
         speculative_generate(model, x, 4, tree="none", fast="yes")
 
@@ -171,3 +175,69 @@ def test_heads_with_caches_of_their_own_decode_into_fixed_capacity_caches_too():
     x = torch.randint(2, 24, (1, 10), generator=torch.Generator().manual_seed(0))
     ref = speculative_generate(model, x, 20, tree="none", eos_token_id=-1)[0]
     assert torch.equal(speculative_generate(model, x, 20, tree="chain", fast="compiled", eos_token_id=-1)[0], ref)
+
+
+@pytest.mark.parametrize("family", [llama, gpt2])
+def test_exact_bf16_compiled_speculation_returns_the_compiled_greedy_token_for_token(family):
+    """bf16, a compiled step: every step (greedy's too) runs the one graph of ``EXACT_STEP`` tokens, so speculation
+    (a chain of 4 with rejections, prompt lookup, a MEDUSA-1 tree) returns what the compiled greedy decoding returns."""
+    model = family(seed=1).to(torch.bfloat16)
+    for i in range(2):
+        x = prompt(i)
+        greedy, _ = speculative_generate(model, x, 24, tree="none", fast="compiled")      # exact: the bf16 default
+        spec, st = speculative_generate(model, x, 24, drafter=Known(greedy[0], 4), fast="compiled")
+        assert torch.equal(spec, greedy), f"chain of 4, prompt {i}"
+        assert st["mean_accepted_length"] > 1.5
+        xx = torch.cat([x, x], 1)
+        assert torch.equal(speculative_generate(model, xx, 24, drafter="prompt_lookup", fast="compiled")[0],
+                           speculative_generate(model, xx, 24, tree="none", fast="compiled")[0]), f"lookup {i}"
+    medusa = wrap_model_with_medusa(family(seed=1), num_medusa_heads=2).eval().to(torch.bfloat16)
+    x = prompt(7)
+    assert torch.equal(speculative_generate(medusa, x, 24, tree="medusa:4", fast="compiled")[0],
+                       speculative_generate(medusa, x, 24, tree="none", fast="compiled")[0])
+
+
+class Logged(Known):
+    """:class:`Known`, keeping each step's history length and drafts."""
+
+    def __init__(self, reference, depth):
+        super().__init__(reference, depth)
+        self.steps = []
+
+    def propose_row(self, model, ctx, j, x0, history, limit):
+        tree, toks = super().propose_row(model, ctx, j, x0, history, limit)
+        self.steps.append((len(history), toks.tolist() if toks is not None else []))
+        return tree, toks
+
+
+@pytest.mark.parametrize("fast", [True, "compiled"])
+def test_an_exact_step_computes_a_position_alike_wherever_it_sits_in_the_step(monkeypatch, fast):
+    """bf16, exact (the default): every step of a row, greedy's included, has one shape (``EXACT_STEP`` tokens), and
+    the logits of every committed position are bit-identical between the greedy decoding (each position at row 0 of
+    its step) and a speculation that computed it as a draft at another row. Kernels may pick their algorithm by the
+    row count (oneDNN's bf16 products do on SmolLM2 on an AVX-512 BF16 CPU): one shape for all is what makes the
+    equality hold there."""
+    from multitoken.core import fastpath
+    model = llama(seed=2).to(torch.bfloat16)
+    unembed_w = model.get_output_embeddings().weight
+    x = prompt(8)
+    rows, linear = [], fastpath.linear
+    monkeypatch.setattr(fastpath, "linear", lambda m, h: rows.append(linear(m, h)) or rows[-1]
+                        if m.weight is unembed_w else linear(m, h))
+    greedy, _ = speculative_generate(model, x, 20, tree="none", fast=fast)
+    assert len(rows) == 20 and all(r.shape[1] == EXACT_STEP for r in rows[1:])      # one shape every step
+    ref = [r[0, 0] for r in rows[1:]]                    # step n: the position of new token n (rows[0]: the prefill)
+    rows.clear()
+    drafter = Logged(greedy[0], 4)
+    assert torch.equal(speculative_generate(model, x, 20, drafter=drafter, fast=fast)[0], greedy)
+    steps = rows[1:]
+    assert len(steps) == len(drafter.steps) and all(r.shape[1] == EXACT_STEP for r in steps)
+    hist, seen = greedy[0, x.shape[1]:].tolist(), 0
+    for r, (h, toks) in zip(steps, drafter.steps):
+        n = h - x.shape[1] - 1                           # the step's root is new token n
+        for k in range(len(toks) + 1):                   # rows 0..k hold positions n..n+k while the drafts are right
+            if k and toks[k - 1] != hist[n + k]:
+                break
+            assert torch.equal(r[0, k], ref[n + k]), f"position {n + k} at row {k}"
+            seen += k > 0
+    assert seen > 6                                      # positions met at rows other than 0

@@ -35,7 +35,17 @@ def main(argv=None):
     rp.add_argument("--profile", default="pretrained")
     st = sub.add_parser("bench-steps", help="one decoding step's cost for 1..16 tokens: HF, the engine eager and fast")
     st.add_argument("--model", default="smollm2-135m-instruct", help="a registry name, local directory or hub name")
+    pe = sub.add_parser("bench-peers", help="greedy decoding every way (HF's peers, this engine's steps), no training")
+    pe.add_argument("--model", default="smollm2-135m-instruct", help="a registry name, local directory or hub name")
+    pe.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    pe.add_argument("--prompts", type=int, default=16)
+    pe.add_argument("--new-tokens", type=int, default=128)
     args = ap.parse_args(argv)
+    if args.cmd == "bench-peers":
+        from .bench import peers
+
+        peers(args.model, args.dtype, args.prompts, args.new_tokens)
+        return 0
     if args.cmd == "bench-steps":
         from .bench import step_costs
 

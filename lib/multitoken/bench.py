@@ -282,7 +282,7 @@ def step_costs(name: str, dtypes=None, context: int = 300, sizes=(1, 2, 4, 8, 16
                 "engine_greedy_fast": lambda ids: speculative_generate(model, ids, new_tokens, tree="none")[0]}
         if compiled_step:
             runs["engine_greedy_compiled"] = lambda ids: speculative_generate(model, ids, new_tokens, tree="none",
-                                                                              fast="compiled")[0]
+                                                                              fast="compiled", exact=False)[0]
         tot = {k: [0, 0.0] for k in runs}
         for f in runs.values():
             f(texts[0])
@@ -303,6 +303,65 @@ def step_costs(name: str, dtypes=None, context: int = 300, sizes=(1, 2, 4, 8, 16
     write_json(out, res)
     print(pd.DataFrame(rows).to_string(index=False) + "\n\n" + pd.DataFrame(speed).to_string(index=False))
     print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s; written: {out}")
+    return res
+
+
+@torch.inference_mode()
+def peers(name: str, dtype: str = "bfloat16", prompts: int = 16, new_tokens: int = 128, out=None,
+          lookup_tokens: int = 10) -> dict:
+    """Every greedy way to decode an installed model, no training needed, on GSM8K test prompts at batch 1 in one
+    dtype, interleaved by :func:`evaluation.benchmark_decoding`: transformers' ``generate`` (eager, the static-cache
+    + ``torch.compile`` recipe, prompt lookup of ``lookup_tokens``) and this engine's greedy and prompt lookup (4
+    tokens) on its fast step and its compiled one (``_compiled_1``: each step its own compiled size, greedy one token a
+    step; in 16-bit also ``_compiled``: exact, every step one shape of :data:`decoding.engine.EXACT_STEP` tokens).
+    Each row: tokens/s, speedup over HF greedy and over the fastest peer with 95% intervals over prompts (paired), and
+    the share of prompts whose tokens equal those of HF greedy and of the engine's greedy of the same step
+    (``exact_ref``: what "lossless" means in 16-bit). Written to
+    ``figures/bench/peers_<name>_<dtype>_<CPU capability>.json``."""
+    from . import data as D
+    from .core.pretrained import load
+    from .decoding.engine import EXACT_STEP
+    from .evaluation import Method as M, benchmark_decoding, best_peer_speedups
+    from .utils import DTYPES
+
+    model, tok = load(name)
+    model = model.to(DTYPES[dtype]).eval()
+    gsm = D.load_metamathqa("gsm8k", max_examples=10, test_examples=prompts)["test"]
+    ids = [tok(D.format_prompt(q), return_tensors="pt").input_ids[0] for q in gsm["query"]]
+    meths = [M.hf("hf_greedy", model), M.hf_compiled("hf_compiled", model, "hf_greedy"),
+             M.hf("hf_prompt_lookup", model, "hf_greedy", prompt_lookup_num_tokens=lookup_tokens),
+             M.engine("greedy_kv", model, "none", baseline="hf_greedy"),
+             M.engine("prompt_lookup", model, "none", "prompt_lookup", "hf_greedy"),
+             M.engine("greedy_compiled_1", model, "none", baseline="hf_greedy", fast="compiled", exact=False),
+             M.engine("prompt_lookup_compiled_1", model, "none", "prompt_lookup", "hf_greedy", fast="compiled",
+                      exact=False)]
+    exact_ref = {"prompt_lookup": "greedy_kv", "prompt_lookup_compiled_1": "greedy_compiled_1"}
+    if model.dtype != torch.float32:          # exact by one step shape: the compiled greedy of that shape is its own
+        meths += [M.engine("greedy_compiled", model, "none", baseline="hf_greedy", fast="compiled"),
+                  M.engine("prompt_lookup_compiled", model, "none", "prompt_lookup", "hf_greedy", fast="compiled")]
+        exact_ref["prompt_lookup_compiled"] = "greedy_compiled"
+    rows, per = benchmark_decoding(meths, ids, new_tokens, warmup=1, desc=f"peers ({dtype})", reference="greedy_kv")
+    peer, vs_peer = best_peer_speedups(rows, per)
+    seqs = {m: per[per.method == m].sort_values("prompt").seq.tolist() for m in per.method.unique()}
+    for r in rows:
+        ref = exact_ref.get(r["method"])
+        if ref:
+            r["exact_ref"], r["identical_to_exact_ref"] = ref, sum(
+                a == b for a, b in zip(seqs[r["method"]], seqs[ref])) / len(seqs[ref])
+        if r["method"] in vs_peer:
+            ci = vs_peer[r["method"]]
+            r.update(peer=peer, speedup_vs_peer=round(ci.value, 3), speedup_vs_peer_lo=round(ci.lo, 3),
+                     speedup_vs_peer_hi=round(ci.hi, 3))
+    res = dict(model=name, dtype=dtype, prompts=len(ids), new_tokens=new_tokens, peer=peer,
+               torch_threads=torch.get_num_threads(), cpu_bf16_fast=fastpath.cpu_bf16_fast(),
+               cpu_capability=torch.backends.cpu.get_cpu_capability(), exact_step=EXACT_STEP, methods=rows)
+    cap = torch.backends.cpu.get_cpu_capability()
+    out = out or pipeline.repo_root() / "figures" / "bench" / f"peers_{name}_{dtype}_{cap}.json"
+    res["run"] = stages.record_output(out, "make bench-peers")
+    write_json(out, res)
+    cols = ["method", "tokens_per_s", "speedup_vs_hf_greedy", "speedup_vs_peer", "speedup_vs_peer_lo",
+            "speedup_vs_peer_hi", "mean_accepted_length", "identical_to_greedy", "identical_to_exact_ref", "compile_s"]
+    print(pd.DataFrame(rows).reindex(columns=cols).to_string(index=False) + f"\n\nwritten: {out}")
     return res
 
 

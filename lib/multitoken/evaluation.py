@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import stats as S
 from .core import compiled
 from .core.backbones import backbone_of
-from .decoding import model_device, precompile, speculative_generate, sync
+from .decoding import drafters, model_device, precompile, speculative_generate, sync
 from .decoding.trees import parse_tree
 
 log = logging.getLogger(__name__)
@@ -236,11 +236,13 @@ class Method:
     baseline: str | None = None
     gen_kw: dict = field(default_factory=dict)
     fast: object = True
+    exact: object = None
 
     @staticmethod
-    def engine(name, model, tree, drafter="heads", baseline=None, fast=True) -> "Method":
-        """This engine; ``fast``: its step (``speculative_generate``'s ``fast``: True, False or "compiled")."""
-        return Method(name, model, "engine", tree, drafter, baseline, fast=fast)
+    def engine(name, model, tree, drafter="heads", baseline=None, fast=True, exact=None) -> "Method":
+        """This engine; ``fast``: its step (``speculative_generate``'s ``fast``: True, False or "compiled");
+        ``exact``: as there (None: exact for 16-bit models on the CPU)."""
+        return Method(name, model, "engine", tree, drafter, baseline, fast=fast, exact=exact)
 
     @staticmethod
     def hf(name, model, baseline=None, **gen_kw) -> "Method":
@@ -272,18 +274,21 @@ class Method:
 
     def prepare(self, ids, max_new_tokens) -> float:
         """Compile what this method's decodes of such a prompt will run (a compiled engine step: every step size up
-        to its largest step, the heads' tree and its root, or :data:`PRECOMPILE_LARGEST` tokens for a drafter whose
-        steps vary); the seconds it took (0: nothing to compile)."""
+        to its largest step, the heads' tree and its root, prompt lookup's K drafts and the root, or
+        :data:`PRECOMPILE_LARGEST` tokens for another drafter; an exact one: its one step size); the seconds it took
+        (0: nothing to compile)."""
         if self.how != "engine" or self.fast != "compiled":
             return 0.0
-        largest = (len(parse_tree(self.tree, getattr(self.model, "num_heads", 0))) + 1 if self.drafter == "heads"
-                   else PRECOMPILE_LARGEST)
-        return precompile(self.model, ids.shape[1], max_new_tokens, largest)
+        tree = parse_tree(self.tree, getattr(self.model, "num_heads", 0))
+        drafter = drafters.make(self.drafter, tree, self.model)
+        largest = (len(tree) + 1 if self.drafter == "heads" else drafter.num_tokens + 1
+                   if isinstance(drafter, drafters.PromptLookup) else PRECOMPILE_LARGEST)
+        return precompile(self.model, ids.shape[1], max_new_tokens, largest, exact=self.exact)
 
     def __call__(self, ids, max_new_tokens):
         if self.how == "engine":
             return speculative_generate(self.model, ids, max_new_tokens, tree=self.tree, drafter=self.drafter,
-                                        fast=self.fast)
+                                        fast=self.fast, exact=self.exact)
         if self.how == "hf":
             ids = ids.to(self.device)
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -633,7 +638,8 @@ def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
     ``trees`` on one chunk of ``val`` prompts, timed after a warm-up at that batch size, and every method runs once on
     that chunk before the timed rounds (first calls at a new shape pay one-time costs, the engine's layout timing
     among them); the test prompts only measure.
-    ``spec_batched_tau``: batched speculation's tokens per row per step, the reason a speedup is or is not there."""
+    ``spec_batched_tau``: batched speculation's tokens per row per step, the reason a speedup is or is not there.
+    Speed only: the engine decodes with ``exact=False`` (in bf16, steps of their own size, as HF's)."""
     import random
     import time
 
@@ -652,9 +658,9 @@ def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
         if method == "hf_generate":
             out = ntp.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
         elif method == "engine_no_drafts":
-            out = speculative_generate(ntp, ids, new_tokens, tree="none", attention_mask=mask)[0]
+            out = speculative_generate(ntp, ids, new_tokens, tree="none", attention_mask=mask, exact=False)[0]
         else:
-            out, st = speculative_generate(heads, ids, new_tokens, tree=tree, attention_mask=mask,
+            out, st = speculative_generate(heads, ids, new_tokens, tree=tree, attention_mask=mask, exact=False,
                                            batched={"spec_rows": False, "spec_batched": True}.get(method, "masked"))
             if method == "spec_batched":
                 taus.append((st["new_tokens"], st["new_tokens"] / st["mean_accepted_length"]))

@@ -319,7 +319,7 @@ def _step_inputs(x0: list[int], draft, L: list[int], width: int, dev, pad_to: in
 
 @torch.inference_mode()
 def _decode(model, rows, max_new_tokens, sampling: Sampling, drafter, eos, n_pos, stats: StepStats,
-            finished: str = "drop", compiled_step: bool = False) -> list[list[int]]:
+            finished: str = "drop", compiled_step: bool = False, fixed: int = 0) -> list[list[int]]:
     """Decode the prompts ``rows`` (1-D tensors on the model's device) together; returns each row's new tokens.
 
     Every row keeps its own committed length: slots past it are junk no query sees. A step appends each row's
@@ -328,7 +328,8 @@ def _decode(model, rows, max_new_tokens, sampling: Sampling, drafter, eos, n_pos
     (``"masked"``: computed and drafted for, nothing kept). A drafter with state of one row (``accept``) decodes one
     row at a time and hears every accepted step. ``compiled_step``: the caches are fixed-capacity
     (``core.compiled.StepCache``, the trunk's kept for the next decode of the same shape), every mask explicit and as
-    wide as they are, and each step padded to a compiled size (the padding's logits never read)."""
+    wide as they are, and each step padded to a compiled size (the padding's logits never read). ``fixed``: every
+    row's step padded to that many tokens (an exact decoding's one shape; compiled or not)."""
     if finished not in ("drop", "masked"):
         raise ValueError(f"finished must be 'drop' or 'masked', got {finished!r}")
     masked, dev, B = finished == "masked", rows[0].device, len(rows)
@@ -393,7 +394,10 @@ def _decode(model, rows, max_new_tokens, sampling: Sampling, drafter, eos, n_pos
             draft = _checked(draft, n, logits.shape[-1], limits)
         trees = draft.trees
         N = max(len(t) for t in trees)
-        size = compiled.rung(N + 1) if cap else None
+        if fixed and N + 1 > fixed:
+            raise ValueError(f"the drafter proposed {N} nodes where every step holds {fixed} tokens (step_tokens): "
+                             f"pass a larger step_tokens or draft at most {fixed - 1}")
+        size = fixed or (compiled.rung(N + 1) if cap else None)
         step, pos, mask = _step_inputs(x0, draft, L, width, dev, pad_to=size - 1 if size else 0, capacity=cap)
         if cap and width + step.shape[1] > cap:
             raise ValueError(f"a step of {step.shape[1]} tokens after {width} overflows the compiled decoding's cache "
@@ -462,7 +466,7 @@ def cache_bytes(caches) -> int:
 
 def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_p=1.0, tree=None,
                          attention_mask=None, eos_token_id=None, pad_token_id=None, generator=None, batched=None,
-                         drafter="heads", fast=True, exact=None):
+                         drafter="heads", fast=True, exact=None, step_tokens=None):
     """Generate with drafts verified by the model (by default its heads'); returns ``(sequences, stats)``.
 
     With ``temperature=0`` the sequences equal ``model.generate(do_sample=False)`` token for token (EOS and
@@ -482,8 +486,15 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     returns token for token what this engine's greedy decoding returns in bf16 too, where transformers' kernels
     round a 5-token step differently from 5 one-token steps; None: for 16-bit models on the CPU (fp32 ones stay on
     the batched kernels: their differences are far below a token's margin, and MKL's fp32 products are not
-    batch-invariant; on CUDA, cuBLAS's products are not guaranteed batch-invariant either, so ``exact=True`` there
-    makes the attention invariant, not every product).
+    batch-invariant). Kernels pick their algorithm by shape (oneDNN's bf16 products by row count on some CPUs,
+    inductor per compiled graph), so an exact decoding also runs every step, greedy's included, in one shape:
+    ``step_tokens`` tokens a row (default :data:`EXACT_STEP`), a position then computed alike whichever row of
+    whichever step holds it. Rows of a batch share their steps' products, so a batched exact decoding equals the same
+    rows decoded alone only where the kernels are invariant to the row count. On CUDA cuBLAS promises no invariance
+    either: ``exact=True`` there gives the invariant attention and the one shape, not invariant products.
+    ``step_tokens``: every row's step padded to this many tokens (compiled: a size of ``core.compiled.LADDER``;
+    None: no padding, or :data:`EXACT_STEP` when exact); a drafter that proposes more than ``step_tokens - 1`` nodes
+    raises.
     """
     if not hasattr(model, "spec_forward"):
         model = PlainLM(model)
@@ -546,20 +557,16 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     t0 = time.perf_counter()
     nets = [m for m in (model, getattr(model, "model", None)) if isinstance(m, torch.nn.Module)][:1]
     compiled_step = fast == "compiled"
-    if compiled_step and exact:
-        raise ValueError("exact=True computes every position with one arithmetic whatever shares its step; a "
-                         "compiled step does not promise that: decode with fast=True")
-    if exact is None:
-        exact = not compiled_step and dev.type == "cpu" and next(iter(model.parameters())).dtype in (
-            torch.bfloat16, torch.float16)
+    exact, fixed = _exactness(model, fast, exact, step_tokens)
     unembed, trunk = ((bb.unembed,), (bb.layers,)) if compiled_step else ((), ())
     try:
         with fastpath.decoding(*nets, fast=bool(fast), invariant=exact, compiled=unembed, skip=trunk), \
-                (invariant_attention(model) if exact else contextlib.nullcontext()):
+                (invariant_attention(model) if exact and not compiled_step else contextlib.nullcontext()):
             finished = "masked" if batched == "masked" else "drop"
-            outs = (_decode(model, rows, max_new_tokens, sampling, drafter, eos, n_pos, stats, finished) if batched
+            outs = (_decode(model, rows, max_new_tokens, sampling, drafter, eos, n_pos, stats, finished,
+                            fixed=fixed) if batched
                     else [_decode(model, [r], max_new_tokens, sampling, drafter, eos, n_pos, stats,
-                                  compiled_step=compiled_step)[0] for r in rows])
+                                  compiled_step=compiled_step, fixed=fixed)[0] for r in rows])
     finally:
         model.train(was_training)
     sync(dev)
@@ -578,6 +585,25 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     return torch.cat([input_ids, new], 1), stats
 
 
+EXACT_STEP = 9   # an exact compiled decoding's steps: the root and up to 8 drafts (chains of 4, lookups, 8-node trees)
+
+
+def _exactness(model, fast, exact, step_tokens) -> tuple[bool, int]:
+    """``(exact, fixed)``: whether positions are computed alike whatever shares their step, and the number of tokens
+    every step of a row is padded to (0: none; a compiled step then takes its own rung). See
+    :func:`speculative_generate`."""
+    dev = model_device(model)
+    if exact is None:
+        exact = dev.type == "cpu" and next(iter(model.parameters())).dtype in (torch.bfloat16, torch.float16)
+    if step_tokens is None:
+        return exact, EXACT_STEP if exact else 0
+    if fast == "compiled" and compiled.rung(step_tokens) != step_tokens:
+        raise ValueError(f"step_tokens must be one of the compiled step sizes {compiled.LADDER}, got {step_tokens}")
+    if not isinstance(step_tokens, int) or step_tokens < 1:
+        raise ValueError(f"step_tokens must be a positive number of tokens, got {step_tokens!r}")
+    return exact, step_tokens
+
+
 class _FixedChain(drafters.RowDrafter):
     """``k`` drafts every step (the root token repeated): steps of one size, whatever the model says."""
 
@@ -590,25 +616,30 @@ class _FixedChain(drafters.RowDrafter):
             else (drafters.NONE, None)
 
 
-def precompile(model, prompt_len: int, max_new_tokens: int, largest: int = compiled.LADDER[-1]) -> float:
+def precompile(model, prompt_len: int, max_new_tokens: int, largest: int = compiled.LADDER[-1], exact=None,
+               step_tokens=None) -> float:
     """Compile, before anything is timed, every step a compiled decoding (``fast="compiled"``) of a prompt of
     ``prompt_len`` tokens and ``max_new_tokens`` new ones can take, up to ``largest`` tokens a step (every rung of
-    ``core.compiled.LADDER`` up to it): one decode of a random prompt per rung. Returns the seconds spent compiling
-    (graphs compiled before, for this model's weights or equal ones, cost nothing)."""
+    ``core.compiled.LADDER`` up to it), or the one size every step of a decoding with these ``exact`` and
+    ``step_tokens`` takes (:func:`speculative_generate`): one decode of a random prompt per size. Returns the seconds
+    spent compiling (graphs compiled before, for this model's weights or equal ones, cost nothing)."""
     before, bb = compiled.COMPILE_S[0], backbone_of(model)
+    exact, fixed = _exactness(model, "compiled", exact, step_tokens)
     cap = compiled.capacity_for(prompt_len + max_new_tokens + compiled.LADDER[-1])   # as ``_decode`` sizes it
-    key = (compiled.fingerprint(bb.lm.base_model), compiled.fingerprint(bb.unembed), cap, compiled.rung(largest),
-           getattr(model, "_trunk_cut", None), str(model_device(model)), next(model.parameters()).dtype)
+    key = (compiled.fingerprint(bb.lm.base_model), compiled.fingerprint(bb.unembed), cap,
+           fixed or compiled.rung(largest), bool(fixed), getattr(model, "_trunk_cut", None),
+           str(model_device(model)), next(model.parameters()).dtype)
     if key in _PRECOMPILED:
         return 0.0
     dev = model_device(model)
     vocab = bb.config.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
-    for r in compiled.LADDER:
-        if r > compiled.rung(largest):
+    for r in [fixed] if fixed else compiled.LADDER:
+        if r > compiled.rung(largest) and not fixed:
             break
-        kw = dict(tree="none") if r == 1 else dict(drafter=_FixedChain(r - 1))
-        speculative_generate(model, ids, max_new_tokens, fast="compiled", eos_token_id=-1, **kw)
+        kw = dict(tree="none") if r == 1 or fixed else dict(drafter=_FixedChain(r - 1))
+        speculative_generate(model, ids, max_new_tokens, fast="compiled", eos_token_id=-1, exact=exact,
+                             step_tokens=step_tokens, **kw)
     _PRECOMPILED.add(key)
     return compiled.COMPILE_S[0] - before
 
