@@ -122,3 +122,31 @@ def test_the_installed_smollm2_wheel_is_found_without_importing_it():
     with open(path, "rb") as f:
         assert f.read(4) == b"GGUF"
     assert pretrained.family("smollm2-135m-instruct") == "llama"
+
+
+def test_the_peers_benchmark_times_every_method_and_checks_each_against_its_greedy(tiny_gguf, tmp_path, monkeypatch):
+    """``make bench-peers`` on an installed model (the tiny one, bf16, two short prompts): HF's three peers and the
+    engine's steps, the fastest peer named, every engine method's speedup over it with an interval, and the exact
+    methods equal to the engine's greedy of the same step."""
+    import json
+
+    from multitoken import bench, data
+    from multitoken.core import compiled
+
+    path, _ = tiny_gguf
+    model_dir = pretrained.convert_gguf(path, tmp_path / "tiny", provenance={"name": "tiny"})
+    monkeypatch.setattr(data, "load_metamathqa", lambda *a, **k: {"test": {"query": ["hello hello", "hell he hell"]}})
+    monkeypatch.setattr(data, "format_prompt", lambda q, *a, **k: q)
+    monkeypatch.setattr(compiled, "AUTOTUNE", [False])               # the same graphs, without timing kernels
+    res = bench.peers(str(model_dir), "bfloat16", prompts=2, new_tokens=6, out=tmp_path / "peers.json")
+    rows = {r["method"]: r for r in json.loads((tmp_path / "peers.json").read_text())["methods"]}
+    assert set(rows) == {"hf_greedy", "hf_compiled", "hf_prompt_lookup", "greedy_kv", "prompt_lookup",
+                         "greedy_compiled_1", "prompt_lookup_compiled_1", "greedy_compiled", "prompt_lookup_compiled"}
+    assert res["peer"] in ("hf_greedy", "hf_compiled", "hf_prompt_lookup")
+    for name, r in rows.items():
+        if not name.startswith("hf_"):
+            assert r["speedup_vs_peer_lo"] <= r["speedup_vs_peer"] <= r["speedup_vs_peer_hi"], name
+    assert rows["prompt_lookup"]["exact_ref"] == "greedy_kv"
+    assert rows["prompt_lookup_compiled"]["exact_ref"] == "greedy_compiled"
+    assert rows["prompt_lookup"]["identical_to_exact_ref"] == rows["prompt_lookup_compiled"]["identical_to_exact_ref"] == 1
+    assert res["exact_step"] == 9 and res["prompts"] == 2
