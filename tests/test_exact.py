@@ -148,3 +148,20 @@ def test_invariant_mode_takes_the_row_major_product_for_every_row_count(monkeypa
         for rows in (1, 3, 40):
             lin(torch.randn(rows, 16))
     assert asked == [1, 3]                                          # per row count; 40 rows: the usual product
+
+
+def test_a_bf16_benchmark_gives_every_engine_method_one_shape_and_each_equals_the_engines_greedy():
+    """Methods drafting up to 12 nodes (a hybrid's budget) beside the greedy decoding: ``one_shape`` gives them all
+    13-token steps (the default 9 would refuse the hybrid), and every output equals the engine's greedy; fp32 methods
+    are left as they are."""
+    from multitoken.evaluation import Method as M, benchmark_decoding, one_shape
+
+    model = wrap_model_with_medusa(llama(seed=2, dtype=torch.float32), num_medusa_heads=3).eval().to(torch.bfloat16)
+    meths = one_shape([M.hf("hf_greedy", model), M.engine("greedy_kv", model, "none", baseline="hf_greedy"),
+                       M.engine("chain", model, "chain", baseline="hf_greedy"),
+                       M.engine("hybrid", model, "medusa:8", "hybrid:4:12", "hf_greedy")])
+    assert [m.step_tokens for m in meths] == [None, 13, 13, 13]
+    rows, _ = benchmark_decoding(meths, [p[0] for p in prompts(3, seed=6)], 16, warmup=0, reference="greedy_kv")
+    assert all(r["identical_to_greedy_kv"] == 1 for r in rows if r["method"] != "hf_greedy")
+    fp32 = [M.engine("greedy_kv", llama(dtype=torch.float32), "none")]
+    assert one_shape(fp32)[0] is fp32[0]

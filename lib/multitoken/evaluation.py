@@ -237,12 +237,21 @@ class Method:
     gen_kw: dict = field(default_factory=dict)
     fast: object = True
     exact: object = None
+    step_tokens: object = None
 
     @staticmethod
-    def engine(name, model, tree, drafter="heads", baseline=None, fast=True, exact=None) -> "Method":
+    def engine(name, model, tree, drafter="heads", baseline=None, fast=True, exact=None, step_tokens=None) -> "Method":
         """This engine; ``fast``: its step (``speculative_generate``'s ``fast``: True, False or "compiled");
-        ``exact``: as there (None: exact for 16-bit models on the CPU)."""
-        return Method(name, model, "engine", tree, drafter, baseline, fast=fast, exact=exact)
+        ``exact`` and ``step_tokens``: as there (exact: None for 16-bit models on the CPU, every step in one shape)."""
+        return Method(name, model, "engine", tree, drafter, baseline, fast=fast, exact=exact, step_tokens=step_tokens)
+
+    def max_nodes(self) -> int | None:
+        """The most nodes this engine method drafts in a step (None: not an engine method, or a drafter of one's
+        own)."""
+        if self.how != "engine":
+            return None
+        tree = parse_tree(self.tree, getattr(self.model, "num_heads", 0))
+        return drafters.max_nodes(drafters.make(self.drafter, tree, self.model))
 
     @staticmethod
     def hf(name, model, baseline=None, **gen_kw) -> "Method":
@@ -279,16 +288,15 @@ class Method:
         (0: nothing to compile)."""
         if self.how != "engine" or self.fast != "compiled":
             return 0.0
-        tree = parse_tree(self.tree, getattr(self.model, "num_heads", 0))
-        drafter = drafters.make(self.drafter, tree, self.model)
-        largest = (len(tree) + 1 if self.drafter == "heads" else drafter.num_tokens + 1
-                   if isinstance(drafter, drafters.PromptLookup) else PRECOMPILE_LARGEST)
-        return precompile(self.model, ids.shape[1], max_new_tokens, largest, exact=self.exact)
+        nodes = self.max_nodes()
+        largest = nodes + 1 if nodes is not None else PRECOMPILE_LARGEST
+        return precompile(self.model, ids.shape[1], max_new_tokens, largest, exact=self.exact,
+                          step_tokens=self.step_tokens)
 
     def __call__(self, ids, max_new_tokens):
         if self.how == "engine":
             return speculative_generate(self.model, ids, max_new_tokens, tree=self.tree, drafter=self.drafter,
-                                        fast=self.fast, exact=self.exact)
+                                        fast=self.fast, exact=self.exact, step_tokens=self.step_tokens)
         if self.how == "hf":
             ids = ids.to(self.device)
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -299,6 +307,28 @@ class Method:
 
 
 PRECOMPILE_LARGEST = 17   # a compiled engine method compiles steps of up to this many tokens before it is timed
+
+
+def one_shape(methods: list[Method]) -> list[Method]:
+    """``methods`` as they are, unless their engine methods decode exactly in one step shape (16-bit models on the
+    CPU, ``exact`` left to its default): then each gets the same ``step_tokens``, the smallest that holds the
+    largest step any of them drafts (at least ``EXACT_STEP``; a compiled size where one is compiled), so every output
+    can be compared with the engine's greedy of that shape."""
+    from dataclasses import replace
+
+    from .decoding.engine import EXACT_STEP
+
+    eng = [m for m in methods if m.how == "engine" and m.exact is None and m.step_tokens is None
+           and model_device(m.model).type == "cpu" and next(m.model.parameters()).dtype in (torch.bfloat16,
+                                                                                             torch.float16)]
+    if not eng:
+        return methods
+    nodes = [m.max_nodes() for m in eng]
+    step = max([EXACT_STEP] + [n + 1 if n is not None else compiled.LADDER[-1] for n in nodes])
+    if any(m.fast == "compiled" for m in eng):
+        step = compiled.rung(step) or compiled.LADDER[-1]
+    ids = {id(m) for m in eng}
+    return [replace(m, step_tokens=step) if id(m) in ids else m for m in methods]
 
 
 def _identical_tokens(a: list, b: list) -> float:

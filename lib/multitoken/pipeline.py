@@ -772,7 +772,7 @@ def _benchmark(cfg, models, prompts, trees, chosen, everything=True, hybrids=Non
     if not everything:  # every peer, the engine's greedy, prompt lookup and hybrids, each family's choice
         keep = {c["method"] for c in chosen.values()} | {"greedy_kv", "prompt_lookup"}
         meths = [mt for mt in meths if mt.name in keep or mt.name.startswith("hf_") or mt.name.endswith("_hybrid")]
-    rows, per = E.benchmark_decoding(meths, prompts, bench_tokens(cfg), warmup=cfg["bench_warmup"],
+    rows, per = E.benchmark_decoding(E.one_shape(meths), prompts, bench_tokens(cfg), warmup=cfg["bench_warmup"],
                                      desc=f"decoding benchmark ({str(dtype).replace('torch.', '')})")
     dev = E.model_device(models["ntp"])
     info = dict(device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -814,7 +814,8 @@ def run_tree_sweep(cfg, models, loader, prompts=None, prep=None):
             for n in cfg["hybrid_budgets"]:
                 meths.append(M.engine(f"{v}/hybrid_{n}", models[v], hybrid_tree(cfg, acc), f"hybrid:4:{n}",
                                       baseline=hf, fast=step))
-    rows, _ = E.benchmark_decoding(meths, prompts, bench_tokens(cfg), warmup=1, desc="tree sweep (validation)")
+    rows, _ = E.benchmark_decoding(E.one_shape(meths), prompts, bench_tokens(cfg), warmup=1,
+                                   desc="tree sweep (validation)")
     out = []
     for r in rows:
         v, name = r["method"].split("/")

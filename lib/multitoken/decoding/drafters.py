@@ -255,6 +255,17 @@ class Modules(Heads):
 BUILT_IN = (Heads, PromptLookup, Hybrid)
 
 
+def max_nodes(drafter) -> int | None:
+    """The most nodes a built-in drafter proposes in one step (None: unknown, a drafter of one's own)."""
+    if isinstance(drafter, Hybrid):
+        return drafter.budget if drafter.budget is not None else len(drafter.heads.tree) + drafter.lookup.num_tokens
+    if isinstance(drafter, PromptLookup):
+        return drafter.num_tokens
+    if isinstance(drafter, Heads):
+        return len(drafter.tree)
+    return None
+
+
 def make(spec, tree: Tree, model=None) -> object:
     """A drafter from its name: ``"heads"`` (the model's heads under ``tree``; for MTP modules, which keep caches of
     their own, :class:`Modules`), ``"prompt_lookup[:K]"``,

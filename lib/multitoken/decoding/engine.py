@@ -329,7 +329,7 @@ def _decode(model, rows, max_new_tokens, sampling: Sampling, drafter, eos, n_pos
     row at a time and hears every accepted step. ``compiled_step``: the caches are fixed-capacity
     (``core.compiled.StepCache``, the trunk's kept for the next decode of the same shape), every mask explicit and as
     wide as they are, and each step padded to a compiled size (the padding's logits never read). ``fixed``: every
-    row's step padded to that many tokens (an exact decoding's one shape; compiled or not)."""
+    step padded to that many tokens (an exact decoding's one shape, one row at a time; compiled or not)."""
     if finished not in ("drop", "masked"):
         raise ValueError(f"finished must be 'drop' or 'masked', got {finished!r}")
     masked, dev, B = finished == "masked", rows[0].device, len(rows)
@@ -487,14 +487,14 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     round a 5-token step differently from 5 one-token steps; None: for 16-bit models on the CPU (fp32 ones stay on
     the batched kernels: their differences are far below a token's margin, and MKL's fp32 products are not
     batch-invariant). Kernels pick their algorithm by shape (oneDNN's bf16 products by row count on some CPUs,
-    inductor per compiled graph), so an exact decoding also runs every step, greedy's included, in one shape:
-    ``step_tokens`` tokens a row (default :data:`EXACT_STEP`), a position then computed alike whichever row of
-    whichever step holds it. Rows of a batch share their steps' products, so a batched exact decoding equals the same
-    rows decoded alone only where the kernels are invariant to the row count. On CUDA cuBLAS promises no invariance
-    either: ``exact=True`` there gives the invariant attention and the one shape, not invariant products.
-    ``step_tokens``: every row's step padded to this many tokens (compiled: a size of ``core.compiled.LADDER``;
-    None: no padding, or :data:`EXACT_STEP` when exact); a drafter that proposes more than ``step_tokens - 1`` nodes
-    raises.
+    inductor per compiled graph), so an exact decoding of one row at a time also runs every step, greedy's included,
+    in one shape: ``step_tokens`` tokens (default :data:`EXACT_STEP`), a position then computed alike whichever row of
+    whichever step holds it. A batched decoding is not padded (its rows share each step's products, whose row count
+    changes with the batch anyway): it equals the same rows decoded alone only where the kernels are invariant to the
+    row count. On CUDA cuBLAS promises no invariance either: ``exact=True`` there gives the invariant attention and
+    the one shape, not invariant products. ``step_tokens``: every step of a row decoded alone padded to this many
+    tokens (compiled: a size of ``core.compiled.LADDER``; None: no padding, or :data:`EXACT_STEP` when exact); a
+    drafter that proposes more than ``step_tokens - 1`` nodes raises.
     """
     if not hasattr(model, "spec_forward"):
         model = PlainLM(model)
@@ -563,8 +563,7 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
         with fastpath.decoding(*nets, fast=bool(fast), invariant=exact, compiled=unembed, skip=trunk), \
                 (invariant_attention(model) if exact and not compiled_step else contextlib.nullcontext()):
             finished = "masked" if batched == "masked" else "drop"
-            outs = (_decode(model, rows, max_new_tokens, sampling, drafter, eos, n_pos, stats, finished,
-                            fixed=fixed) if batched
+            outs = (_decode(model, rows, max_new_tokens, sampling, drafter, eos, n_pos, stats, finished) if batched
                     else [_decode(model, [r], max_new_tokens, sampling, drafter, eos, n_pos, stats,
                                   compiled_step=compiled_step, fixed=fixed)[0] for r in rows])
     finally:
