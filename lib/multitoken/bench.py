@@ -352,10 +352,10 @@ def peers(name: str, dtype: str = "bfloat16", prompts: int = 16, new_tokens: int
             ci = vs_peer[r["method"]]
             r.update(peer=peer, speedup_vs_peer=round(ci.value, 3), speedup_vs_peer_lo=round(ci.lo, 3),
                      speedup_vs_peer_hi=round(ci.hi, 3))
-    res = dict(model=name, dtype=dtype, prompts=len(ids), new_tokens=new_tokens, peer=peer,
-               torch_threads=torch.get_num_threads(), cpu_bf16_fast=fastpath.cpu_bf16_fast(),
-               cpu_capability=torch.backends.cpu.get_cpu_capability(), exact_step=EXACT_STEP, methods=rows)
     cap = torch.backends.cpu.get_cpu_capability()
+    res = dict(model=name, dtype=dtype, prompts=len(ids), new_tokens=new_tokens, peer=peer,
+               torch_threads=torch.get_num_threads(), cpu_bf16_fast=fastpath.cpu_bf16_fast(), cpu_capability=cap,
+               exact_step=EXACT_STEP, methods=rows)
     out = out or pipeline.repo_root() / "figures" / "bench" / f"peers_{name}_{dtype}_{cap}.json"
     res["run"] = stages.record_output(out, "make bench-peers")
     write_json(out, res)

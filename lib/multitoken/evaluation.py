@@ -9,7 +9,7 @@ import random
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from . import stats as S
 from .core import compiled
 from .core.backbones import backbone_of
 from .decoding import drafters, model_device, precompile, speculative_generate, sync
+from .decoding.engine import EXACT_STEP, exactness
 from .decoding.trees import parse_tree
 
 log = logging.getLogger(__name__)
@@ -314,13 +315,8 @@ def one_shape(methods: list[Method]) -> list[Method]:
     CPU, ``exact`` left to its default): then each gets the same ``step_tokens``, the smallest that holds the
     largest step any of them drafts (at least ``EXACT_STEP``; a compiled size where one is compiled), so every output
     can be compared with the engine's greedy of that shape."""
-    from dataclasses import replace
-
-    from .decoding.engine import EXACT_STEP
-
     eng = [m for m in methods if m.how == "engine" and m.exact is None and m.step_tokens is None
-           and model_device(m.model).type == "cpu" and next(m.model.parameters()).dtype in (torch.bfloat16,
-                                                                                             torch.float16)]
+           and exactness(m.model, m.fast, None, None)[0]]
     if not eng:
         return methods
     nodes = [m.max_nodes() for m in eng]

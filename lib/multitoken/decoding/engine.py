@@ -557,7 +557,7 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     t0 = time.perf_counter()
     nets = [m for m in (model, getattr(model, "model", None)) if isinstance(m, torch.nn.Module)][:1]
     compiled_step = fast == "compiled"
-    exact, fixed = _exactness(model, fast, exact, step_tokens)
+    exact, fixed = exactness(model, fast, exact, step_tokens)
     unembed, trunk = ((bb.unembed,), (bb.layers,)) if compiled_step else ((), ())
     try:
         with fastpath.decoding(*nets, fast=bool(fast), invariant=exact, compiled=unembed, skip=trunk), \
@@ -584,13 +584,13 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     return torch.cat([input_ids, new], 1), stats
 
 
-EXACT_STEP = 9   # an exact compiled decoding's steps: the root and up to 8 drafts (chains of 4, lookups, 8-node trees)
+EXACT_STEP = 9   # an exact decoding's steps, one row at a time: the root and up to 8 drafts (chains, lookups, trees)
 
 
-def _exactness(model, fast, exact, step_tokens) -> tuple[bool, int]:
-    """``(exact, fixed)``: whether positions are computed alike whatever shares their step, and the number of tokens
-    every step of a row is padded to (0: none; a compiled step then takes its own rung). See
-    :func:`speculative_generate`."""
+def exactness(model, fast, exact, step_tokens) -> tuple[bool, int]:
+    """``(exact, fixed)`` for these arguments of :func:`speculative_generate`: whether positions are computed alike
+    whatever shares their step (by default: a 16-bit model on the CPU), and the number of tokens every step of a row
+    decoded alone is padded to (0: none; a compiled step then takes its own rung)."""
     dev = model_device(model)
     if exact is None:
         exact = dev.type == "cpu" and next(iter(model.parameters())).dtype in (torch.bfloat16, torch.float16)
@@ -623,7 +623,7 @@ def precompile(model, prompt_len: int, max_new_tokens: int, largest: int = compi
     ``step_tokens`` takes (:func:`speculative_generate`): one decode of a random prompt per size. Returns the seconds
     spent compiling (graphs compiled before, for this model's weights or equal ones, cost nothing)."""
     before, bb = compiled.COMPILE_S[0], backbone_of(model)
-    exact, fixed = _exactness(model, "compiled", exact, step_tokens)
+    exact, fixed = exactness(model, "compiled", exact, step_tokens)
     cap = compiled.capacity_for(prompt_len + max_new_tokens + compiled.LADDER[-1])   # as ``_decode`` sizes it
     key = (compiled.fingerprint(bb.lm.base_model), compiled.fingerprint(bb.unembed), cap,
            fixed or compiled.rung(largest), bool(fixed), getattr(model, "_trunk_cut", None),
@@ -633,9 +633,7 @@ def precompile(model, prompt_len: int, max_new_tokens: int, largest: int = compi
     dev = model_device(model)
     vocab = bb.config.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
-    for r in [fixed] if fixed else compiled.LADDER:
-        if r > compiled.rung(largest) and not fixed:
-            break
+    for r in [fixed] if fixed else [r for r in compiled.LADDER if r <= compiled.rung(largest)]:
         kw = dict(tree="none") if r == 1 or fixed else dict(drafter=_FixedChain(r - 1))
         speculative_generate(model, ids, max_new_tokens, fast="compiled", eos_token_id=-1, exact=exact,
                              step_tokens=step_tokens, **kw)
