@@ -471,6 +471,7 @@ def test_a_cpu_without_fast_bf16_runs_the_profiles_bf16_settings_in_fp32(monkeyp
     from multitoken import pipeline as PL
 
     prof = yaml.safe_load((PL.repo_root() / "notebooks/params/pretrained.yaml").read_text())
+    prof["bench_extra_dtypes"] = ["bfloat16"]
     monkeypatch.setattr(PL.fastpath, "cpu_bf16_fast", lambda: False)
     fields = "bench_extra_dtypes, cpu_bf16, distill_dtype, quality_dtype, thesis_dtype"
     with pytest.warns(UserWarning, match=f"no fast bfloat16.*{fields}"):
