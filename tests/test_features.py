@@ -106,7 +106,7 @@ def test_a_profile_trains_its_frozen_model_heads_on_features_cached_once_per_mod
 
     params = _ntp_of_a_profile(tmp_path, monkeypatch, profile="feat", max_new_tokens=12, medusa_max_examples=16,
                                mtpseq_n=3, medusa_heads=2, medusa_features=True, mtpseq_features=True,
-                               medusa_epochs=3)
+                               medusa_epochs=3, mtpseq_draft_vocab=8)
     passes = []
     real = T.cache_head_features
     monkeypatch.setattr(T, "cache_head_features", lambda *a, **k: passes.append(1) or real(*a, **k))
@@ -115,6 +115,9 @@ def test_a_profile_trains_its_frozen_model_heads_on_features_cached_once_per_mod
     assert len(passes) == 4                                      # train and validation, per variant (other states)
     cfg = pipeline.profile_config(str(params))
     ntp, med = pipeline.load_variant(cfg, "ntp"), pipeline.load_variant(cfg, "medusa")
+    seq = pipeline.load_variant(cfg, "mtp_seq")       # its modules over (at most) the 8 most frequent targets and EOS
+    assert 0 < seq.draft_ids.numel() == seq.config.mtp_draft_vocab <= 8
+    assert ntp.config.eos_token_id in seq.draft_ids.tolist()
     ids = torch.randint(3, 60, (1, 9))
     torch.testing.assert_close(med(ids).logits, ntp(ids).logits)  # the frozen NTP model's next token
     log = pd.read_csv(tmp_path / "runs" / "feat" / "results" / "medusa_train_log.csv")

@@ -301,3 +301,67 @@ def test_a_draft_vocabulary_narrower_than_the_tree_is_refused_and_fitted_trees_s
     ref = draft.generate(x[:1], max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(x[:1]),
                          eos_token_id=EOS, pad_token_id=PAD)
     assert torch.equal(out, ref)
+
+
+def _mtp_draft_pair(variant, k=10, seed=0):
+    """An MTP model of head design ``variant`` over the whole vocabulary (heads drawn at random) and its twin whose
+    heads predict over ``k`` random tokens (EOS among them): the same weights, the shared LM head's rows."""
+    full = mtp(**variant, initializer_range=0.4, seed=seed)
+    with torch.no_grad():
+        for n, p in full.named_parameters():
+            if full.is_head_parameter(n):
+                p.add_(torch.randn_like(p) * 0.3)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.tensor([EOS]), 2 + torch.randperm(V - 2, generator=g)[: k - 1]]).sort().values
+    draft = MultiTokenGPT2(MTPConfig(**tiny(**variant, num_predict_tokens=3, mtp_draft_vocab=k))).eval()
+    draft.load_state_dict({**full.state_dict(), "draft_ids": ids})
+    return full, draft, ids
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_mtp_heads_over_a_draft_vocabulary_are_the_full_heads_restricted_to_it(variant, monkeypatch):
+    """MTP heads over a draft vocabulary (rows of the shared LM head): their logits are the full heads' on those
+    tokens, training and eval; what they draft, one row or a batch, is only those tokens; decoding stays lossless."""
+    from test_decoding import hf
+    from multitoken.decoding import drafters, speculative_generate
+
+    full, draft, ids = _mtp_draft_pair(variant)
+    ids_in = torch.randint(2, V, (2, 7))
+    h0 = full.transformer(ids_in).last_hidden_state
+    for s in range(1, 3):
+        h = full._head_step(s, h0, h0, ids_in)
+        torch.testing.assert_close(draft._head_logits(s, h), full._head_logits(s, h)[..., ids])
+        draft.train()
+        torch.testing.assert_close(draft._head_logits(s, h), full._head_logits(s, h)[..., ids])
+        draft.eval()
+    seen = []
+    propose = drafters.Heads.propose
+    monkeypatch.setattr(drafters.Heads, "propose", lambda self, m, view: seen.append(propose(self, m, view)) or seen[-1])
+    batch, mask = ids_in.clone(), torch.ones_like(ids_in)
+    mask[1, :4] = 0
+    for rows, kw in ((batch[:1], {}), (batch, dict(attention_mask=mask))):
+        out, _ = speculative_generate(draft, rows, 12, tree="medusa:6", **kw)
+        for r in range(len(rows)):
+            keep = kw["attention_mask"][r].bool() if kw else torch.ones(rows.shape[1], dtype=torch.bool)
+            ref = hf(draft, rows[r: r + 1, keep], 12)[0, int(keep.sum()):]
+            assert torch.equal(out[r, rows.shape[1]: rows.shape[1] + len(ref)], ref)
+    drafted = [d.tokens for d in seen if d.tokens is not None]
+    if not (variant["sequential"] and variant["head_type"] == "transformer"):       # the modules draft apart
+        assert drafted and all(torch.isin(t[t >= 0], ids).all() for t in drafted)
+
+
+def test_mtp_draft_vocabulary_is_checked_and_saved(tmp_path):
+    with pytest.raises(CONFIG_ERRORS, match="mtp_draft_vocab"):
+        MTPConfig(**tiny(num_predict_tokens=3, mtp_draft_vocab=V + 1))
+    with pytest.raises(CONFIG_ERRORS, match="head_own_unembedding"):
+        MTPConfig(**tiny(num_predict_tokens=3, mtp_draft_vocab=4, head_own_unembedding=True))
+    _, draft, ids = _mtp_draft_pair(dict(head_type="mlp"), k=6)
+    with pytest.raises(ValueError, match="distinct ids"):
+        draft.set_draft_vocab(torch.tensor([1, 1, 2, 3, 4, 5]))
+    with pytest.raises(ValueError, match="mtp_draft_vocab > 0"):
+        mtp().set_draft_vocab(ids)
+    draft.save_pretrained(tmp_path)
+    back = MultiTokenGPT2.from_pretrained(tmp_path).eval()
+    assert torch.equal(back.draft_ids, ids)
+    labels = torch.tensor([[-100, int(ids[2]), int(ids[0])] + [t for t in range(V) if t not in ids.tolist()][:1]])
+    assert back.head_labels(labels).tolist() == [[-100, 2, 0, -1]]

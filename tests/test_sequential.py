@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from conftest import PAD, V, mtp
+from conftest import EOS, PAD, V, mtp
 from test_decoding import hf
 from multitoken.decoding import modules, speculative_generate
 from multitoken.decoding.trees import Tree
@@ -73,7 +73,7 @@ def naive_draft(model, text, tree):
         h = h0
         for k in range(1, len(p) + 1):
             h = model._head_step(k, h, h0, ids[:, : L + k])
-        tokens[p] = int(model._head_logits(len(p), h[:, -1]).topk(p[-1] + 1).indices[0, -1])
+        tokens[p] = int(model.head_token_ids(model._head_logits(len(p), h[:, -1]).topk(p[-1] + 1).indices[0, -1]))
     return torch.tensor([tokens[p] for p in tree.paths], device=text.device)
 
 
@@ -158,3 +158,21 @@ def test_tree_deeper_than_the_modules_is_refused_before_any_work():
         speculative_generate(model, torch.tensor([[3, 4]]), 5, tree="chain:3")
     with pytest.raises(ValueError, match="deeper than the model's 2 heads"):
         speculative_generate(model, torch.tensor([[3, 4]]), 5, tree=Tree(((0,), (0, 0), (0, 0, 0))))
+
+
+@pytest.mark.parametrize("tree", ["chain", "medusa:20"])
+def test_modules_over_a_draft_vocabulary_draft_its_tokens_and_stay_lossless(tree, monkeypatch):
+    """Modules over a draft vocabulary (rows of the shared LM head) draft token ids of it, the naive reference's."""
+    model = seq(seed=3, mtp_draft_vocab=12)
+    g = torch.Generator().manual_seed(1)
+    model.set_draft_vocab(torch.cat([torch.tensor([EOS]), 2 + torch.randperm(V - 2, generator=g)[:11]]))
+    spy = Spy(model)
+    spy.propose = modules.propose
+    monkeypatch.setattr(modules, "propose", spy)
+    ids = torch.randint(2, V, (1, 5))
+    out, _ = speculative_generate(model, ids, 30, tree=tree)
+    assert torch.equal(out, hf(model, ids, 30))
+    with torch.inference_mode():
+        for s in spy.steps:
+            assert torch.isin(s["drafts"], model.draft_ids).all()
+            assert torch.equal(s["drafts"], naive_draft(model, s["text"], s["tree"]))

@@ -105,6 +105,11 @@ def bench_tokens(cfg) -> int:
     return cfg["bench_max_new_tokens"] or cfg["max_new_tokens"]
 
 
+def sweep_tokens(cfg) -> int:
+    """New tokens per validation prompt in the tree sweep (selection): ``sweep_max_new_tokens``, else the benchmark's."""
+    return cfg["sweep_max_new_tokens"] or bench_tokens(cfg)
+
+
 def variants(cfg) -> tuple:
     """The rows of the quality table: ``base`` (the pretrained model as installed, no fine-tuning) where the profile
     starts from one, then the four trained variants."""
@@ -203,7 +208,8 @@ def train_variant(cfg, variant: str, control: str | None = None):
         else:
             model, _ = T.train_multi_token_gpt2(tr, va, tok, out, num_tokens_to_predict=cfg["mtpseq_n"],
                                                 base_model=str(base), log_csv=log, mtp=mtpseq_fields(cfg),
-                                                freeze_backbone=cfg["mtpseq_freeze"], **_common(cfg, "mtpseq"))
+                                                freeze_backbone=cfg["mtpseq_freeze"],
+                                                draft_vocab=cfg["mtpseq_draft_vocab"], **_common(cfg, "mtpseq"))
     else:
         raise ValueError(f"unknown variant {variant!r}: one of {VARIANTS}")
     return model
@@ -221,7 +227,8 @@ def _heads_on_features(cfg, variant, base, tr, va, tok, out, log, n_tokens=None,
                          "cache)")
     set_seed(cfg["seed"])
     model = (T.build_medusa(base, tok, tr, cfg["medusa_heads"], cfg["medusa_layers"], cfg["medusa_draft_vocab"])
-             if variant == "medusa" else T.build_mtp_model(tok, cfg["mtpseq_n"], str(base), **mtpseq_fields(cfg)))
+             if variant == "medusa" else T.build_mtp_model(tok, cfg["mtpseq_n"], str(base), train_dataloader=tr,
+                                                           draft_vocab=cfg["mtpseq_draft_vocab"], **mtpseq_fields(cfg)))
     model.freeze_backbone()
     train, val = feats or [head_features(cfg, model, loader, variant, split) for split, loader in (("train", tr),
                                                                                                   ("validation", va))]
@@ -814,7 +821,7 @@ def run_tree_sweep(cfg, models, loader, prompts=None, prep=None):
             for n in cfg["hybrid_budgets"]:
                 meths.append(M.engine(f"{v}/hybrid_{n}", models[v], hybrid_tree(cfg, acc), f"hybrid:4:{n}",
                                       baseline=hf, fast=step))
-    rows, _ = E.benchmark_decoding(E.one_shape(meths), prompts, bench_tokens(cfg), warmup=1,
+    rows, _ = E.benchmark_decoding(E.one_shape(meths), prompts, sweep_tokens(cfg), warmup=1,
                                    desc="tree sweep (validation)")
     out = []
     for r in rows:

@@ -148,6 +148,8 @@ class MTPSeq:
     mtpseq_epochs: float = _f(1, gt=0)
     mtpseq_lr: float = _f(3e-3, gt=0)
     mtpseq_features: bool = _f(False, doc="train on the frozen model's cached states (needs mtpseq_freeze)")
+    mtpseq_draft_vocab: int = _f(0, ge=0, doc="K > 0: the modules predict over their targets' K most frequent tokens "
+                                              "(rows of the shared LM head)")
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,8 @@ class Benchmark:
                                               "the fastest is each family's hybrid on test (empty: no cap)")
     sweep_prompts: Optional[int] = _f(None, ge=1, doc="validation prompts that choose trees and chain vs tree "
                                                       "(None: half of bench_prompts, at least 2)")
+    sweep_max_new_tokens: Optional[int] = _f(None, ge=1, doc="new tokens per validation prompt in the sweep (None: as "
+                                                             "in the benchmark)")
     frozen_hf_baselines: bool = True
     speed_targets: Optional[dict[str, float]] = None
 

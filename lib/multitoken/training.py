@@ -224,28 +224,50 @@ def train_standard_gpt2(train_dataloader, val_dataloader, tokenizer, output_dir,
 MTP_FIELDS = tuple(f for f in MTP_FIELD_NAMES if f not in ("num_predict_tokens", "layout", "thesis_padding_only_mask"))
 
 
-def build_mtp_model(tokenizer, num_tokens_to_predict=4, base_model=None, model_config=None, **mtp):
+def draft_vocab_of(tokenizer, loader, k: int, who: str):
+    """The draft vocabulary of heads trained on ``loader``: its targets' ``k`` most frequent tokens and EOS (None
+    for ``k`` = 0: the whole vocabulary)."""
+    if not k:
+        return None
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = frequent_tokens((b["labels"] for b in loader), k, always=eos)
+    log.info("%s draft vocabulary: %d tokens (asked %d)", who, len(ids), k)
+    return ids
+
+
+def build_mtp_model(tokenizer, num_tokens_to_predict=4, base_model=None, model_config=None, train_dataloader=None,
+                    draft_vocab=0, **mtp):
     """An MTP model: a fresh GPT-2 (``model_config``), or heads on a pretrained model of any family (a model object or
-    a name), its heads initialised from the trunk (``wrap_model_with_mtp``)."""
+    a name), its heads initialised from the trunk (``wrap_model_with_mtp``); with ``draft_vocab`` K > 0 (and a
+    pretrained model) the heads predict over the K tokens most frequent in ``train_dataloader``'s targets (and EOS),
+    those rows of the shared LM head."""
     fields = {k: v for k, v in mtp.items() if k in MTP_FIELDS and v is not None}
     if base_model is None:
+        if draft_vocab:
+            raise ValueError("draft_vocab needs a base_model (a draft vocabulary is rows of a trained LM head)")
         model = MultiTokenGPT2(_fresh_config(tokenizer, model_config, MTPConfig,
                                              num_predict_tokens=num_tokens_to_predict, **fields))
     else:
-        model = wrap_model_with_mtp(_base(base_model), num_predict_tokens=num_tokens_to_predict, **fields)
+        if draft_vocab and train_dataloader is None:
+            raise ValueError("draft_vocab needs the train_dataloader whose targets choose it")
+        model = wrap_model_with_mtp(_base(base_model), num_predict_tokens=num_tokens_to_predict,
+                                    draft_vocab=draft_vocab_of(tokenizer, train_dataloader, draft_vocab, "MTP"),
+                                    **fields)
     return _sync_vocab(model, tokenizer)
 
 
 def train_multi_token_gpt2(train_dataloader, val_dataloader, tokenizer, output_dir, num_tokens_to_predict=4,
                            num_train_epochs=1, learning_rate=5e-5, gradient_accumulation_steps=8, base_model=None,
                            model_config=None, log_csv=None, resume_from_checkpoint=None, mtp=None,
-                           freeze_backbone=False, trunk_lr_scale=1.0, heads_first_steps=0, **args_kw):
+                           freeze_backbone=False, trunk_lr_scale=1.0, heads_first_steps=0, draft_vocab=0, **args_kw):
     """MTP training: ``mtp`` holds the head design (head_type, sequential, weighting, warm-up, ...).
     ``freeze_backbone`` (with a ``base_model``) trains the heads only, on a frozen pretrained model, as MEDUSA-1;
     ``heads_first_steps`` trains the heads alone for that many optimizer steps, then everything;
-    ``trunk_lr_scale`` gives the backbone that fraction of the heads' learning rate."""
+    ``trunk_lr_scale`` gives the backbone that fraction of the heads' learning rate; ``draft_vocab`` K > 0: the heads
+    predict over the K tokens most frequent in the training targets (and EOS)."""
     set_seed(args_kw.get("seed", 0))
-    model = build_mtp_model(tokenizer, num_tokens_to_predict, base_model, model_config, **(mtp or {}))
+    model = build_mtp_model(tokenizer, num_tokens_to_predict, base_model, model_config, train_dataloader,
+                            draft_vocab, **(mtp or {}))
     if freeze_backbone:
         if base_model is None:
             raise ValueError("freeze_backbone needs a base_model: a fresh backbone frozen at random would never learn")
@@ -278,11 +300,7 @@ def train_medusa(base_model, train_dataloader, val_dataloader, tokenizer, output
 def build_medusa(base_model, tokenizer, train_dataloader, num_medusa_heads=5, medusa_num_layers=1, draft_vocab=0):
     """Untrained MEDUSA-1 heads on ``base_model`` (not frozen here); with ``draft_vocab`` K > 0 their vocabulary is
     the K tokens most frequent in ``train_dataloader``'s targets (and EOS)."""
-    ids = None
-    if draft_vocab:
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        ids = frequent_tokens((b["labels"] for b in train_dataloader), draft_vocab, always=eos)
-        log.info("MEDUSA-1 draft vocabulary: %d tokens (asked %d)", len(ids), draft_vocab)
+    ids = draft_vocab_of(tokenizer, train_dataloader, draft_vocab, "MEDUSA-1")
     model = wrap_model_with_medusa(_base(base_model), num_medusa_heads, medusa_num_layers, freeze=False,
                                    draft_vocab=ids)
     return _sync_vocab(model, tokenizer)

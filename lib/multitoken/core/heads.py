@@ -252,12 +252,28 @@ class HeadsMixin:
         return total, torch.stack(losses), torch.stack(accs)
 
     def head_labels(self, labels):
-        """Token ids as indices of the heads' output (their draft vocabulary, where they have one)."""
-        return labels
+        """Token ids as indices of the heads' output: positions in their draft vocabulary (the ``draft_ids``
+        buffer, sorted token ids) where they have one, ``OUT_OF_VOCAB`` for a token outside it."""
+        ids = getattr(self, "draft_ids", None)
+        if ids is None:
+            return labels
+        lut = torch.full((self.config.vocab_size,), OUT_OF_VOCAB, dtype=labels.dtype, device=labels.device)
+        lut[ids.to(labels.device)] = torch.arange(ids.numel(), dtype=labels.dtype, device=labels.device)
+        return torch.where(labels < 0, labels, lut[labels.clamp(min=0)])
 
     def head_token_ids(self, idx):
         """Indices of the heads' output (e.g. their top-k) as token ids."""
-        return idx
+        ids = getattr(self, "draft_ids", None)
+        return idx if ids is None else ids[idx]
+
+    def _checked_draft_ids(self, ids) -> torch.Tensor:
+        """``ids`` sorted, after checking they are as many distinct token ids as the ``draft_ids`` buffer holds."""
+        ids = torch.as_tensor(ids, device=self.draft_ids.device).sort().values
+        if ids.shape != self.draft_ids.shape or ids.unique().numel() != ids.numel() or ids.min() < 0 or \
+                ids.max() >= self.config.vocab_size:
+            raise ValueError(f"a draft vocabulary is {self.draft_ids.numel()} distinct ids in [0, "
+                             f"{self.config.vocab_size}); got shape {tuple(ids.shape)}")
+        return ids
 
     def all_head_logits(self, h0, input_ids):
         """Every head's logits at every position (teacher-forced for sequential heads), over the heads' output
@@ -269,12 +285,14 @@ class HeadsMixin:
         return tuple(out)
 
     # -- decoding hooks -------------------------------------------------------------------------------------------
-    def _cached_stack(self, params, build):
-        """``build()`` (the heads' weights stacked for batched drafting), rebuilt only when a parameter changes."""
+    def _cached_stack(self, params, build, slot: str = "_stack"):
+        """``build()`` (e.g. the heads' weights stacked for batched drafting), kept in ``slot`` and rebuilt only when
+        one of ``params`` changes."""
         key = tuple((p.data_ptr(), p._version) for p in params)
-        if getattr(self, "_stack_key", None) != key:
-            self._stack, self._stack_key = build(), key
-        return self._stack
+        if getattr(self, slot + "_key", None) != key:
+            setattr(self, slot, build())
+            setattr(self, slot + "_key", key)
+        return getattr(self, slot)
 
     def spec_new_cache(self):
         return [self.backbone.new_cache()]

@@ -24,7 +24,7 @@ from transformers import initialization as init
 
 from . import fastpath
 from .backbones import backbone_of
-from .heads import OUT_OF_VOCAB, HeadsMixin, MultiTokenOutput, ResBlock, init_special, named_step_losses, shifted_ce
+from .heads import HeadsMixin, MultiTokenOutput, ResBlock, init_special, named_step_losses, shifted_ce
 from .models import build_face, remember_heads
 
 
@@ -117,25 +117,10 @@ class MedusaMixin(HeadsMixin):
             for head in self.medusa_heads:
                 head.unembed.weight.copy_(self.lm_head.weight)
             return
-        ids = torch.as_tensor(ids, device=self.draft_ids.device).sort().values
-        if ids.shape != self.draft_ids.shape or ids.unique().numel() != ids.numel() or ids.min() < 0 or \
-                ids.max() >= self.config.vocab_size:
-            raise ValueError(f"a draft vocabulary is {self.draft_ids.numel()} distinct ids in [0, "
-                             f"{self.config.vocab_size}); got shape {tuple(ids.shape)}")
+        ids = self._checked_draft_ids(ids)
         self.draft_ids.copy_(ids)
         for head in self.medusa_heads:
             head.unembed.weight.copy_(self.lm_head.weight[ids])
-
-    def head_labels(self, labels):
-        if self.draft_ids is None:
-            return labels
-        lut = torch.full((self.config.vocab_size,), OUT_OF_VOCAB, dtype=labels.dtype, device=labels.device)
-        lut[self.draft_ids.to(labels.device)] = torch.arange(self.draft_ids.numel(), dtype=labels.dtype,
-                                                             device=labels.device)
-        return torch.where(labels < 0, labels, lut[labels.clamp(min=0)])
-
-    def head_token_ids(self, idx):
-        return idx if self.draft_ids is None else self.draft_ids[idx]
 
     @classmethod
     def from_base(cls, base, num_medusa_heads: int = 4, medusa_num_layers: int = 1, **kw):

@@ -55,6 +55,7 @@ class MTPFields:
     share_weights_across_steps: bool = False
     num_trunk_layers: int | None = None
     head_own_unembedding: bool = False
+    mtp_draft_vocab: int = 0    # K > 0: the heads predict over K tokens (``draft_ids``), rows of the shared LM head
     loss_weighting: str = "uniform"
     loss_beta: float = 0.8
     loss_lambda: float = 1.0
@@ -81,6 +82,11 @@ class MTPFields:
         if self.num_trunk_layers is not None and not 1 <= self.num_trunk_layers < L:
             raise ValueError(f"num_trunk_layers={self.num_trunk_layers}: the heads branch off after 1..{L - 1} of the "
                              f"model's {L} layers (None: after the last)")
+        if not 0 <= self.mtp_draft_vocab <= self.vocab_size:
+            raise ValueError(f"mtp_draft_vocab must be in [0, vocab_size={self.vocab_size}] (0: the whole "
+                             f"vocabulary), got {self.mtp_draft_vocab}")
+        if self.mtp_draft_vocab and self.head_own_unembedding:
+            raise ValueError("mtp_draft_vocab selects rows of the shared LM head: it needs head_own_unembedding=False")
         if self.layout not in ("default", "thesis"):
             raise ValueError(f"unknown layout {self.layout!r}: 'default' or 'thesis'")
         if self.layout == "thesis" and not (
@@ -187,6 +193,8 @@ class MultiTokenMixin(HeadsMixin):
         self.mtp_unembed = nn.ModuleList(
             [nn.Linear(bb.hidden_size, config.vocab_size, bias=False) for _ in range(n_bodies)]
             if config.head_own_unembedding and config.head_type != "shared_lm_head" else [])
+        # the heads' token ids (rows of the shared LM head), saved with the model; None: the whole vocabulary
+        self.register_buffer("draft_ids", torch.arange(config.mtp_draft_vocab) if config.mtp_draft_vocab else None)
         self.memory_efficient_loss = config.memory_efficient_loss
         self.weight_scale = 1.0  # auxiliary-loss warm-up factor, set by the trainer callback
         self._trunk_cut = config.num_trunk_layers
@@ -229,6 +237,24 @@ class MultiTokenMixin(HeadsMixin):
             un.weight.copy_(self.lm_head.weight)
         return self
 
+    @torch.no_grad()
+    def set_draft_vocab(self, ids):
+        """Make ``ids`` (``config.mtp_draft_vocab`` distinct token ids; None without a draft vocabulary) the heads'
+        vocabulary: their logits become those rows of the shared LM head, their loss and drafts cover only them."""
+        if ids is None or self.draft_ids is None:
+            if ids is not None or self.draft_ids is not None:
+                raise ValueError("a draft vocabulary needs mtp_draft_vocab > 0 in the config, and one with it")
+            return self
+        self.draft_ids.copy_(self._checked_draft_ids(ids))
+        return self
+
+    def _draft_unembed(self) -> torch.Tensor:
+        """The LM head's rows of the draft vocabulary, ``(K, d)`` (kept while neither changes, outside training)."""
+        w = self.lm_head.weight
+        if self.training and w.requires_grad:
+            return w[self.draft_ids]
+        return self._cached_stack([w, self.draft_ids], lambda: w[self.draft_ids].detach(), "_draft_rows")
+
     def freeze_backbone(self):
         """Train the heads only (MEDUSA-1's recipe applied to MTP heads): the trunk, final norm and LM head stop
         requiring grad, so the next-token distribution stays the base model's exactly."""
@@ -256,6 +282,8 @@ class MultiTokenMixin(HeadsMixin):
     def _head_logits(self, k, h):
         body = self._body(k)
         x = body.ln(h) if body.ln is not None else self.backbone.norm(h)
+        if self.draft_ids is not None:
+            return F.linear(x, self._draft_unembed())
         un = self.mtp_unembed[0 if len(self.mtp_unembed) == 1 else k - 1] if len(self.mtp_unembed) else self.lm_head
         return un(x) if self.training else fastpath.linear(un, x)
 
@@ -346,12 +374,15 @@ class MultiTokenMixin(HeadsMixin):
             has_bias = getattr(heads[0].ln, "bias", None) is not None
             norm = (st(h.ln.weight for h in heads).unsqueeze(1),
                     st(h.ln.bias for h in heads).unsqueeze(1) if has_bias else None)
-            unembed = st(u.weight.mT for u in un) if len(un) else self.lm_head.weight.mT   # (S, d, V) or (d, V)
+            unembed = (st(u.weight.mT for u in un) if len(un) else          # (S, d, V), (d, V) or (d, K)
+                       self.lm_head.weight.mT if self.draft_ids is None else self.lm_head.weight[self.draft_ids].mT)
             return body, norm, unembed
-        return self._cached_stack([*heads.parameters(), *un.parameters(), self.lm_head.weight], build)
+        return self._cached_stack([*heads.parameters(), *un.parameters(), self.lm_head.weight,
+                                   *([] if self.draft_ids is None else [self.draft_ids])], build)
 
     def spec_head_logits(self, ctx, j: int):
-        """Every head's logits at step-local position j, ``(S, V)``, in batched matmuls (position-wise heads)."""
+        """Every head's logits at step-local position j, ``(S, V)`` (over the draft vocabulary where the heads have
+        one: ``head_token_ids`` maps), in batched matmuls (position-wise heads)."""
         return self._stacked_logits(ctx.h0[0, j: j + 1])[:, 0]
 
     def spec_head_topk_rows(self, ctx, js, k):
@@ -359,10 +390,10 @@ class MultiTokenMixin(HeadsMixin):
         (None where the heads draft one row at a time)."""
         rows = torch.arange(len(js), device=js.device)
         if ctx.states is not None:
-            return torch.stack([self._head_logits(s, ctx.states[s][rows, js][:, None])[:, 0].topk(k).indices
-                                for s in range(1, self.num_heads + 1)], 1)
+            return self.head_token_ids(torch.stack([self._head_logits(s, ctx.states[s][rows, js][:, None])[:, 0].topk(
+                k).indices for s in range(1, self.num_heads + 1)], 1))
         if self._batchable():
-            return self._stacked_logits(ctx.h0[rows, js]).topk(k, -1).indices.transpose(0, 1)
+            return self.head_token_ids(self._stacked_logits(ctx.h0[rows, js]).topk(k, -1).indices.transpose(0, 1))
         return None
 
     def _stacked_logits(self, h):
@@ -381,10 +412,10 @@ class MultiTokenMixin(HeadsMixin):
 
     def spec_head_topk(self, ctx, j, k):
         if ctx.states is not None:
-            return torch.stack([self._head_logits(s, ctx.states[s][:, j])[0].topk(k).indices
-                                for s in range(1, self.num_heads + 1)])
+            return self.head_token_ids(torch.stack([self._head_logits(s, ctx.states[s][:, j])[0].topk(k).indices
+                                                    for s in range(1, self.num_heads + 1)]))
         if self._batchable():
-            return self.spec_head_logits(ctx, j).topk(k, -1).indices
+            return self.head_token_ids(self.spec_head_logits(ctx, j).topk(k, -1).indices)
         return super().spec_head_topk(ctx, j, k)
 
     def spec_propose(self, ctx, j, x0, tree):
@@ -400,7 +431,7 @@ class MultiTokenMixin(HeadsMixin):
         for i, path in enumerate(tree.paths):
             h_par, tok_par = state[path[:-1]]
             h = self._head_step(len(path), h_par, h0, tok_par.view(1))
-            tokens[i] = self._head_logits(len(path), h)[0, -1].topk(path[-1] + 1).indices[-1]
+            tokens[i] = self.head_token_ids(self._head_logits(len(path), h)[0, -1].topk(path[-1] + 1).indices[-1])
             state[path] = (h, tokens[i])
         return tokens
 
@@ -465,19 +496,22 @@ def heads_of(model):
     return getattr(model, "__dict__", {}).get("_multitoken_heads")
 
 
-def wrap_model_with_mtp(model, config=None, **overrides):
+def wrap_model_with_mtp(model, config=None, draft_vocab=None, **overrides):
     """Multi-token heads on ``model`` (any causal LM with a backbone adapter: GPT-2, Llama). ``config``: an
     ``MTPConfig``-like object or a dict of MTP fields; keyword arguments override them. Every head design works on
     every family (transformer heads and sequential modules are the family's own decoder layer, initialised from the
-    last one); the result shares ``model``'s parameters and its next-token logits equal ``model``'s until trained."""
+    last one); the result shares ``model``'s parameters and its next-token logits equal ``model``'s until trained.
+    ``draft_vocab``: token ids the heads predict over (rows of the shared LM head; default the whole vocabulary)."""
     if isinstance(config, (MTPConfig, MTPLlamaConfig)):
         config = {k: getattr(config, k) for k in MTP_FIELD_NAMES}
     fields = dict(config or {}, **overrides)
+    if draft_vocab is not None:
+        fields["mtp_draft_vocab"] = len(draft_vocab)
     unknown = sorted(set(fields) - set(MTP_FIELD_NAMES) - set(OLMO_NAMES) - set(REFUSED))
     if unknown:
         raise ValueError(f"unknown MTP field(s) {unknown}; the fields are {list(MTP_FIELD_NAMES)} (or OLMo-core's "
                          f"{list(OLMO_NAMES)})")
     face, missing = build_face(model, MTP_FACES, **fields)
-    assert all(k.startswith(("mtp_heads.", "mtp_unembed.")) for k in missing), missing
+    assert all(k.startswith(("mtp_heads.", "mtp_unembed.")) or k == "draft_ids" for k in missing), missing
     remember_heads(model, face)
-    return face.init_heads_from_trunk()
+    return face.init_heads_from_trunk().set_draft_vocab(draft_vocab)

@@ -118,7 +118,7 @@ def propose(model, caches: ModuleState, tree) -> torch.Tensor:
         h_prev = h_out[:, :n_c] if pend[k] is None else torch.cat([pend[k], h_out[:, :n_c]], 1)
         branch = h_out[:, n_c:].reshape(B, r, -1) if r else None
         last = branch[:, -1] if r else h_out[:, -1]
-        top = model._head_logits(k, last).topk(topk, -1).indices    # (B, topk)
+        top = model.head_token_ids(model._head_logits(k, last).topk(topk, -1).indices)    # (B, topk)
         n = b_idx.numel()
         out[offset: offset + n] = top[b_idx, rank]
         node_at.update((p, offset + i) for i, p in enumerate(tree.paths[offset: offset + n]))
