@@ -337,6 +337,7 @@ def test_publishing_leaves_one_run_in_the_figures_folder_and_moves_the_rest_asid
     man = json.loads((fig / "manifest.json").read_text())
     assert man["01_b.json"]["run_id"] == stages.read_stamp("t", "01_b", workbook)["run_id"]
     assert man["01_b.json"]["copied_from"] == "runs/t/results/01_b.json" and man["bench.json"]["stage"] == "make bench"
+    assert man["bench.json"]["profile"] == "t"                                # the profile, not its results folder
     earlier = json.loads((fig / "earlier" / "manifest.json").read_text())
     assert earlier["old_table.md"]["commit"] == "abc123" and earlier["stray.csv"]["stage"] is None
     assert not (fig / "older_bench.json").exists() and (fig / "earlier" / "stray.csv").exists()

@@ -195,7 +195,9 @@ def record_output(path: Path, producer: str, root: Path | None = None, models: d
     too."""
     root = Path(root or repo_root())
     path = Path(path).resolve()
-    entry = dict(stage=producer, profile=path.parent.name, run_id=None, **commit(root), settings_hash=None,
+    folder = path.parent                                   # runs/<profile>/results/ or figures/<profile>/
+    profile = folder.parent.name if folder.name == "results" else folder.name
+    entry = dict(stage=producer, profile=profile, run_id=None, **commit(root), settings_hash=None,
                  finished=time.strftime("%Y-%m-%d %H:%M:%S"), **({"models": models} if models else {}))
     f = path.parent / "manifest.json"
     old = json.loads(f.read_text()) if f.exists() else {}
