@@ -94,16 +94,23 @@ class Spy:
         return out
 
 
-@pytest.mark.parametrize("share", [False, True])
-@pytest.mark.parametrize("tree", ["chain", "medusa:20"])
-def test_drafts_and_module_caches_equal_a_fresh_run_over_the_accepted_text(share, tree, monkeypatch):
-    model = seq(share, seed=3)
+def spied_decode(model, tree, monkeypatch):
+    """30 tokens after a random 5-token prompt, every drafting step recorded (:class:`Spy`); the output must equal
+    HF ``generate``'s. Returns (output, stats, spy)."""
     spy = Spy(model)
     spy.propose = modules.propose
     monkeypatch.setattr(modules, "propose", spy)
     ids = torch.randint(2, V, (1, 5))
     out, stats = speculative_generate(model, ids, 30, tree=tree)
     assert torch.equal(out, hf(model, ids, 30))
+    return out, stats, spy
+
+
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("tree", ["chain", "medusa:20"])
+def test_drafts_and_module_caches_equal_a_fresh_run_over_the_accepted_text(share, tree, monkeypatch):
+    model = seq(share, seed=3)
+    out, stats, spy = spied_decode(model, tree, monkeypatch)
     assert len(spy.steps) > 3
     with torch.inference_mode():  # the recorded tensors are inference tensors
         for s in spy.steps:
@@ -166,12 +173,7 @@ def test_modules_over_a_draft_vocabulary_draft_its_tokens_and_stay_lossless(tree
     model = seq(seed=3, mtp_draft_vocab=12)
     g = torch.Generator().manual_seed(1)
     model.set_draft_vocab(torch.cat([torch.tensor([EOS]), 2 + torch.randperm(V - 2, generator=g)[:11]]))
-    spy = Spy(model)
-    spy.propose = modules.propose
-    monkeypatch.setattr(modules, "propose", spy)
-    ids = torch.randint(2, V, (1, 5))
-    out, _ = speculative_generate(model, ids, 30, tree=tree)
-    assert torch.equal(out, hf(model, ids, 30))
+    _, _, spy = spied_decode(model, tree, monkeypatch)
     with torch.inference_mode():
         for s in spy.steps:
             assert torch.isin(s["drafts"], model.draft_ids).all()

@@ -266,13 +266,20 @@ class HeadsMixin:
         ids = getattr(self, "draft_ids", None)
         return idx if ids is None else ids[idx]
 
-    def _checked_draft_ids(self, ids) -> torch.Tensor:
-        """``ids`` sorted, after checking they are as many distinct token ids as the ``draft_ids`` buffer holds."""
+    @torch.no_grad()
+    def _store_draft_ids(self, ids, field: str):
+        """Check ``ids`` (as many distinct token ids as the ``draft_ids`` buffer holds, which the config's ``field``
+        sizes; None where the config has no draft vocabulary) and store them sorted; returns them (or None)."""
+        if ids is None or self.draft_ids is None:
+            if ids is not None or self.draft_ids is not None:
+                raise ValueError(f"a draft vocabulary needs {field} > 0 in the config, and one with it")
+            return None
         ids = torch.as_tensor(ids, device=self.draft_ids.device).sort().values
         if ids.shape != self.draft_ids.shape or ids.unique().numel() != ids.numel() or ids.min() < 0 or \
                 ids.max() >= self.config.vocab_size:
             raise ValueError(f"a draft vocabulary is {self.draft_ids.numel()} distinct ids in [0, "
                              f"{self.config.vocab_size}); got shape {tuple(ids.shape)}")
+        self.draft_ids.copy_(ids)
         return ids
 
     def all_head_logits(self, h0, input_ids):

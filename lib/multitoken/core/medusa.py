@@ -111,16 +111,9 @@ class MedusaMixin(HeadsMixin):
     def set_draft_vocab(self, ids):
         """Make ``ids`` (``config.medusa_draft_vocab`` distinct token ids; None without a draft vocabulary) the
         heads' vocabulary; each head's unembedding restarts as those rows of the LM head."""
-        if ids is None or self.draft_ids is None:
-            if ids is not None or self.draft_ids is not None:
-                raise ValueError("a draft vocabulary needs medusa_draft_vocab > 0 in the config, and one with it")
-            for head in self.medusa_heads:
-                head.unembed.weight.copy_(self.lm_head.weight)
-            return
-        ids = self._checked_draft_ids(ids)
-        self.draft_ids.copy_(ids)
+        ids = self._store_draft_ids(ids, "medusa_draft_vocab")
         for head in self.medusa_heads:
-            head.unembed.weight.copy_(self.lm_head.weight[ids])
+            head.unembed.weight.copy_(self.lm_head.weight if ids is None else self.lm_head.weight[ids])
 
     @classmethod
     def from_base(cls, base, num_medusa_heads: int = 4, medusa_num_layers: int = 1, **kw):

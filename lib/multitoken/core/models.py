@@ -241,11 +241,7 @@ class MultiTokenMixin(HeadsMixin):
     def set_draft_vocab(self, ids):
         """Make ``ids`` (``config.mtp_draft_vocab`` distinct token ids; None without a draft vocabulary) the heads'
         vocabulary: their logits become those rows of the shared LM head, their loss and drafts cover only them."""
-        if ids is None or self.draft_ids is None:
-            if ids is not None or self.draft_ids is not None:
-                raise ValueError("a draft vocabulary needs mtp_draft_vocab > 0 in the config, and one with it")
-            return self
-        self.draft_ids.copy_(self._checked_draft_ids(ids))
+        self._store_draft_ids(ids, "mtp_draft_vocab")
         return self
 
     def _draft_unembed(self) -> torch.Tensor:
@@ -375,7 +371,7 @@ class MultiTokenMixin(HeadsMixin):
             norm = (st(h.ln.weight for h in heads).unsqueeze(1),
                     st(h.ln.bias for h in heads).unsqueeze(1) if has_bias else None)
             unembed = (st(u.weight.mT for u in un) if len(un) else          # (S, d, V), (d, V) or (d, K)
-                       self.lm_head.weight.mT if self.draft_ids is None else self.lm_head.weight[self.draft_ids].mT)
+                       self.lm_head.weight.mT if self.draft_ids is None else self._draft_unembed().mT)
             return body, norm, unembed
         return self._cached_stack([*heads.parameters(), *un.parameters(), self.lm_head.weight,
                                    *([] if self.draft_ids is None else [self.draft_ids])], build)
