@@ -290,6 +290,9 @@ def test_batch_bench_rows_report_speculations_own_tau_and_identical_rows(monkeyp
     from multitoken import bench
     from multitoken import evaluation as E
 
+    from multitoken.core import compiled
+
+    monkeypatch.setattr(compiled, "AUTOTUNE", [False])                  # the graphs without timing GEMM kernels
     heads, base = trained("sdpa", "medusa")
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, V, (n,), generator=g) for n in (3, 5, 4, 6)]
@@ -297,9 +300,15 @@ def test_batch_bench_rows_report_speculations_own_tau_and_identical_rows(monkeyp
     base.generation_config.eos_token_id = EOS
     with torch.no_grad():
         rows = bench.batch_rows(base, heads, prompts, val, sizes=(1, 2), new_tokens=12,
-                                trees=("chain:1", "chain", "medusa:5"), rounds=1, pad=PAD)
+                                trees=("chain:1", "chain", "medusa:5"), rounds=1, pad=PAD,
+                                compiled=("chain:1", "chain"))
     assert [r["batch"] for r in rows] == [1, 2]
     for r in rows:
+        # the compiled step, the batch kept whole: same tokens, its tree chosen among its own candidates
+        assert r["tree_compiled"] in ("chain:1", "chain")
+        assert set(r["tree_compiled_validation_s"]) == {"chain:1", "chain"}
+        assert r["compiled_identical_to_hf"] == r["no_drafts_compiled_identical_to_hf"] == len(prompts)
+        assert r["compile_s"] > 0 and len(r["compiled_vs_hf"]) == 2, "new graphs for each batch size"
         assert r["tree"] in ("chain:1", "chain", "medusa:5") and set(r["tree_validation_s"]) == {"chain:1", "chain",
                                                                                                   "medusa:5"}
         assert r["batched_identical_to_rows"] and r["rows_identical_to_hf"] == len(prompts) == r["rows"]

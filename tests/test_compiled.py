@@ -8,6 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from multitoken import wrap_model_with_medusa
 from multitoken.core import compiled
+from multitoken.core.backbones import backbone_of
 from multitoken.decoding import precompile, speculative_generate
 from multitoken.decoding.engine import EXACT_STEP, _FixedChain, _step_inputs
 from multitoken.decoding.drafters import Draft, RowDrafter
@@ -125,11 +126,30 @@ def test_a_step_larger_than_every_compiled_size_decodes_without_a_graph():
     assert torch.equal(speculative_generate(model, x, 100, drafter=Wide(), fast="compiled")[0], ref)
 
 
+@pytest.mark.parametrize("tree", ["none", "chain:2", "medusa:4"])
+def test_a_compiled_batch_keeps_its_shape_and_every_row_equals_its_own_generate(tree):
+    """Rows of different lengths, padded left or right, some ending at EOS long before the others: the batch keeps
+    its shape (finished rows are masked no-ops), and each row is what HF ``generate`` gives it alone."""
+    from conftest import EOS, PAD
+    from test_batched import alone, get, padded
+    model = get("llama-medusa")
+    prompts = [torch.randint(2, 24, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 9, 4, 10)]
+    ids, mask = padded(prompts, ["left", "right", "left", "right"])
+    got, st = speculative_generate(model, ids, 30, tree=tree, attention_mask=mask, fast="compiled", batched=True,
+                                   eos_token_id=EOS, pad_token_id=PAD)
+    assert st["batched"] == "masked"
+    graphs = compiled.compiled_of(backbone_of(model))
+    assert any(key[0] == len(prompts) for key in graphs.caches), "the batch decoded into a compiled cache of 4 rows"
+    refs = [alone(model, p[None], 30).tolist() for p in prompts]
+    assert len({len(r) for r in refs}) > 1, "rows that end at different steps"
+    for b, ref in enumerate(refs):
+        row = got[b, ids.shape[1]:].tolist()
+        assert row[: len(ref)] == ref and set(row[len(ref):]) <= {PAD}, f"row {b}"
+
+
 def test_what_compiled_steps_refuse():
     model = llama(seed=0)
     x = prompt(6)
-    with pytest.raises(ValueError, match="one row at a time"):
-        speculative_generate(model, torch.cat([x, x]), 4, tree="none", fast="compiled", batched=True)
     with pytest.raises(ValueError, match="one of the compiled step sizes"):
         speculative_generate(model, x, 4, tree="none", fast="compiled", step_tokens=4)
     with pytest.raises(ValueError, match="positive number of tokens"):

@@ -402,10 +402,12 @@ def training_bench(cfg, steps: int = 10):
 @torch.no_grad()
 def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, variant: str = "medusa",
                 trees=("chain:1", "chain:2", "chain", "medusa:8", "medusa:16"), rounds: int = 2,
-                dtype: str | None = None) -> dict:
+                dtype: str | None = None, compiled_trees=("chain:2", "chain")) -> dict:
     """``make bench-batch``: :func:`batch_rows` on the profile's trained NTP model and ``variant``'s heads, in
     ``dtype`` (default the profile's ``inference_dtype``), over ``prompts`` test prompts; the trees are chosen on
-    validation prompts. ``results/batch_benchmark.json`` (``batch_benchmark_<dtype>.json`` in another dtype)."""
+    validation prompts. Where the profile's ``engine_step`` is ``compiled``, the compiled batched step too, its tree
+    the fastest of ``compiled_trees`` (each step size a graph per batch size: tens of seconds each to compile).
+    ``results/batch_benchmark.json`` (``batch_benchmark_<dtype>.json`` in another dtype)."""
     try:
         ntp, heads = (pipeline.load_variant(cfg, v, dtype=dtype) for v in ("ntp", variant))
     except FileNotFoundError as e:
@@ -415,7 +417,8 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
     fit = lambda ps: [p for p in ps if len(p) + new_tokens <= pipeline.context_size(cfg)]  # noqa: E731
     test = fit(pipeline.eval_set(cfg, tok, prep)["prompts"])[:prompts]
     val = fit(pipeline.validation_prompts(cfg, tok, prep))
-    rows = batch_rows(ntp, heads, test, val, sizes, new_tokens, trees, rounds, pad=tok.pad_token_id)
+    rows = batch_rows(ntp, heads, test, val, sizes, new_tokens, trees, rounds, pad=tok.pad_token_id,
+                      compiled=tuple(compiled_trees) if cfg["engine_step"] == "compiled" else ())
     dt = str(next(ntp.parameters()).dtype)
     res = dict(profile=cfg["profile"], variant=variant, dtype=dt, device=str(pipeline.device(cfg)),
                prompts=len(test), new_tokens=new_tokens, rounds=rounds, torch_threads=torch.get_num_threads(),
@@ -427,6 +430,7 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
     pipeline.write_result(cfg, name, res, "make bench-batch")
     cols = ["batch", "tree", "spec_batched_tau", "hf_generate_tokens_per_s", "engine_no_drafts_tokens_per_s",
             "spec_rows_tokens_per_s", "spec_batched_tokens_per_s", "batched_vs_hf", "batched_vs_rows",
-            "batched_identical_to_rows"]
+            "batched_identical_to_rows"] + (["tree_compiled", "spec_batched_compiled_tokens_per_s", "compiled_vs_hf",
+                                             "compiled_identical_to_hf", "compile_s"] if "compile_s" in rows[0] else [])
     print(pd.DataFrame(rows)[cols].to_string(index=False))
     return res

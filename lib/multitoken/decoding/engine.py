@@ -480,21 +480,22 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     kept in the batch as masked no-ops instead of leaving it (a measurement, not faster). ``fast``: every product of
     the step in the fastest weight layout this CPU offers for its shape (``core.fastpath.decoding``; False: the
     row-major products a plain forward computes, for comparison; ``"compiled"``: each step one compiled graph,
-    its weights frozen and packed by inductor for this CPU's GEMM kernels, ``core.compiled``; one row at a time, the
-    first decode of each step size pays its compilation). ``exact``: every position computed with the same
-    arithmetic whatever else shares its step (invariant attention, one product layout per weight), so speculation
-    returns token for token what this engine's greedy decoding returns in bf16 too, where transformers' kernels
-    round a 5-token step differently from 5 one-token steps; None: for 16-bit models on the CPU (fp32 ones stay on
-    the batched kernels: their differences are far below a token's margin, and MKL's fp32 products are not
+    its weights frozen and packed by inductor for this CPU's GEMM kernels, ``core.compiled``; one row at a time
+    unless ``batched=True``, which keeps the batch's shape (finished rows stay as masked no-ops, one graph per batch
+    size and step size); the first decode of each shape pays its compilation). ``exact``: every position computed
+    with the same arithmetic whatever else shares its step (invariant attention, one product layout per weight), so
+    speculation returns token for token what this engine's greedy decoding returns in bf16 too, where transformers'
+    kernels round a 5-token step differently from 5 one-token steps; None: for 16-bit models on the CPU (fp32 ones
+    stay on the batched kernels: their differences are far below a token's margin, and MKL's fp32 products are not
     batch-invariant). Kernels pick their algorithm by shape (oneDNN's bf16 products by row count on some CPUs,
     inductor per compiled graph), so an exact decoding of one row at a time also runs every step, greedy's included,
-    in one shape: ``step_tokens`` tokens (default :data:`EXACT_STEP`), a position then computed alike whichever row of
-    whichever step holds it. A batched decoding is not padded (its rows share each step's products, whose row count
-    changes with the batch anyway): it equals the same rows decoded alone only where the kernels are invariant to the
-    row count. On CUDA cuBLAS promises no invariance either: ``exact=True`` there gives the invariant attention and
-    the one shape, not invariant products. ``step_tokens``: every step of a row decoded alone padded to this many
-    tokens (compiled: a size of ``core.compiled.LADDER``; None: no padding, or :data:`EXACT_STEP` when exact); a
-    drafter that proposes more than ``step_tokens - 1`` nodes raises.
+    in one shape: ``step_tokens`` tokens (default :data:`EXACT_STEP`), a position then computed alike whichever row
+    of whichever step holds it. A batched decoding is not padded (its rows share each step's products, whose row
+    count changes with the batch anyway): it equals the same rows decoded alone only where the kernels are invariant
+    to the row count. On CUDA cuBLAS promises no invariance either: ``exact=True`` there gives the invariant
+    attention and the one shape, not invariant products. ``step_tokens``: every step of a row decoded alone padded
+    to this many tokens (compiled: a size of ``core.compiled.LADDER``; None: no padding, or :data:`EXACT_STEP` when
+    exact); a drafter that proposes more than ``step_tokens - 1`` nodes raises.
     """
     if not hasattr(model, "spec_forward"):
         model = PlainLM(model)
@@ -540,8 +541,8 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
     if pad_token_id is None:
         pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
         pad_token_id = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
-    if fast == "compiled" and batched:
-        raise ValueError("compiled steps decode one row at a time (batched=False)")
+    if fast == "compiled" and batched is True:
+        batched = "masked"                   # a compiled batch keeps its shape: finished rows stay as masked no-ops
     if fast not in (True, False, "compiled"):
         raise ValueError(f"fast must be True, False or 'compiled', got {fast!r}")
     if batched is None:
@@ -563,7 +564,8 @@ def speculative_generate(model, input_ids, max_new_tokens, temperature=0.0, top_
         with fastpath.decoding(*nets, fast=bool(fast), invariant=exact, compiled=unembed, skip=trunk), \
                 (invariant_attention(model) if exact and not compiled_step else contextlib.nullcontext()):
             finished = "masked" if batched == "masked" else "drop"
-            outs = (_decode(model, rows, max_new_tokens, sampling, drafter, eos, n_pos, stats, finished) if batched
+            outs = (_decode(model, rows, max_new_tokens, sampling, drafter, eos, n_pos, stats, finished,
+                            compiled_step=compiled_step) if batched
                     else [_decode(model, [r], max_new_tokens, sampling, drafter, eos, n_pos, stats,
                                   compiled_step=compiled_step, fixed=fixed)[0] for r in rows])
     finally:
