@@ -356,3 +356,20 @@ def test_outputs_are_recorded_when_runs_is_a_link_to_another_disk(workbook, tmp_
     st = run_in_process("00_a", workbook)
     assert st["outputs"] == ["runs/t/results/00_a.json"]
     assert "00_a.json" in json.loads((elsewhere / "runs/t/results/manifest.json").read_text())
+
+
+def test_the_provenance_table_names_the_models_a_command_measured(tmp_path):
+    """The README's provenance: each stage's run, and a file made by a command (``make bench-batch``) named with the
+    runs of the models it measured, so a file made on models since retrained is not passed off as this run's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_results", repo_root() / "scripts" / "readme_results.py")
+    rr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rr)
+    stage = dict(stage="03_train_medusa", run_id="new", commit="c1", finished="today")
+    man = {"drafter_scaling.csv": stage,
+           "batch_benchmark.json": dict(stage="make bench-batch", run_id=None, models={"03_train_medusa": "old"})}
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    text = rr.provenance(tmp_path)
+    assert "| 03_train_medusa | `new` | `c1` | today |" in text
+    assert "`make bench-batch` on the models of runs 03 `old`: batch_benchmark.json" in text
