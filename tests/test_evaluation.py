@@ -231,9 +231,8 @@ def test_verdict_table_reads_the_published_files_and_draws_verdicts_from_interva
     (tmp_path / "mtp_controls_quality.json").write_text(json.dumps(controls))
     assert "| higher (thesis: lower) (run `slow_trunk`) |" in verdict_table(tmp_path)
     rows = controls_table(tmp_path).splitlines()
-    assert rows[2] == ("| `recipe` | (the recipe) | 4.50 [4.40, 4.60] | 1.80 [1.70, 1.90] | 0.80 [0.70, 0.90] | "
-                       "0.11 / 0.07 | 1.12 |  |")
-    assert rows[3].startswith("| `slow_trunk` | trunk_lr_scale 0.1 | 3.00") and rows[3].endswith("| 0.09 / 0.05 | — | as `mtp` |")
+    assert rows[2] == "|`recipe`|(the recipe)|4.50 [4.40, 4.60]|1.80 [1.70, 1.90]|0.80 [0.70, 0.90]|0.11/0.07|1.12|"
+    assert rows[3].startswith("|`slow_trunk` (as `mtp`)|trunk_lr_scale 0.1|3.00") and rows[3].endswith("|0.09/0.05|—|")
     (tmp_path / "memory.json").unlink()
     with pytest.raises(FileNotFoundError):
         verdict_table(tmp_path)

@@ -239,15 +239,14 @@ def controls_table(fig: Path) -> str:
     model, its heads' top-1 (t+2, t+3, ...), a chain's τ teacher-forced on the reference solutions, and which run
     notebook 04 measured as ``mtp``. FileNotFoundError when the profile ran no controls."""
     runs = json.loads((fig / "mtp_controls_quality.json").read_text())
-    out = ["| MTP run | changed | perplexity | Δ vs NTP | Δ vs base | heads' top-1 | τ | measured |",
-           "|:--|:--|:--|:--|:--|:--|--:|:--|"]
-    for name, r in runs.items():
+    out = ["|MTP run|changed|perplexity|Δ vs NTP|Δ vs base|heads' top-1|τ|", "|:--|:--|:--|:--|:--|:--|--:|"]
+    for name, r in runs.items():                          # cells unpadded: every line within 120 characters
         changed = ", ".join(f"{k.removeprefix('mtp_')} {v}" for k, v in r["changes"].items()) or "(the recipe)"
         diff = [ci(r[f"diff_vs_{ref}"]).fmt(2) if f"diff_vs_{ref}" in r else "—" for ref in ("ntp", "base")]
-        heads = " / ".join(f"{a:.2f}" for a in r["head_top1"][1:])
+        heads = "/".join(f"{a:.2f}" for a in r["head_top1"][1:])
         tau = f"{r['tau_reference']:.2f}" if "tau_reference" in r else "—"
-        out.append(f"| `{name}` | {changed} | {ci(r['perplexity']).fmt(2)} | {diff[0]} | {diff[1]} | {heads} | {tau} | "
-                   f"{'as `mtp`' if r['measured_as_mtp'] else ''} |")
+        run = f"`{name}`" + (" (as `mtp`)" if r["measured_as_mtp"] else "")
+        out.append("|" + "|".join([run, changed, ci(r["perplexity"]).fmt(2), *diff, heads, tau]) + "|")
     return "\n".join(out)
 
 
