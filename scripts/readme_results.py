@@ -120,14 +120,13 @@ def provenance(fig: Path) -> str:
     out = ["| stage | run | commit | finished |", "|---|---|---|---|"]
     for (stage, rid, com, dirty, fin) in sorted(runs):
         out.append(f"| {stage} | `{rid}` | `{com}`{' (dirty)' if dirty else ''} | {fin} |")
-    others = {}
+    others = {}                                          # (command, the runs of the models it measured) -> files
     for name, e in man.items():
         if not e.get("run_id") and e.get("stage") not in (None, "make all"):
             used = ", ".join(f"{s[:2]} `{r}`" for s, r in sorted((e.get("models") or {}).items()))
-            others.setdefault(f"{e['stage']} (the models of runs {used or '?'})", []).append(name)
-    for what, names in sorted(others.items()):
-        out.append(f"\nAlso published, made by `{what.split(' (')[0]}` on {what.split(' (', 1)[1][:-1]}: "
-                   f"{', '.join(sorted(names))}.")
+            others.setdefault((e["stage"], used or "?"), []).append(name)
+    for (command, used), names in sorted(others.items()):
+        out.append(f"\nAlso published, made by `{command}` on the models of runs {used}: {', '.join(sorted(names))}.")
     return "\n".join(out)
 
 

@@ -289,7 +289,6 @@ def test_batch_bench_rows_report_speculations_own_tau_and_identical_rows(monkeyp
     (tokens per row per step, recomputed here from the engine on the same chunks and tree)."""
     from multitoken import bench
     from multitoken import evaluation as E
-
     from multitoken.core import compiled
 
     monkeypatch.setattr(compiled, "AUTOTUNE", [False])                  # the graphs without timing GEMM kernels
@@ -301,7 +300,7 @@ def test_batch_bench_rows_report_speculations_own_tau_and_identical_rows(monkeyp
     with torch.no_grad():
         rows = bench.batch_rows(base, heads, prompts, val, sizes=(1, 2), new_tokens=12,
                                 trees=("chain:1", "chain", "medusa:5"), rounds=1, pad=PAD,
-                                compiled=("chain:1", "chain"))
+                                compiled_trees=("chain:1", "chain"))
     assert [r["batch"] for r in rows] == [1, 2]
     for r in rows:
         # the compiled step, the batch kept whole: same tokens, its tree chosen among its own candidates

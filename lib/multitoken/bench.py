@@ -418,7 +418,7 @@ def batch_bench(cfg, sizes=(1, 4, 16), prompts: int = 16, new_tokens: int = 48, 
     test = fit(pipeline.eval_set(cfg, tok, prep)["prompts"])[:prompts]
     val = fit(pipeline.validation_prompts(cfg, tok, prep))
     rows = batch_rows(ntp, heads, test, val, sizes, new_tokens, trees, rounds, pad=tok.pad_token_id,
-                      compiled=tuple(compiled_trees) if cfg["engine_step"] == "compiled" else ())
+                      compiled_trees=tuple(compiled_trees) if cfg["engine_step"] == "compiled" else ())
     dt = str(next(ntp.parameters()).dtype)
     res = dict(profile=cfg["profile"], variant=variant, dtype=dt, device=str(pipeline.device(cfg)),
                prompts=len(test), new_tokens=new_tokens, rounds=rounds, torch_threads=torch.get_num_threads(),

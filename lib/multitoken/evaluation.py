@@ -655,7 +655,7 @@ def _new_tokens(seqs, width: int, eos: set) -> list[list[int]]:
 
 def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
                trees=("chain:1", "chain:2", "chain", "medusa:8", "medusa:16"), rounds: int = 2,
-               pad: int | None = None, compiled: tuple = ()) -> list[dict]:
+               pad: int | None = None, compiled_trees: tuple = ()) -> list[dict]:
     """Batched speculative decoding (``heads``, a head model on ``ntp``'s backbone) against HF's batched greedy
     ``generate`` of ``ntp`` (left-padded), this engine without drafts, and speculation row by row, at each batch size:
     total tokens/s over the ``test`` prompts (chunks of the batch size, each row's tokens counted up to its EOS), every
@@ -665,7 +665,7 @@ def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
     that chunk before the timed rounds (first calls at a new shape pay one-time costs, the engine's layout timing
     among them); the test prompts only measure.
     ``spec_batched_tau``: batched speculation's tokens per row per step, the reason a speedup is or is not there.
-    ``compiled``: candidate trees for the engine's compiled step too (``fast="compiled"``, the batch kept whole,
+    ``compiled_trees``: candidate trees for the engine's compiled step too (``fast="compiled"``, the batch kept whole,
     finished rows masked): ``engine_no_drafts_compiled`` and ``spec_batched_compiled`` with the fastest of them on the
     same validation chunk; ``compile_s``: the seconds spent compiling their graphs (warm-up, not timed).
     Speed only: the engine decodes with ``exact=False`` (in bf16, steps of their own size, as HF's)."""
@@ -681,7 +681,6 @@ def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
         raise ValueError("batch_rows needs a pad token id: the model's generation_config has none, pass pad=")
     eos = _eos_set(ntp, None)
     taus = []
-    from .core.compiled import COMPILE_S
 
     def fast_of(method):                      # a compiled method: the step compiled, the batch kept whole
         return dict(fast="compiled", batched=True) if method.endswith("_compiled") else {}
@@ -693,12 +692,9 @@ def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
         elif method.startswith("engine_no_drafts"):
             out = speculative_generate(ntp, ids, new_tokens, tree="none", attention_mask=mask, exact=False,
                                        **fast_of(method))[0]
-        elif method == "spec_batched_compiled":
-            out = speculative_generate(heads, ids, new_tokens, tree=tree, attention_mask=mask, exact=False,
-                                       **fast_of(method))[0]
         else:
-            out, st = speculative_generate(heads, ids, new_tokens, tree=tree, attention_mask=mask, exact=False,
-                                           batched={"spec_rows": False, "spec_batched": True}.get(method, "masked"))
+            kw = fast_of(method) or {"batched": {"spec_rows": False, "spec_batched": True}.get(method, "masked")}
+            out, st = speculative_generate(heads, ids, new_tokens, tree=tree, attention_mask=mask, exact=False, **kw)
             if method == "spec_batched":
                 taus.append((st["new_tokens"], st["new_tokens"] / st["mean_accepted_length"]))
         return _new_tokens(out.cpu(), ids.shape[1], eos)
@@ -718,12 +714,12 @@ def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
         pick = {t: timed("spec_batched", [val[:B]], t)[0] for t in trees}    # validation chooses the tree
         tree = min(pick, key=pick.get)
         methods = ["hf_generate", "engine_no_drafts", "spec_rows", "spec_batched"] + ["spec_batched_masked"] * (B > 1)
-        compile_before, pick_c, tree_c = COMPILE_S[0], {}, None
-        if compiled:
+        compile_before, pick_c, tree_c = compiled.COMPILE_S[0], {}, None
+        if compiled_trees:
             methods += ["engine_no_drafts_compiled", "spec_batched_compiled"]
-            for t in compiled:                                               # compiles each step size once
+            for t in compiled_trees:                                         # compiles each step size once
                 run("spec_batched_compiled", val[:B], t)
-            pick_c = {t: timed("spec_batched_compiled", [val[:B]], t)[0] for t in compiled}
+            pick_c = {t: timed("spec_batched_compiled", [val[:B]], t)[0] for t in compiled_trees}
             tree_c = min(pick_c, key=pick_c.get)
         tree_of = {m: tree_c if m == "spec_batched_compiled" else tree for m in methods}
         times, outs = {m: [] for m in methods}, {}
@@ -738,6 +734,9 @@ def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
         n = {m: sum(len(r) for r in outs[m]) for m in methods}
         tps = {m: [n[m] / s for s in times[m]] for m in methods}
 
+        def same_as_hf(m):                                                    # rows identical to HF's
+            return sum(a == b for a, b in zip(outs[m], outs["hf_generate"]))
+
         def ratio_range(a, b):                                                # [min, max] over rounds of a / b
             r = [x / y for x, y in zip(tps[a], tps[b])]
             return [round(min(r), 2), round(max(r), 2)]
@@ -750,17 +749,15 @@ def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
                    batched_identical_to_rows=outs["spec_batched"] == outs["spec_rows"],
                    **({"masked_vs_drop": ratio_range("spec_batched_masked", "spec_batched"),
                        "masked_identical": outs["spec_batched_masked"] == outs["spec_batched"]} if B > 1 else {}),
-                   rows_identical_to_hf=sum(a == b for a, b in zip(outs["spec_rows"], outs["hf_generate"])),
+                   rows_identical_to_hf=same_as_hf("spec_rows"),
                    rows=len(test))
-        if compiled:
+        if compiled_trees:
             row.update(tree_compiled=tree_c, tree_compiled_validation_s={k: round(v, 2) for k, v in pick_c.items()},
-                       compile_s=round(COMPILE_S[0] - compile_before, 1),
+                       compile_s=round(compiled.COMPILE_S[0] - compile_before, 1),
                        compiled_vs_hf=ratio_range("spec_batched_compiled", "hf_generate"),
                        compiled_vs_no_drafts=ratio_range("spec_batched_compiled", "engine_no_drafts_compiled"),
-                       compiled_identical_to_hf=sum(a == b for a, b in zip(outs["spec_batched_compiled"],
-                                                                             outs["hf_generate"])),
-                       no_drafts_compiled_identical_to_hf=sum(a == b for a, b in zip(
-                           outs["engine_no_drafts_compiled"], outs["hf_generate"])))
+                       compiled_identical_to_hf=same_as_hf("spec_batched_compiled"),
+                       no_drafts_compiled_identical_to_hf=same_as_hf("engine_no_drafts_compiled"))
         rows.append(row)
         print(row, flush=True)
     return rows
