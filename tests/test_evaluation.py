@@ -387,10 +387,11 @@ def test_other_claims_latency_verdict_comes_from_speculations_own_gain(tmp_path,
         [row("hf_greedy_mtp", 1.0, 0.7)] + [row(f"lookahead_{k}", 0.9, 0.6) for k in (1, 2, 3)]))
     monkeypatch.setattr(ledger.PL, "load_results", lambda cfg: fake)
     monkeypatch.setattr(ledger.PL, "paths", lambda cfg: {"results": res, "figures": figs})
-    df = ledger.other_claims({"profile": "test", "mtp_n": 4})
+    (res / "mtp_selection.json").write_text(json.dumps({"run": "n2"}))     # notebook 02 chose the control n2
+    df = ledger.other_claims({"profile": "test", "mtp_n": 4, "mtp_select": True, "mtp_controls": {"n2": {"mtp_n": 2}}})
     latency = df[df.claim == "speculative decoding reduces latency"].iloc[0]
     assert latency.verdict.startswith("slower") and "0.90 [0.85, 0.95] vs greedy_kv" in latency.measured
-    assert (figs / "other_claims.md").exists()
+    assert "notebook 02's run `n2`, n = 2" in (figs / "other_claims.md").read_text()   # the run measured, not the recipe
 
 
 def test_the_sweep_times_frozen_families_against_ntps_generate_and_extra_dtypes_time_only_the_selection(

@@ -317,6 +317,9 @@ def test_mtp_controls_train_beside_the_recipe_and_the_selected_run_is_what_mtp_l
     assert chosen["run"] == df[df.heads_train].val_perplexity.idxmin() and "lambda0" not in chosen["among"]
     mtp = pipeline.load_variant(cfg, "mtp")
     saved = pipeline.mtp_run_dir(cfg, chosen["run"]) / "final"
+    assert pipeline.train_log(cfg, "mtp").name == (                  # the curves and step times of the run measured
+        "mtp_train_log.csv" if chosen["run"] == "recipe" else f"mtp_{chosen['run']}_train_log.csv")
+    assert pipeline.train_log(cfg, "mtp").exists()
     assert torch.equal(mtp.lm_head.weight, MultiTokenGPT2.from_pretrained(str(saved)).lm_head.weight)
     ev = pipeline.eval_set(cfg, *pipeline.loaders(cfg)[2:])
     nll, ntok = __import__("multitoken").evaluation.token_nll(ntp, ev["loader"])

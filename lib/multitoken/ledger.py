@@ -383,7 +383,10 @@ def other_claims(cfg) -> pd.DataFrame:
                              + " (from speculation's own gain)"))
     df = pd.DataFrame(rows)
     figs = PL.paths(cfg)["figures"]
-    note = (f"\n\nProfile `{cfg['profile']}`: the MTP model of notebook 02 (n = {cfg['mtp_n']}), lookahead chains on "
+    run = PL.mtp_measured(cfg)
+    n = cfg["mtp_controls"].get(run, {}).get("mtp_n", cfg["mtp_n"])
+    note = (f"\n\nProfile `{cfg['profile']}`: the MTP model notebook 04 measures (notebook 02's run `{run}`, n = {n}); "
+            f"lookahead chains on "
             f"{look['hf_greedy_mtp']['prompts']} test prompts (results/other_systems.json); losses from the training "
             "logs (one run each, no interval); Δ from notebook 04 with 95% bootstrap intervals.\n")
     atomic_write_text(figs / "other_claims.md", df.to_markdown(index=False) + note + "\n" + result_note() + "\n")

@@ -328,6 +328,23 @@ def mtp_run_dir(cfg, run: str):
     return paths(cfg)["models"] / ("mtp" if run == "recipe" else f"mtp_{run}")
 
 
+def mtp_measured(cfg) -> str:
+    """The MTP run that notebooks 04-07 measure as ``mtp``: with ``mtp_select`` the one notebook 02 chose
+    (``results/mtp_selection.json``; a clear error before 02 has chosen), else ``"recipe"``."""
+    if not cfg["mtp_select"]:
+        return "recipe"
+    chosen = paths(cfg)["results"] / "mtp_selection.json"
+    if not chosen.exists():
+        raise FileNotFoundError(f"{chosen} is missing: mtp_select needs notebooks/02_train_mtp.ipynb's choice")
+    return json.loads(chosen.read_text())["run"]
+
+
+def train_log(cfg, variant: str):
+    """``results/<variant>_train_log.csv``; for ``mtp``, the log of the run measured as ``mtp``."""
+    name = variant if variant != "mtp" or mtp_measured(cfg) == "recipe" else f"mtp_{mtp_measured(cfg)}"
+    return paths(cfg)["results"] / f"{name}_train_log.csv"
+
+
 def run_mtp_controls(cfg, models: dict | None = None, keep=run_part) -> pd.DataFrame:
     """Train every control of ``mtp_controls`` (the recipe trained before, in ``models["mtp"]`` or on disk) and
     tabulate each MTP run on the validation problems: next-token perplexity, each head's top-1, and whether its heads
@@ -442,11 +459,8 @@ def load_variant(cfg, variant: str, dtype: str | None = None):
         dev = device(cfg)
         return P.load_model(str(cfg["model_name"]), dtype=resolve_dtype(dtype, dev), device=dev)
     d = paths(cfg)["models"] / variant / "final"
-    if variant == "mtp" and cfg["mtp_select"]:
-        chosen = paths(cfg)["results"] / "mtp_selection.json"
-        if not chosen.exists():
-            raise FileNotFoundError(f"{chosen} is missing: mtp_select needs notebooks/02_train_mtp.ipynb's choice")
-        d = mtp_run_dir(cfg, json.loads(chosen.read_text())["run"]) / "final"
+    if variant == "mtp":
+        d = mtp_run_dir(cfg, mtp_measured(cfg)) / "final"
     want = {"ntp": None, "mtp": MultiTokenMixin, "medusa": MedusaMixin, "mtp_seq": MultiTokenMixin}[variant]
     return _load_checkpoint(cfg, d, want, variant, dtype)
 
@@ -886,7 +900,7 @@ def run_quality(cfg, models=None, prep=None, keep=run_part):
     for v, model in models.items():
         per[v], texts, top1, qdtype = keep(cfg, f"quality_{v}", lambda v=v, model=model: measure(v, model))
         texts_of[v] = texts
-        log = paths(cfg)["results"] / f"{v}_train_log.csv"
+        log = train_log(cfg, v)
         quality[v] = {"perplexity": S.perplexity_ci(per[v]["nll"], per[v]["ntok"]).as_dict(),
                       "accuracy": S.mean_ci(per[v]["hit"]).as_dict(),
                       "bleu": S.bootstrap(S.bleu_of_columns, *per[v]["bleu"].T).as_dict(),
@@ -925,8 +939,7 @@ def _controls_quality(cfg, ev, per, keep=run_part) -> dict:
     interval, paired differences vs NTP and vs the base model (where the profile has one), each head's top-1, the
     first draft's acceptance and a chain's τ teacher-forced on the reference solutions (``tau_reference``: decoding
     verifies against the model's own text, so its τ differs); which run notebook 04 measures as ``mtp``."""
-    chosen = paths(cfg)["results"] / "mtp_selection.json"
-    measured = json.loads(chosen.read_text())["run"] if cfg["mtp_select"] and chosen.exists() else "recipe"
+    measured = mtp_measured(cfg)
     def measure(run):
         model = _load_checkpoint(cfg, mtp_run_dir(cfg, run) / "final", MultiTokenMixin, "mtp",
                                  cfg["quality_dtype"] or None)
@@ -980,8 +993,7 @@ def load_results(cfg) -> dict:
                                 f"{cfg['profile']} first")
     out = {f.split(".")[0]: (json.loads((res / f).read_text()) if f.endswith(".json") else pd.read_csv(res / f))
            for f in need}
-    out["logs"] = {v: pd.read_csv(res / f"{v}_train_log.csv") for v in VARIANTS
-                   if (res / f"{v}_train_log.csv").exists()}
+    out["logs"] = {v: pd.read_csv(train_log(cfg, v)) for v in VARIANTS if train_log(cfg, v).exists()}
     abl = res / "ablations.csv"
     out["ablations"] = pd.read_csv(abl) if abl.exists() else None
     return out
