@@ -726,11 +726,14 @@ def batch_rows(ntp, heads, test, val, sizes=(1, 4, 16), new_tokens: int = 48,
         for m in methods:                                                     # warm-up of every method
             run(m, val[:B], tree_of[m])
         taus.clear()
+        bar = tqdm(total=rounds * len(methods), desc=f"batch benchmark, {B} rows", leave=False)
         for _ in range(rounds):
             for m in order.sample(methods, len(methods)):
                 s, o = timed(m, chunks, tree_of[m])
                 times[m].append(s)
                 outs[m] = o
+                bar.update()
+        bar.close()
         n = {m: sum(len(r) for r in outs[m]) for m in methods}
         tps = {m: [n[m] / s for s in times[m]] for m in methods}
 
