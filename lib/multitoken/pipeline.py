@@ -182,7 +182,7 @@ def train_variant(cfg, variant: str, control: str | None = None):
         if variant != "mtp" or control not in cfg["mtp_controls"]:
             raise ValueError(f"no MTP control {control!r}; the profile's mtp_controls: {sorted(cfg['mtp_controls'])}")
         cfg = Overlay(cfg, cfg["mtp_controls"][control])
-    name = variant if control is None else f"mtp_{control}"
+    name = variant if control is None else mtp_run_dir(cfg, control).name
     out, log = p["models"] / name, p["results"] / f"{name}_train_log.csv"
     if variant == "ntp":
         model, _ = T.train_standard_gpt2(tr, va, tok, out, model_name=cfg["model_name"], model_config=model_config(cfg),
@@ -340,8 +340,9 @@ def mtp_measured(cfg) -> str:
 
 
 def train_log(cfg, variant: str):
-    """``results/<variant>_train_log.csv``; for ``mtp``, the log of the run measured as ``mtp``."""
-    name = variant if variant != "mtp" or mtp_measured(cfg) == "recipe" else f"mtp_{mtp_measured(cfg)}"
+    """``results/<variant>_train_log.csv``; for ``mtp``, the log of the run measured as ``mtp`` (named like its
+    folder, :func:`mtp_run_dir`)."""
+    name = mtp_run_dir(cfg, mtp_measured(cfg)).name if variant == "mtp" else variant
     return paths(cfg)["results"] / f"{name}_train_log.csv"
 
 
@@ -993,7 +994,8 @@ def load_results(cfg) -> dict:
                                 f"{cfg['profile']} first")
     out = {f.split(".")[0]: (json.loads((res / f).read_text()) if f.endswith(".json") else pd.read_csv(res / f))
            for f in need}
-    out["logs"] = {v: pd.read_csv(train_log(cfg, v)) for v in VARIANTS if train_log(cfg, v).exists()}
+    logs = {v: train_log(cfg, v) for v in VARIANTS}
+    out["logs"] = {v: pd.read_csv(f) for v, f in logs.items() if f.exists()}
     abl = res / "ablations.csv"
     out["ablations"] = pd.read_csv(abl) if abl.exists() else None
     return out
