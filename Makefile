@@ -16,8 +16,11 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # perplexity 1.15x, decoding at batch 1 unchanged (scripts/allocator_probe.py -> figures/bench/allocator.json).
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 export THP_MEM_ALLOC_ENABLE ?= 1
+# Compiled decoding steps kept on disk (inductor's caches: kernels, autotuning, whole frozen graphs), so a later
+# process loads a step's graph instead of compiling it again (core.compiled.persistent); ~0.26 GB a graph in fp32.
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/runs/cache/inductor
 
-.PHONY: all test notebook figures report lab bench bench-length bench-batch bench-train bench-steps bench-peers gpu-check gpu-wheels clean venv
+.PHONY: all test notebook figures report lab bench bench-length bench-batch bench-train bench-steps bench-peers bench-compile gpu-check gpu-wheels clean venv
 # The stages (notebooks 00..07) in order, each only when something it read changed or its outputs are missing (an
 # interrupted run resumes where it stopped); FORCE=1 runs every stage, FROM=04_evaluate that one and the later ones,
 # DRY=1 says what would run and why without running it.
@@ -87,6 +90,12 @@ bench-steps: $(STAMP)
 # tokens: figures/bench/peers_<MODEL>_<DTYPE>_<CPU>.json
 bench-peers: $(STAMP)
 	$(PY) -m multitoken bench-peers --model $(MODEL) $(if $(DTYPE),--dtype $(DTYPE))
+
+# The compiled steps' disk cache: greedy and prompt lookup decoded in two fresh processes over one empty cache
+# directory, the first compiling every graph, the second loading them (DTYPE=bfloat16 too):
+# figures/bench/compile_reuse_<MODEL>_<DTYPE>_<CPU>.json
+bench-compile: $(STAMP)
+	$(PY) -m multitoken bench-compile --model $(MODEL) $(if $(DTYPE),--dtype $(DTYPE))
 
 # A ~10-minute GPU benchmark for any CUDA machine (docs/GPU.md), with the workbook's environment;
 # GPU_CHECK_DRY=1 runs it on the CPU at a toy size. Results in OUT=... (runs/gpu_check by default).

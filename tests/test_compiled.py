@@ -261,3 +261,54 @@ def test_an_exact_step_computes_a_position_alike_wherever_it_sits_in_the_step(mo
             assert torch.equal(r[0, k], ref[n + k]), f"position {n + k} at row {k}"
             seen += k > 0
     assert seen > 6                                      # positions met at rows other than 0
+
+
+def _cache_counts():
+    from torch._dynamo.utils import counters
+    return {k: counters["inductor"][k] for k in ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass")}
+
+
+def _forget_compiled():
+    """What a new process starts without: no graph in memory (the disk cache stays)."""
+    compiled._STATES.clear()
+    compiled._UNEMBED.clear()
+    torch._dynamo.reset()
+
+
+def test_a_later_process_loads_the_compiled_step_from_disk_and_other_weights_do_not(monkeypatch, tmp_path):
+    """Frozen steps go to inductor's FX graph cache (their oneDNN-packed weights included), keyed by a digest of the
+    weights: equal weights load the graph compiled before, weights of the same shapes but other values compile their
+    own, and both decode what the eager engine decodes."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    _forget_compiled()
+    assert compiled.persistent()
+    x = prompt(9)
+
+    def decode(model):
+        before = _cache_counts()
+        got = speculative_generate(model, x, 12, tree="none", fast="compiled")[0]
+        assert torch.equal(got, speculative_generate(model, x, 12, tree="none")[0])
+        return {k: v - before[k] for k, v in _cache_counts().items()}
+
+    first = decode(llama(seed=0))
+    assert first["fxgraph_cache_miss"] == 2 and first["fxgraph_cache_bypass"] == 0, first   # the step, the unembedding
+    _forget_compiled()
+    again = decode(llama(seed=0))
+    assert again["fxgraph_cache_hit"] == 2 and again["fxgraph_cache_miss"] == 0, again
+    _forget_compiled()
+    other = decode(llama(seed=1))
+    assert other["fxgraph_cache_miss"] == 2 and other["fxgraph_cache_hit"] == 0, other
+    _forget_compiled()
+
+
+def test_without_the_cache_hooks_steps_compile_in_every_process_and_decode_alike(monkeypatch):
+    """Another PyTorch may lack the private hooks :func:`compiled.persistent` takes: it then says so (False) and
+    changes nothing; the steps still compile and decode what the eager engine decodes."""
+    monkeypatch.setattr(compiled, "PERSISTENT", [None])
+    monkeypatch.setattr(compiled, "_HOOKS", ("CacheabilityValidator.check_tensor", "FxGraphCachePickler.no_such_hook"))
+    assert compiled.persistent() is False and compiled.PERSISTENT == [False]
+    _forget_compiled()
+    model, x = llama(seed=3), prompt(10)
+    assert torch.equal(speculative_generate(model, x, 12, tree="none", fast="compiled")[0],
+                       speculative_generate(model, x, 12, tree="none")[0])
+    _forget_compiled()

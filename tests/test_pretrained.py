@@ -150,3 +150,44 @@ def test_the_peers_benchmark_times_every_method_and_checks_each_against_its_gree
     assert rows["prompt_lookup_compiled"]["exact_ref"] == "greedy_compiled"
     assert rows["prompt_lookup"]["identical_to_exact_ref"] == rows["prompt_lookup_compiled"]["identical_to_exact_ref"] == 1
     assert res["exact_step"] == 9 and res["prompts"] == 2
+
+
+def test_the_compile_benchmark_compiles_in_its_first_process_and_loads_in_its_second(tiny_gguf, tmp_path, monkeypatch):
+    """``make bench-compile`` on an installed model (the tiny one): two processes over one empty cache directory, the
+    first compiling the greedy and prompt-lookup steps, the second loading them from disk (no miss, no bypass) and
+    decoding the same tokens; compilation is reported apart from decoding, and the cache directory is removed after.
+    The processes run here in this one (their graphs forgotten in between, as a new process starts without them)."""
+    import json
+    import os
+    import subprocess
+    import types
+
+    from multitoken import bench, data
+    from multitoken.core import compiled
+
+    path, _ = tiny_gguf
+    model_dir = pretrained.convert_gguf(path, tmp_path / "tiny", provenance={"name": "tiny"})
+    monkeypatch.setattr(data, "load_metamathqa", lambda *a, **k: {"test": {"query": ["hello hello hell he hell"]}})
+    monkeypatch.setattr(data, "format_prompt", lambda q, *a, **k: q)
+    monkeypatch.setattr(compiled, "AUTOTUNE", [False])
+    dirs = []
+
+    def process(cmd, env, **kw):                       # `python -m multitoken bench-compile ... --child` in a new process
+        assert cmd[-1] == "--child"
+        dirs.append(env["TORCHINDUCTOR_CACHE_DIR"])
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", env["TORCHINDUCTOR_CACHE_DIR"])
+        compiled._STATES.clear(), compiled._UNEMBED.clear(), torch._dynamo.reset()
+        from torch._dynamo.utils import counters
+        counters["inductor"].clear()
+        out = bench.compile_reuse_child(cmd[cmd.index("--model") + 1], cmd[cmd.index("--dtype") + 1], 8)
+        return subprocess.CompletedProcess(cmd, 0, stdout="loading...\n" + json.dumps(out) + "\n")
+    monkeypatch.setattr(bench, "subprocess", types.SimpleNamespace(run=process))
+    res = bench.compile_reuse(str(model_dir), "float32", 8, out=tmp_path / "reuse.json")
+    assert json.loads((tmp_path / "reuse.json").read_text())["methods"] == res["methods"]
+    assert len(dirs) == 2 and dirs[0] == dirs[1] and not os.path.exists(dirs[0])
+    assert res["fx_graph_cache"]["cold"].get("miss", 0) >= 2 and res["fx_graph_cache"]["warm"].get("miss", 0) == 0
+    assert res["fx_graph_cache"]["warm"]["hit"] == res["fx_graph_cache"]["cold"]["miss"] and res["persistent"]
+    for r in res["methods"]:
+        assert r["same_tokens"] and r["cold_compile_s"] > 0 and r["decode_s_cold"] > 0, r
+    assert [r["method"] for r in res["methods"]] == ["greedy_compiled", "prompt_lookup_compiled"]
+    compiled._STATES.clear(), compiled._UNEMBED.clear(), torch._dynamo.reset()

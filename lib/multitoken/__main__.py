@@ -40,7 +40,22 @@ def main(argv=None):
     pe.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     pe.add_argument("--prompts", type=int, default=16)
     pe.add_argument("--new-tokens", type=int, default=128)
+    cc = sub.add_parser("bench-compile", help="compiled steps in two fresh processes: compiled, then loaded from disk")
+    cc.add_argument("--model", default="smollm2-135m-instruct", help="a registry name, local directory or hub name")
+    cc.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    cc.add_argument("--new-tokens", type=int, default=32)
+    cc.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.cmd == "bench-compile":
+        import json
+
+        from .bench import compile_reuse, compile_reuse_child
+
+        if args.child:
+            print(json.dumps(compile_reuse_child(args.model, args.dtype, args.new_tokens)))
+        else:
+            compile_reuse(args.model, args.dtype, args.new_tokens)
+        return 0
     if args.cmd == "bench-peers":
         from .bench import peers
 

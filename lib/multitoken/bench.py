@@ -365,6 +365,75 @@ def peers(name: str, dtype: str = "bfloat16", prompts: int = 16, new_tokens: int
     return res
 
 
+def compile_reuse(name: str, dtype: str = "float32", new_tokens: int = 32, out=None) -> dict:
+    """What the disk cache of compiled steps saves: the same decodings (greedy and prompt lookup on the compiled
+    step, one GSM8K test prompt) in two fresh processes in turn over one empty inductor cache directory: the first
+    compiles every graph (``cold``), the second should load them (``warm``). Per process and method: the seconds spent
+    compiling (apart from decoding), the FX graph cache's hits, misses and bypasses, and whether both processes
+    decoded the same tokens. Written to ``figures/bench/compile_reuse_<name>_<dtype>_<CPU capability>.json``."""
+    import shutil
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="inductor-", dir=pipeline.repo_root() / "runs")
+    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    runs = {}
+    try:
+        for which in ("cold", "warm"):
+            cmd = [sys.executable, "-m", "multitoken", "bench-compile", "--model", name, "--dtype", dtype,
+                   "--new-tokens", str(new_tokens), "--child"]
+            done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+            runs[which] = json.loads(done.stdout.strip().splitlines()[-1])
+        size = sum(f.stat().st_size for f in __import__("pathlib").Path(cache).rglob("*") if f.is_file())
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    cold, warm = runs["cold"], runs["warm"]
+    rows = [dict(method=m, cold_compile_s=cold["methods"][m]["compile_s"],
+                 warm_compile_s=warm["methods"][m]["compile_s"],
+                 warm_vs_cold=round(warm["methods"][m]["compile_s"] / cold["methods"][m]["compile_s"], 3)
+                 if cold["methods"][m]["compile_s"] else None,
+                 decode_s_cold=cold["methods"][m]["decode_s"], decode_s_warm=warm["methods"][m]["decode_s"],
+                 same_tokens=cold["methods"][m]["tokens"] == warm["methods"][m]["tokens"])
+            for m in cold["methods"]]
+    cap = torch.backends.cpu.get_cpu_capability()
+    res = dict(model=name, dtype=dtype, new_tokens=new_tokens, torch_threads=torch.get_num_threads(),
+               cpu_capability=cap, cache_mb=round(size / 2**20, 1), persistent=warm["persistent"],
+               fx_graph_cache=dict(cold=cold["fx_graph_cache"], warm=warm["fx_graph_cache"]), methods=rows)
+    out = out or pipeline.repo_root() / "figures" / "bench" / f"compile_reuse_{name}_{dtype}_{cap}.json"
+    res["run"] = stages.record_output(out, "make bench-compile")
+    write_json(out, res)
+    print(pd.DataFrame(rows).to_string(index=False) + f"\n\ncache {res['cache_mb']} MB; {res['fx_graph_cache']}"
+          f"\nwritten: {out}")
+    return res
+
+
+@torch.inference_mode()
+def compile_reuse_child(name: str, dtype: str, new_tokens: int) -> dict:
+    """One process of :func:`compile_reuse`: greedy, then prompt lookup, each decoded once on the compiled step."""
+    import time
+
+    from torch._dynamo.utils import counters
+
+    from . import data as D
+    from .core.pretrained import load
+    from .decoding import speculative_generate
+    from .utils import DTYPES
+
+    model, tok = load(name)
+    model = model.to(DTYPES[dtype]).eval()
+    q = D.load_metamathqa("gsm8k", max_examples=10, test_examples=1)["test"]["query"][0]
+    ids = tok(D.format_prompt(q), return_tensors="pt").input_ids
+    methods = {}
+    for method, drafter in (("greedy_compiled", "heads"), ("prompt_lookup_compiled", "prompt_lookup")):
+        c0, t0 = compiled.COMPILE_S[0], time.perf_counter()
+        seq = speculative_generate(model, ids, new_tokens, tree="none", drafter=drafter, fast="compiled")[0]
+        spent = compiled.COMPILE_S[0] - c0
+        methods[method] = dict(compile_s=round(spent, 1), decode_s=round(time.perf_counter() - t0 - spent, 2),
+                               tokens=seq[0, ids.shape[1]:].tolist())
+    fx = {k.removeprefix("fxgraph_cache_"): v for k, v in counters["inductor"].items()
+          if k.startswith("fxgraph_cache")}
+    return dict(methods=methods, fx_graph_cache=fx, persistent=compiled.PERSISTENT[0])
+
+
 def training_bench(cfg, steps: int = 10):
     """NTP vs MTP n=2 and n=4 (naive and memory-efficient loss), each in a fresh process (a clean peak): step time
     (median of ``steps``, CUDA-fenced) and peak memory (CUDA max allocated on a GPU with bf16 autocast, peak RSS on

@@ -11,10 +11,12 @@ buffer of ``capacity`` slots per layer, allocated once and reused by every decod
 step to a rung of :data:`LADDER` (1, 3, 5, 9, 17, 33 tokens: a chain of 2 or 4 drafts, trees of 8, 16, 32 nodes);
 the padding nodes see only the committed prefix and themselves and nobody keeps them. Attention reads all
 ``capacity`` slots under the engine's mask (slots past a row's committed length are masked). One graph is compiled
-per (weights, batch, capacity, rung, cut) and kept for the process; the unembedding is compiled alone per row count
-(:func:`unembed`). Compilation takes tens of seconds per graph on a CPU: :func:`precompile` does it up front, and
-benchmarks report its time apart from decoding's. On CUDA the same graphs are compiled with CUDA graphs
-(``mode="reduce-overhead"``) instead of frozen weights.
+per (weights, batch, capacity, rung, cut) and kept for the process, and on disk by inductor's FX graph cache
+(``TORCHINDUCTOR_CACHE_DIR``; :func:`persistent`), keyed by a digest of the weights too, so that a later process
+loads it instead of compiling it again; the unembedding is compiled alone per row count (:func:`unembed`).
+Compilation takes about two minutes per graph of SmolLM2 on 2 cores (a quarter of that when loaded from disk):
+:func:`precompile` does it up front, and benchmarks report its time apart from decoding's. On CUDA the same graphs
+are compiled with CUDA graphs (``mode="reduce-overhead"``) instead of frozen weights.
 
 Frozen weights are a copy: a model whose weights change after compilation (training after an evaluation) would
 decode with stale ones, so every decode first looks its graphs up by a digest of its weights and compiles anew
@@ -30,6 +32,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from transformers.cache_utils import Cache, StaticLayer
 
 LADDER = (1, 3, 5, 9, 17, 33)   # step sizes compiled: 1 + 2^k new tokens (the root and its drafts)
@@ -114,12 +117,73 @@ def _options(device) -> dict:
 AUTOTUNE = [True]   # False: ATen's kernels without timing the C++ template (quicker to compile, slower to run)
 
 
-def _compiling(device):
-    """Inductor's settings while a CPU graph compiles: weights frozen into the graph (so they can be packed) and
-    each product's kernel chosen by timing inductor's C++ GEMM template against ATen's (:data:`AUTOTUNE`)."""
+class WeightsKey(CustomGraphPass):
+    """A post-grad pass that changes nothing and whose ``uuid`` is a digest of the weights a graph freezes: inductor's
+    FX graph cache puts a custom pass's uuid in its key, and keys frozen weights by shape and dtype only, so without it
+    models of equal shapes and different weights would share a cached graph with the first one's packed weights."""
+
+    def __init__(self, digest: str):
+        self.digest = digest
+
+    def __call__(self, graph) -> None:
+        pass
+
+    def uuid(self) -> str:
+        return self.digest
+
+
+def _compiling(device, weights: str):
+    """Inductor's settings while a CPU graph compiles: weights frozen into the graph (so they can be packed), each
+    product's kernel chosen by timing inductor's C++ GEMM template against ATen's (:data:`AUTOTUNE`), and the digest
+    of the weights (``weights``, :func:`fingerprint`) in the cache key of every graph kept on disk."""
     if torch.device(device).type == "cuda":
         return contextlib.nullcontext()
-    return torch._inductor.config.patch(freezing=True, max_autotune=AUTOTUNE[0], max_autotune_gemm_backends="CPP,ATEN")
+    persistent()
+    return torch._inductor.config.patch(freezing=True, max_autotune=AUTOTUNE[0], max_autotune_gemm_backends="CPP,ATEN",
+                                        post_grad_custom_post_pass=WeightsKey(weights))
+
+
+PERSISTENT = [None]   # whether inductor's FX graph cache may keep frozen graphs on disk (None: not yet asked)
+_HOOKS = ("CacheabilityValidator.check_tensor", "FxGraphCachePickler._reduce_tensor")   # in torch._inductor.codecache
+
+
+def persistent() -> bool:
+    """Lets inductor's FX graph cache keep the compiled steps on disk (in ``TORCHINDUCTOR_CACHE_DIR``), so that a
+    later process loads a step's graph instead of compiling it again. Once per process; True if it could.
+
+    Inductor caches frozen graphs, the frozen weights keyed by shape and dtype and taken from the running model on
+    load (the weights' digest is in the key too, :class:`WeightsKey`), but it refuses a graph holding oneDNN-packed
+    weights (``torch._mkldnn`` tensors cannot be pickled), and freezing packs every linear weight that way before the
+    lookup. Such a tensor is a frozen weight like the others, so here it is keyed the same way: by shape and dtype. The
+    two private hooks this takes are wrapped here alone; where either is missing (another PyTorch), nothing changes
+    and every process compiles its steps anew (correct, only slower)."""
+    if PERSISTENT[0] is None:
+        PERSISTENT[0] = False
+        try:
+            from torch._inductor import codecache
+            from torch._inductor.freezing_utils import is_frozen_param
+            (validator, check_name), (pickler, reduce_name) = [h.split(".") for h in _HOOKS]
+            validator, pickler = getattr(codecache, validator), getattr(codecache, pickler)
+            check, reduce = getattr(validator, check_name), getattr(pickler, reduce_name)
+        except (ImportError, AttributeError):
+            return False
+
+        def check_tensor(t):
+            if not (t.is_mkldnn and is_frozen_param(t)):
+                check(t)
+
+        def reduce_tensor(self, t):
+            if t.is_mkldnn and is_frozen_param(t):
+                return _same, (("mkldnn", tuple(t.shape), str(t.dtype), str(t.device)),)
+            return reduce(self, t)
+        setattr(validator, check_name, staticmethod(check_tensor))
+        setattr(pickler, reduce_name, reduce_tensor)
+        PERSISTENT[0] = True
+    return PERSISTENT[0]
+
+
+def _same(x):
+    return x
 
 
 def fingerprint(module) -> str:
@@ -141,8 +205,8 @@ class _Compiled:
     writes. The graphs read the weights of the backbone they were compiled from, frozen: a model with equal weights
     (same :func:`fingerprint`) uses them as they are."""
 
-    def __init__(self, backbone):
-        self.backbone, self.graphs, self.caches = backbone, {}, {}
+    def __init__(self, backbone, digest: str):
+        self.backbone, self.digest, self.graphs, self.caches = backbone, digest, {}, {}
         self.owner_stamp = _params_stamp(backbone.lm.base_model)   # the graphs may read the owner's tensors
 
     def cache(self, batch: int, capacity: int, device) -> StepCache:
@@ -177,7 +241,7 @@ def compiled_of(backbone) -> _Compiled:
     key = (fingerprint(base), str(next(base.parameters()).device))
     state = _STATES.get(key)
     if state is None or _params_stamp(state.backbone.lm.base_model) != state.owner_stamp:   # its owner trained since
-        state = _STATES[key] = _Compiled(backbone)
+        state = _STATES[key] = _Compiled(backbone, key[0])
     return state
 
 
@@ -189,7 +253,7 @@ def trunk(backbone, input_ids, cache: StepCache, position_ids, mask, cut):
     state = getattr(cache, "owner", None) or compiled_of(backbone)
     entry = state.graph(cache, input_ids.shape[1], cut)
     t = time.perf_counter()
-    with _compiling(input_ids.device):              # every call: a recompilation (a failed guard) keeps the settings
+    with _compiling(input_ids.device, state.digest):   # every call: a recompilation (a failed guard) keeps them
         out = entry[0](input_ids, position_ids, mask)
     if not entry[1]:
         entry[1] = True
@@ -214,7 +278,7 @@ def unembed(module, x):
                            dynamic=False, **_options(x.device))
         _UNEMBED[key] = (fn, module, _params_stamp(module))
     t = time.perf_counter()
-    with _compiling(x.device):
+    with _compiling(x.device, key[0]):
         out = fn(x2)
     if new:
         COMPILE_S[0] += time.perf_counter() - t
