@@ -379,6 +379,7 @@ def compile_reuse(name: str, dtype: str = "float32", new_tokens: int = 32, out=N
     runs = {}
     try:
         for which in ("cold", "warm"):
+            print(f"{which} process: greedy and prompt lookup on the compiled step ({dtype}) ...", flush=True)
             cmd = [sys.executable, "-m", "multitoken", "bench-compile", "--model", name, "--dtype", dtype,
                    "--new-tokens", str(new_tokens), "--child"]
             done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
