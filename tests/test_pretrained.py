@@ -162,6 +162,8 @@ def test_the_compile_benchmark_compiles_in_its_first_process_and_loads_in_its_se
     import subprocess
     import types
 
+    from test_compiled import _forget_compiled
+
     from multitoken import bench, data
     from multitoken.core import compiled
 
@@ -176,7 +178,7 @@ def test_the_compile_benchmark_compiles_in_its_first_process_and_loads_in_its_se
         assert cmd[-1] == "--child"
         dirs.append(env["TORCHINDUCTOR_CACHE_DIR"])
         monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", env["TORCHINDUCTOR_CACHE_DIR"])
-        compiled._STATES.clear(), compiled._UNEMBED.clear(), torch._dynamo.reset()
+        _forget_compiled()
         from torch._dynamo.utils import counters
         counters["inductor"].clear()
         out = bench.compile_reuse_child(cmd[cmd.index("--model") + 1], cmd[cmd.index("--dtype") + 1], 8)
@@ -192,4 +194,4 @@ def test_the_compile_benchmark_compiles_in_its_first_process_and_loads_in_its_se
     for r in res["methods"]:
         assert r["same_tokens"] and r["decode_s_cold"] > 0, r
     assert [r["method"] for r in res["methods"]] == ["greedy_compiled", "prompt_lookup_compiled"]
-    compiled._STATES.clear(), compiled._UNEMBED.clear(), torch._dynamo.reset()
+    _forget_compiled()

@@ -371,11 +371,13 @@ def compile_reuse(name: str, dtype: str = "float32", new_tokens: int = 32, out=N
     compiles every graph (``cold``), the second should load them (``warm``). Per process and method: the seconds spent
     compiling (apart from decoding), the FX graph cache's hits, misses and bypasses, and whether both processes
     decoded the same tokens. Written to ``figures/bench/compile_reuse_<name>_<dtype>_<CPU capability>.json``."""
+    import os
     import shutil
     import tempfile
+    from pathlib import Path
 
     cache = tempfile.mkdtemp(prefix="inductor-", dir=pipeline.repo_root() / "runs")
-    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
     runs = {}
     try:
         for which in ("cold", "warm"):
@@ -384,17 +386,17 @@ def compile_reuse(name: str, dtype: str = "float32", new_tokens: int = 32, out=N
                    "--new-tokens", str(new_tokens), "--child"]
             done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
             runs[which] = json.loads(done.stdout.strip().splitlines()[-1])
-        size = sum(f.stat().st_size for f in __import__("pathlib").Path(cache).rglob("*") if f.is_file())
+        size = sum(f.stat().st_size for f in Path(cache).rglob("*") if f.is_file())
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     cold, warm = runs["cold"], runs["warm"]
-    rows = [dict(method=m, cold_compile_s=cold["methods"][m]["compile_s"],
-                 warm_compile_s=warm["methods"][m]["compile_s"],
-                 warm_vs_cold=round(warm["methods"][m]["compile_s"] / cold["methods"][m]["compile_s"], 3)
-                 if cold["methods"][m]["compile_s"] else None,
-                 decode_s_cold=cold["methods"][m]["decode_s"], decode_s_warm=warm["methods"][m]["decode_s"],
-                 same_tokens=cold["methods"][m]["tokens"] == warm["methods"][m]["tokens"])
-            for m in cold["methods"]]
+    rows = []
+    for m, c in cold["methods"].items():
+        w = warm["methods"][m]
+        rows.append(dict(method=m, cold_compile_s=c["compile_s"], warm_compile_s=w["compile_s"],
+                         warm_vs_cold=round(w["compile_s"] / c["compile_s"], 3) if c["compile_s"] else None,
+                         decode_s_cold=c["decode_s"], decode_s_warm=w["decode_s"],
+                         same_tokens=c["tokens"] == w["tokens"]))
     cap = torch.backends.cpu.get_cpu_capability()
     res = dict(model=name, dtype=dtype, new_tokens=new_tokens, torch_threads=torch.get_num_threads(),
                cpu_capability=cap, cache_mb=round(size / 2**20, 1), persistent=warm["persistent"],
